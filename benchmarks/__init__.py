@@ -1,0 +1,1 @@
+"""Benchmarks of sparse vs dense execution: see issue 6."""

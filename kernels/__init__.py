@@ -1,0 +1,1 @@
+"""Sparse-pixel operators. ``reference`` is the pure-torch specification and the CPU execution path."""

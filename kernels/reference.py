@@ -1,0 +1,163 @@
+"""Pure-torch specification of the sparse-pixel operators (also the CPU execution path).
+
+Layout shared by every backend (torch, Triton, ONNX):
+
+* The feature map lives in a dense, zero-bordered, channels-last buffer ``[B*(H+2)*(W+2), C]``
+  (row ``r`` = pixel ``(b, y, x)`` with ``r = (b*(H+2) + y+1)*(W+2) + x+1``). The one-pixel zero
+  border is the 3x3 conv's zero padding, so gathers need no bounds checks.
+* Active pixels are a sorted int64 vector of buffer rows (spatial order, for locality).
+* A 3x3 conv at the active pixels is an implicit GEMM over ``9*C_in``: row ``r`` gathers rows
+  ``r + dy*(W+2) + dx`` for ``dy, dx in (-1, 0, 1)`` (``(ky, kx, c_in)`` order), times the conv weight
+  reshaped to ``[9*C_in, C_out]`` (the paper's "3x3 -> 1x1 over 9C" reparameterization).
+
+This module never imports the model: it only knows packed weights (:class:`SparseStage`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+# Rows gathered per GEMM call: bounds the im2col scratch to CHUNK * 9C floats (~37 MB at C=64).
+CHUNK_ROWS = 16384
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Apply the activation called ``name`` (relu | gelu | silu)."""
+    try:
+        return _ACTIVATIONS[name](x)
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
+
+
+@dataclass(frozen=True)
+class SparseStage:
+    """One masked residual stage ``x <- x + m * F(x)`` packed for GEMMs.
+
+    ``F(x) = chain(act(im2col3x3(x) @ spatial_weight + spatial_bias))`` where ``chain`` applies
+    ``mixers[0]``, then for every further mixer a simple gate (``a * b`` of the two channel halves)
+    followed by that mixer.
+
+    Attributes:
+        spatial_weight: ``[9*C_in, C_mid]``, rows in ``(ky, kx, c_in)`` order.
+        spatial_bias: ``[C_mid]``.
+        act: activation name.
+        mixers: ``((W [C_a, C_b], b [C_b]), ...)`` per-pixel linear maps; the last one outputs C_in.
+    """
+
+    spatial_weight: torch.Tensor
+    spatial_bias: torch.Tensor
+    act: str
+    mixers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @classmethod
+    def from_convs(cls, spatial: nn.Conv2d, act: str, mixers: list[nn.Conv2d]) -> "SparseStage":
+        """Pack a 3x3 conv and a list of 1x1 convs (all with bias) into GEMM matrices."""
+        w = spatial.weight.detach()
+        c_out = w.shape[0]
+        spatial_weight = w.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+        packed = tuple((m.weight.detach().flatten(1).t().contiguous(), m.bias.detach().clone()) for m in mixers)
+        return cls(spatial_weight, spatial.bias.detach().clone(), act, packed)
+
+    @property
+    def in_channels(self) -> int:
+        return self.spatial_weight.shape[0] // 9
+
+    def to(self, *args, **kwargs) -> "SparseStage":
+        move = lambda t: t.to(*args, **kwargs)  # noqa: E731
+        return SparseStage(move(self.spatial_weight), move(self.spatial_bias), self.act,
+                           tuple((move(w), move(b)) for w, b in self.mixers))
+
+
+def active_pixels(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coordinates ``(b, y, x)`` (int64, each ``[N]``) of the True pixels of ``mask`` ``[B, H, W]``,
+    in row-major (spatial) order."""
+    return mask.nonzero(as_tuple=True)
+
+
+def padded_rows(b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Buffer rows of pixels ``(b, y, x)`` in the zero-bordered ``[B*(H+2)*(W+2), C]`` buffer."""
+    return (b * (height + 2) + y + 1) * (width + 2) + x + 1
+
+
+def neighbour_offsets(width: int, device=None) -> torch.Tensor:
+    """Row offsets of the 3x3 neighbourhood in a buffer of padded width ``width + 2``, ``(ky, kx)`` order."""
+    d = torch.arange(-1, 2, device=device)
+    return (d[:, None] * (width + 2) + d[None, :]).reshape(9)
+
+
+def pointwise_chain(h: torch.Tensor, mixers) -> torch.Tensor:
+    """``[N, C_mid] -> [N, C]``: first mixer, then (simple gate, mixer) for each further one."""
+    w, b = mixers[0]
+    h = torch.addmm(b, h, w)
+    for w, b in mixers[1:]:
+        first, second = h.chunk(2, dim=1)
+        h = torch.addmm(b, first * second, w)
+    return h
+
+
+def sparse_stage_update(buffer: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+                        stage: SparseStage) -> torch.Tensor:
+    """``F(x)`` at the active rows: gather 3x3 neighbourhoods -> GEMM -> act -> mixers.
+
+    Args:
+        buffer: ``[P, C]`` zero-bordered channels-last feature buffer.
+        rows: ``[N]`` int64 active rows.
+        offsets: ``[9]`` from :func:`neighbour_offsets`.
+    Returns:
+        ``[N, C]`` updates (not yet added). Computed from the buffer as it is, for all rows,
+        before anything is written: in-stage updates must not leak into neighbours' inputs.
+    """
+    n, channels = rows.numel(), buffer.shape[1]
+    out = buffer.new_empty((n, stage.mixers[-1][0].shape[1]))
+    for start in range(0, n, CHUNK_ROWS):
+        chunk = rows[start:start + CHUNK_ROWS]
+        gathered = buffer.index_select(0, (chunk[:, None] + offsets).reshape(-1)).reshape(-1, 9 * channels)
+        h = activation(torch.addmm(stage.spatial_bias, gathered, stage.spatial_weight), stage.act)
+        out[start:start + CHUNK_ROWS] = pointwise_chain(h, stage.mixers)
+    return out
+
+
+def sparse_stage_(buffer: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, stage: SparseStage) -> None:
+    """In place: ``buffer[rows] += F(buffer)[rows]``. Rows not listed are never written."""
+    update = sparse_stage_update(buffer, rows, offsets, stage)
+    buffer.index_add_(0, rows, update)
+
+
+def to_padded_buffer(features: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> zero-bordered channels-last buffer ``[B*(H+2)*(W+2), C]`` (a new tensor)."""
+    b, c, h, w = features.shape
+    buffer = features.new_zeros((b, h + 2, w + 2, c))
+    buffer[:, 1:-1, 1:-1] = features.permute(0, 2, 3, 1)
+    return buffer.view(-1, c)
+
+
+def shuffle_targets(b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, channels: int, scale: int,
+                    height: int, width: int) -> torch.Tensor:
+    """Flat indices into ``[B, channels, height, width]`` written by a pixel shuffle from working pixels.
+
+    Working pixel ``(b, y, x)`` with ``channels*scale**2`` values ``k = (c*scale + i)*scale + j`` lands at
+    ``(b, c, scale*y + i, scale*x + j)`` (``torch.nn.PixelShuffle`` order). Returns ``[N, channels*scale**2]``.
+    """
+    c = torch.arange(channels, device=b.device)[:, None, None]
+    i = torch.arange(scale, device=b.device)[None, :, None]
+    j = torch.arange(scale, device=b.device)[None, None, :]
+    plane = (c * height * width + i * width + j).reshape(-1)              # offsets within one image
+    base = (b * channels * height + scale * y) * width + scale * x      # [N]
+    return base[:, None] + plane[None, :]
+
+
+def sparse_tail_(output: torch.Tensor, image: torch.Tensor, buffer: torch.Tensor, rows: torch.Tensor,
+                 targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """In place: ``output[targets] = image[targets] + (buffer[rows] @ weight + bias)``.
+
+    ``output``/``image``: ``[B, 3, H, W]`` contiguous; ``weight``: ``[C, 3*s*s]``; ``targets`` from
+    :func:`shuffle_targets`. Pixels not targeted keep whatever ``output`` holds (the input, bit-exact).
+    """
+    delta = torch.addmm(bias, buffer.index_select(0, rows), weight)
+    flat_targets = targets.reshape(-1)
+    output.view(-1)[flat_targets] = image.reshape(-1)[flat_targets] + delta.reshape(-1)

@@ -1,0 +1,72 @@
+"""Architecture configuration of M2AENet (frozen dataclass, serialisable into checkpoints)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+
+
+@dataclass(frozen=True)
+class M2AEConfig:
+    """Size of the network. Every field is a plain int/str so the config fits in a
+    ``weights_only`` checkpoint and in safetensors metadata.
+
+    The network works at half resolution: ``channels`` is the width C of the feature map
+    ``[N, C, H/2, W/2]`` that the body blocks update at the masked pixels only.
+    """
+
+    channels: int = 32          # C: body width
+    num_blocks: int = 6         # N re-parameterizable body blocks
+    ffn_expand: int = 1         # pointwise mixer: C -> 2*E, simple gate -> E, E -> C, with E = C*ffn_expand
+    mask_channels: int = 16     # width of the blur-mask predictor (runs densely at H/4)
+    mask_layers: int = 3        # 3x3 convs in the mask predictor (dilations 1, 2, 4, ...)
+    motion_channels: int = 16   # width of the intra-frame motion analyzer
+    motion_points: int = 15     # K points sampled along each pixel's predicted trajectory (reblur)
+    act: str = "gelu"           # activation after each spatial conv: relu | gelu | silu
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" or isinstance(f.default, int):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"M2AEConfig.{f.name} must be a positive int, got {value!r}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"M2AEConfig.act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.motion_points < 2:
+            raise ValueError(f"M2AEConfig.motion_points must be >= 2, got {self.motion_points}")
+
+    @property
+    def ffn_channels(self) -> int:
+        """E: width of the pointwise mixer after the simple gate."""
+        return self.channels * self.ffn_expand
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "M2AEConfig":
+        """Build a config from a mapping; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"architecture config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown architecture config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_name(cls, name: str) -> "M2AEConfig":
+        """Named variants: ``tiny`` (tests), ``default``, ``large``."""
+        try:
+            return cls(**VARIANTS[name])
+        except KeyError:
+            raise ValueError(f"unknown config name {name!r}; choose one of {sorted(VARIANTS)}") from None
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(channels=8, num_blocks=2, mask_channels=8, mask_layers=2, motion_channels=8, motion_points=5),
+    "default": {},
+    "large": dict(channels=48, num_blocks=10, mask_channels=24, motion_channels=24),
+}

@@ -1,0 +1,138 @@
+"""Torch execution of the deploy network: dense masked, or sparse at the active pixels only.
+
+Both paths share the dense stages (pad, stem, mask prediction) and differ in how the masked stages run:
+
+* ``dense``: every stage computed everywhere with oneDNN channels-last convolutions, then gated.
+* ``sparse``: features copied once into a zero-bordered channels-last buffer; each stage gathers the
+  3x3 neighbourhoods of the active pixels, runs its GEMMs and adds its update back at those pixels only;
+  the tail writes only the active pixels of the output, which starts as a copy of the input.
+* ``auto``: sparse below ``dense_above`` active fraction, dense above (a measured break-even, see README).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets,
+                                sparse_stage_, sparse_tail_, to_padded_buffer)
+from .model import M2AENet
+from .model.mask import pad_to_even, working_mask
+from .model.network import SHUFFLE
+
+EXECUTIONS = ("auto", "sparse", "dense")
+
+# Active fraction above which `auto` runs the dense path. Measured on the project's 2-core AVX-512 CPU
+# with the default config at 720x480 (benchmarks/latency.py): the gather path reaches dense latency
+# between 30 % and 50 % active pixels; see README "Performance".
+DENSE_ABOVE = 0.35
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """Output of one call: the restored image and how it was computed."""
+
+    output: torch.Tensor        # [B, 3, H, W]
+    mask: torch.Tensor          # working mask [B, 1, ceil(H/2), ceil(W/2)] bool
+    execution: str              # "sparse" or "dense": what actually ran
+    active_pixels: int          # True pixels of the working mask (over the batch)
+
+
+class TorchExecutor:
+    """Runs a deploy-form :class:`M2AENet` with torch ops on any device torch supports.
+
+    Args:
+        net: the network in deploy form (``reparameterize_model`` first).
+        dense_above: active fraction above which ``execution="auto"`` chooses the dense path.
+    """
+
+    name = "torch"
+
+    def __init__(self, net: M2AENet, dense_above: float = DENSE_ABOVE):
+        if not net.inference_mode:
+            raise ValueError("TorchExecutor needs the deploy form: call reparameterize_model(net) first")
+        if not 0.0 <= dense_above <= 1.0:
+            raise ValueError(f"dense_above must lie in [0, 1], got {dense_above}")
+        # channels-last weights: oneDNN's fast dense convolutions on CPU.
+        self.net = net.eval().to(memory_format=torch.channels_last)
+        self.dense_above = dense_above
+        self.stages = [stage.sparse_stage() for stage in net.stages()]
+        self.tail_weight = net.tail.weight.detach().flatten(1).t().contiguous()   # [C, 12]
+        self.tail_bias = net.tail.bias.detach().clone()
+        self._meta: TorchExecutor | None = None    # meta-device twin for FLOP counting
+
+    def choose(self, execution: str, active: int, total: int) -> str:
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if execution != "auto":
+            return execution
+        return "dense" if active > self.dense_above * total else "sparse"
+
+    @torch.inference_mode()
+    def run(self, image: torch.Tensor, mask: torch.Tensor | None = None, *, threshold: float = 0.5,
+            dilation: int = 0, execution: str = "auto") -> ExecutionResult:
+        """Restore ``image`` ``[B, 3, H, W]`` (float32 in [0, 1]).
+
+        Args:
+            mask: optional full-resolution ``[B, 1, H, W]`` bool mask; predicted when omitted.
+            threshold, dilation: mask prediction settings (ignored when ``mask`` is given).
+            execution: ``"auto"``, ``"sparse"`` or ``"dense"``.
+        """
+        height, width = image.shape[-2:]
+        padded = pad_to_even(image).contiguous(memory_format=torch.channels_last)
+        features = self.net.stem_features(padded)
+        if mask is None:
+            m = self.net.predict_mask(features, threshold, dilation)
+        else:
+            m = working_mask(mask.to(image.device))
+        active = int(m.sum())
+        chosen = self.choose(execution, active, m.numel())
+        if chosen == "dense":
+            out = self.net.masked_body(padded, features, m)
+        else:
+            out = self.sparse_body(padded.contiguous(), features, active_pixels(m[:, 0]))
+        return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active)
+
+    def sparse_body(self, padded: torch.Tensor, features: torch.Tensor,
+                    coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Masked stages and tail at the pixels ``coords = (b, y, x)`` of the working grid only.
+
+        ``padded``: ``[B, 3, H, W]`` contiguous (H, W even); ``features``: ``[B, C, H/2, W/2]``.
+        """
+        h, w = features.shape[-2:]
+        buffer = to_padded_buffer(features)
+        rows = padded_rows(*coords, h, w)
+        offsets = neighbour_offsets(w, device=buffer.device)
+        for stage in self.stages:
+            sparse_stage_(buffer, rows, offsets, stage)
+        targets = shuffle_targets(*coords, padded.shape[1], SHUFFLE, *padded.shape[-2:])
+        out = padded.clone()
+        sparse_tail_(out, padded, buffer, rows, targets, self.tail_weight, self.tail_bias)
+        return out
+
+    def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
+                    predict_mask: bool = True) -> int:
+        """FLOPs one call executes, counted by ``FlopCounterMode`` on meta tensors of the same shapes.
+
+        The code that runs is the one :meth:`run` runs (only the device differs: a meta-device copy of
+        the weights), so the count is what the real call executes; ``active`` is the number of True
+        working-mask pixels. Gathers and scatters move bytes, not FLOPs, and count zero.
+        """
+        if self._meta is None:
+            self._meta = TorchExecutor(copy.deepcopy(self.net).to("meta"), self.dense_above)
+        net = self._meta.net
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
+            features = net.stem_features(padded)
+            if predict_mask:
+                net.mask_head(features)
+            if execution == "dense":
+                m = torch.empty((batch, 1, *features.shape[-2:]), dtype=torch.bool, device="meta")
+                net.masked_body(padded, features, m)
+            else:
+                coords = tuple(torch.empty(active, dtype=torch.long, device="meta") for _ in range(3))
+                self._meta.sparse_body(padded, features, coords)
+        return int(counter.get_total_flops())

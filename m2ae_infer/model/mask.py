@@ -1,0 +1,75 @@
+"""Blur-mask predictor and the mask helpers shared by every execution path.
+
+The network works at half resolution (pixel-unshuffle x2), so the *working mask* is ``[B, 1, H/2, W/2]``
+bool: one working pixel covers a 2x2 block of the input. A full-resolution user mask becomes a working
+mask by max-pooling (a block is active if any of its 4 pixels is), and the working mask goes back to full
+resolution by nearest upsampling (those are exactly the input pixels the network may change).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.reference import activation
+
+
+class BlurMaskHead(nn.Module):
+    """Dense blur-logit predictor on stem features.
+
+    A stride-2 3x3 conv takes ``[B, C, h, w]`` to quarter resolution, then dilated 3x3 convs
+    (dilation 2, 4, ...) widen the receptive field cheaply; a 1x1 conv gives one logit and a
+    bilinear upsample returns it to ``[B, 1, h, w]``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, layers: int, act: str):
+        super().__init__()
+        self.act = act
+        convs = [nn.Conv2d(in_channels, channels, 3, stride=2, padding=1)]
+        for i in range(1, layers):
+            convs.append(nn.Conv2d(channels, channels, 3, padding=2 ** i, dilation=2 ** i))
+        self.convs = nn.ModuleList(convs)
+        self.logit = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = features
+        for conv in self.convs:
+            h = activation(conv(h), self.act)
+        return F.interpolate(self.logit(h), size=features.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def binarize(logits: torch.Tensor, threshold: float = 0.5, dilation: int = 0) -> torch.Tensor:
+    """``m = sigmoid(logits) > threshold``, then dilated by ``dilation`` working pixels. Returns bool."""
+    mask = torch.sigmoid(logits) > threshold
+    return dilate(mask, dilation)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Square dilation of a bool mask ``[B, 1, h, w]`` by ``radius`` pixels."""
+    if radius <= 0:
+        return mask
+    return F.max_pool2d(mask.float(), 2 * radius + 1, stride=1, padding=radius) > 0
+
+
+def pad_to_even(x: torch.Tensor) -> torch.Tensor:
+    """Pad H and W of ``[B, C, H, W]`` to even sizes by replicating the last row/column.
+
+    Replicate (not reflect) so that 1-pixel-wide images work too; the padding is cropped off at the end.
+    """
+    pad_h, pad_w = x.shape[-2] % 2, x.shape[-1] % 2
+    if not (pad_h or pad_w):
+        return x
+    if x.dtype == torch.bool:
+        return pad_to_even(x.to(torch.uint8)).bool()
+    return F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
+
+
+def working_mask(full_mask: torch.Tensor) -> torch.Tensor:
+    """Full-resolution mask ``[B, 1, H, W]`` (bool) -> working mask ``[B, 1, ceil(H/2), ceil(W/2)]``."""
+    return F.max_pool2d(pad_to_even(full_mask.bool()).float(), 2) > 0
+
+
+def full_resolution(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Working mask -> the full-resolution pixels it lets the network change, cropped to ``size``."""
+    up = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    return up[..., : size[0], : size[1]]

@@ -1,0 +1,43 @@
+"""m2ae-infer: local-motion deblurring with adaptive pixel pruning.
+
+One import namespace, ``m2ae_infer``: the repo's top-level ``kernels/``, ``export/`` and ``benchmarks/``
+folders install as ``m2ae_infer.kernels``, ``m2ae_infer.export`` and ``m2ae_infer.benchmarks``.
+"""
+from setuptools import setup
+
+PACKAGES = {
+    "m2ae_infer": "m2ae_infer",
+    "m2ae_infer.model": "m2ae_infer/model",
+    "m2ae_infer.data": "m2ae_infer/data",
+    "m2ae_infer.kernels": "kernels",
+    "m2ae_infer.export": "export",
+    "m2ae_infer.benchmarks": "benchmarks",
+}
+
+setup(
+    name="m2ae-infer",
+    version="0.1.0",
+    description="Local-motion deblurring that computes only where the picture is blurred",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"m2ae_infer": ["assets/*"]},
+    include_package_data=True,
+    # torch is declared as a range, never pinned to a build: the CPU wheel is installed first
+    # (see README); an unpinned resolve would fetch a multi-GB CUDA build.
+    install_requires=["torch>=2.4", "numpy>=1.24", "pillow>=10", "safetensors>=0.4", "tqdm>=4.60"],
+    extras_require={
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.18"],
+        "trt": ["tensorrt>=10"],
+        "train": ["scikit-image>=0.22"],
+        "test": ["pytest>=8", "scikit-image>=0.22"],
+    },
+    entry_points={
+        "console_scripts": [
+            "m2ae-deblur=m2ae_infer.cli:main",
+        ],
+    },
+)
