@@ -1,0 +1,65 @@
+"""Shared test utilities: random networks that prove something, and masks of every shape."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from m2ae_infer import M2AEConfig, M2AENet
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter and every BatchNorm statistic random values, in place.
+
+    A fresh BatchNorm is an identity (mean 0, var 1, weight 1, bias 0) and would hide a wrong fold;
+    random biases make the residual updates visible. Scales keep activations O(1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            # weights ~ 0.5/sqrt(fan_in), biases ~ 0.1: residual updates stay O(1) through the stages,
+            # so absolute tolerances mean what they say.
+            scale = 0.5 / p[0].numel() ** 0.5 if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=gen) * 0.5)
+            module.running_var.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+            module.weight.copy_(torch.rand(module.num_features, generator=gen) + 0.5)
+            module.bias.copy_(torch.randn(module.num_features, generator=gen) * 0.5)
+    return model
+
+
+def random_net(config: str | M2AEConfig = "tiny", seed: int = 0) -> M2AENet:
+    """A training-form network with random weights and BN statistics, in eval mode."""
+    cfg = M2AEConfig.from_name(config) if isinstance(config, str) else config
+    return randomize_(M2AENet(cfg), seed).eval()
+
+
+def make_mask(kind: str, height: int, width: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """Full-resolution bool masks ``[B, 1, H, W]`` of the kinds the contracts name."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, 1, height, width, dtype=torch.bool)
+    if kind == "empty":
+        pass
+    elif kind == "full":
+        mask[:] = True
+    elif kind == "one_pixel":
+        mask[:, :, height // 2, width // 2] = True
+    elif kind == "corners":
+        mask[:, :, [0, 0, -1, -1], [0, -1, 0, -1]] = True
+    elif kind == "borders":
+        mask[:, :, [0, -1], :] = True
+        mask[:, :, :, [0, -1]] = True
+    elif kind.startswith("random"):          # e.g. "random0.05": scattered pixels
+        frac = float(kind[len("random"):])
+        mask = torch.rand(batch, 1, height, width, generator=gen) < frac
+    elif kind == "blobs":                    # smooth low-pass noise thresholded: object-like regions
+        coarse = torch.rand(batch, 1, max(height // 8, 2), max(width // 8, 2), generator=gen)
+        smooth = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        mask = smooth > 0.6
+    else:
+        raise ValueError(kind)
+    return mask
+
+
+MASK_KINDS = ["empty", "full", "one_pixel", "corners", "borders", "random0.01", "random0.2", "random0.5", "blobs"]

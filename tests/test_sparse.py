@@ -1,0 +1,163 @@
+"""Contract 2 and 4: sparse execution equals dense masked execution; its cost follows the mask."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from m2ae_infer import M2AEConfig, M2AENet, reparameterize_model
+from m2ae_infer.executor import TorchExecutor
+from m2ae_infer.kernels.reference import (SparseStage, active_pixels, neighbour_offsets, padded_rows,
+                                          shuffle_targets, sparse_stage_, sparse_tail_, to_padded_buffer)
+from m2ae_infer.model.mask import full_resolution
+from helpers import MASK_KINDS, make_mask, random_net
+
+SIZES = [(1, 1), (3, 5), (16, 16), (21, 34)]
+
+
+@pytest.fixture(scope="module")
+def executor():
+    return TorchExecutor(reparameterize_model(random_net("tiny", seed=11)))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=str)
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_sparse_equals_dense_masked(executor, size, mask_kind):
+    image = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(7))
+    mask = make_mask(mask_kind, *size, seed=3, batch=2)
+    sparse = executor.run(image, mask, execution="sparse")
+    dense = executor.run(image, mask, execution="dense")
+    assert sparse.execution == "sparse" and dense.execution == "dense"
+    assert torch.equal(sparse.mask, dense.mask)
+    err = (sparse.output - dense.output).abs().max().item()
+    assert err <= 1e-5, f"sparse vs dense max abs error {err:.3e}"
+    # Pixels outside the working mask come back bit-identical to the input (independent of both paths).
+    untouched = ~full_resolution(sparse.mask, size).expand_as(image)
+    assert torch.equal(sparse.output[untouched], image[untouched])
+    assert torch.equal(dense.output[untouched], image[untouched])
+
+
+@pytest.mark.parametrize("mask_kind", ["random0.2", "blobs", "borders"])
+def test_sparse_equals_training_network(mask_kind):
+    """End to end against the independent reference: the training-form network with BN branches."""
+    net = random_net(M2AEConfig(channels=16, num_blocks=3, mask_channels=8, motion_channels=8, ffn_expand=2),
+                     seed=12)
+    executor = TorchExecutor(reparameterize_model(net))
+    image = torch.rand(1, 3, 27, 40)
+    mask = make_mask(mask_kind, 27, 40, seed=5)
+    with torch.no_grad():
+        expected = net(image, mask)
+    err = (executor.run(image, mask, execution="sparse").output - expected).abs().max().item()
+    assert err <= 1e-5 * (expected.max() - expected.min()).item()
+
+
+def test_predicted_mask_sparse_equals_dense(executor):
+    image = torch.rand(1, 3, 30, 44)
+    sparse = executor.run(image, execution="sparse", threshold=0.5, dilation=1)
+    dense = executor.run(image, execution="dense", threshold=0.5, dilation=1)
+    assert torch.equal(sparse.mask, dense.mask)
+    assert (sparse.output - dense.output).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("channels,mid,ffn", [(16, 16, 16), (12, 20, 8), (5, 7, 3)])
+@pytest.mark.parametrize("mask_kind", ["one_pixel", "borders", "random0.3", "full"])
+def test_sparse_stage_matches_conv2d(channels, mid, ffn, mask_kind):
+    """The torch spec of one stage against F.conv2d computed everywhere, in float64."""
+    gen = torch.Generator().manual_seed(channels)
+    spatial = torch.nn.Conv2d(channels, mid, 3, padding=1).double()
+    mix_in, mix_out = torch.nn.Conv2d(mid, 2 * ffn, 1).double(), torch.nn.Conv2d(ffn, channels, 1).double()
+    stage = SparseStage.from_convs(spatial, "gelu", [mix_in, mix_out])
+    x = torch.randn(2, channels, 9, 13, generator=gen, dtype=torch.float64)
+    m = make_mask(mask_kind, 9, 13, batch=2)
+    with torch.no_grad():
+        h = F.gelu(F.conv2d(x, spatial.weight, spatial.bias, padding=1))
+        a, b = F.conv2d(h, mix_in.weight, mix_in.bias).chunk(2, dim=1)
+        expected = torch.where(m, x + F.conv2d(a * b, mix_out.weight, mix_out.bias), x)
+    buffer = to_padded_buffer(x)
+    coords = active_pixels(m[:, 0])
+    sparse_stage_(buffer, padded_rows(*coords, 9, 13), neighbour_offsets(13), stage)
+    actual = buffer.view(2, 11, 15, channels)[:, 1:-1, 1:-1].permute(0, 3, 1, 2)
+    assert (actual - expected).abs().max().item() <= 1e-12
+    assert torch.equal(actual[~m.expand_as(x)], x[~m.expand_as(x)])
+    assert torch.count_nonzero(buffer.view(2, 11, 15, channels)[:, [0, -1]]) == 0   # zero border intact
+
+
+def test_sparse_tail_matches_pixel_shuffle():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 6, 4, 5, generator=gen, dtype=torch.float64)
+    image = torch.rand(2, 3, 8, 10, generator=gen, dtype=torch.float64)
+    tail = torch.nn.Conv2d(6, 12, 1).double()
+    m = make_mask("random0.4", 4, 5, batch=2)
+    with torch.no_grad():
+        expected = torch.where(full_resolution(m, (8, 10)), image + F.pixel_shuffle(tail(features), 2), image)
+    coords = active_pixels(m[:, 0])
+    out = image.clone()
+    sparse_tail_(out, image, to_padded_buffer(features), padded_rows(*coords, 4, 5),
+                 shuffle_targets(*coords, 3, 2, 8, 10), tail.weight.detach().flatten(1).t(), tail.bias.detach())
+    assert (out - expected).abs().max().item() <= 1e-12
+
+
+def test_auto_switches_to_dense_above_threshold(executor):
+    image = torch.rand(1, 3, 16, 16)
+    assert executor.run(image, make_mask("full", 16, 16)).execution == "dense"
+    assert executor.run(image, make_mask("one_pixel", 16, 16)).execution == "sparse"
+    assert executor.run(image, make_mask("empty", 16, 16)).execution == "sparse"
+    low = TorchExecutor(reparameterize_model(random_net("tiny")), dense_above=0.0)
+    assert low.run(image, make_mask("one_pixel", 16, 16)).execution == "dense"
+
+
+def test_rejects_training_form_and_bad_execution():
+    with pytest.raises(ValueError, match="reparameterize"):
+        TorchExecutor(random_net("tiny"))
+    ex = TorchExecutor(reparameterize_model(random_net("tiny")))
+    with pytest.raises(ValueError, match="execution"):
+        ex.run(torch.rand(1, 3, 4, 4), execution="fast")
+
+
+def counted_flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def default_executor():
+    return TorchExecutor(reparameterize_model(M2AENet(M2AEConfig()).eval()))
+
+
+@pytest.mark.parametrize("mask_kind", ["blobs", "random0.2"])
+def test_flops_follow_the_mask_default_config(default_executor, mask_kind):
+    """At ~20 % active pixels the default config executes <= 0.3 of the dense FLOPs (real runs counted)."""
+    h, w = 96, 128
+    image = torch.rand(1, 3, h, w)
+    if mask_kind == "blobs":
+        mask = _blob_mask_with_fraction(h, w, 0.2)
+    else:   # scattered working pixels (a random full-resolution mask would activate far more 2x2 blocks)
+        mask = full_resolution(make_mask("random0.2", h // 2, w // 2, seed=2), (h, w))
+    frac = default_executor.run(image, mask, execution="sparse").mask.float().mean().item()
+    assert 0.15 <= frac <= 0.25
+    sparse = counted_flops(lambda: default_executor.run(image, mask, execution="sparse"))
+    dense = counted_flops(lambda: default_executor.run(image, mask, execution="dense"))
+    assert sparse <= 0.3 * dense, f"sparse/dense FLOPs {sparse / dense:.3f} at {frac:.2%} active"
+    # The meta-device count used for Deblurrer stats agrees with the count of the real runs.
+    active = int(default_executor.run(image, mask, execution="sparse").active_pixels)
+    assert default_executor.count_flops(1, h, w, active, "sparse", predict_mask=False) == sparse
+    assert default_executor.count_flops(1, h, w, active, "dense", predict_mask=False) == dense
+
+
+def test_flops_scale_with_active_pixels(default_executor):
+    image = torch.rand(1, 3, 64, 64)
+    counts = [counted_flops(lambda: default_executor.run(image, make_mask(k, 64, 64), execution="sparse"))
+              for k in ("empty", "one_pixel", "random0.5", "full")]
+    assert counts[0] < counts[1] < counts[2] < counts[3]
+    per_pixel = counts[1] - counts[0]
+    full_active = 32 * 32
+    assert counts[3] - counts[0] == pytest.approx(per_pixel * full_active, rel=1e-9)
+
+
+def _blob_mask_with_fraction(h, w, frac):
+    """A blob mask whose working (half-resolution) active fraction is ~frac."""
+    coarse = torch.rand(1, 1, h // 16, w // 16, generator=torch.Generator().manual_seed(9))
+    smooth = F.interpolate(coarse, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
+    half = smooth > torch.quantile(smooth.flatten(), 1 - frac)
+    return full_resolution(half, (h, w))
