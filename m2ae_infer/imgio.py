@@ -1,0 +1,375 @@
+"""Image input/output: files, PIL images, numpy arrays and torch tensors to the network's
+``float32 [B, 3, H, W]`` in 0..1, and back to what the user gave, bit-exact where nothing changed.
+
+The one contract that shapes this module: a pixel the network did not change is returned
+**bit-identical** to the user's input. ``restore`` therefore takes those pixels from the original
+data (kept in its own dtype), never from a float round trip; alpha is never touched at all.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageError", "PreparedImage", "load_image", "prepare_image", "save_image", "mask_to_image"]
+
+class ImageError(ValueError):
+    """A bad image or path; the message is one line naming the problem and the fix."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------------------------- load
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open ``path`` with Pillow, decode it fully and apply its EXIF orientation.
+
+    Raises ImageError (never a bare Pillow error) for a missing file, a directory, an empty,
+    unrecognised, truncated or corrupt file, a decompression bomb and a 0-sized image.
+    """
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise ImageError(f"expected a file path, got {type(path).__name__}") from None
+    if not os.path.exists(p):
+        raise ImageError(f"{p}: no such file; check the path")
+    if os.path.isdir(p):
+        raise ImageError(f"{p}: is a directory, not an image; pass an image file (PNG, JPEG, TIFF, ...)")
+    if os.path.getsize(p) == 0:
+        raise ImageError(f"{p}: empty file (0 bytes); re-export or re-download it")
+    try:
+        # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; a bomb must stop here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as opened:
+                opened.load()
+                img = ImageOps.exif_transpose(opened)  # a decoded copy: the file can close
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{p}: refused, too many pixels ({_one_line(e)}); if you trust the file, "
+                         "raise PIL.Image.MAX_IMAGE_PIXELS") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{p}: not an image or an unrecognised format; "
+                         "use PNG, JPEG, TIFF, BMP or WebP") from e
+    except PermissionError as e:
+        raise ImageError(f"{p}: permission denied; check the file's permissions") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ImageError(f"{p}: cannot decode, truncated or corrupt ({_one_line(e)}); "
+                         "re-export or re-download it") from e
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{p}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
+    return img
+
+
+# ------------------------------------------------------------------------------------------ prepare
+@dataclass
+class PreparedImage:
+    """An image as the network sees it, plus what is needed to give it back in the user's form.
+
+    Attributes:
+        rgb: float32 ``[B, 3, H, W]`` in 0..1, contiguous, on the CPU, never sharing memory with
+            the input. Gray inputs are replicated to 3 channels; alpha is split off.
+
+    The input's pixels are referenced, not copied (numpy and torch inputs share memory): do not
+    modify the input between ``prepare_image`` and ``restore``.
+    """
+
+    rgb: torch.Tensor
+    # Original pixels ``[B, C, H, W]`` in the input's dtype and device, C = colour (1 or 3) + alpha (0/1).
+    _original: torch.Tensor = field(repr=False)
+    _colour: int = field(repr=False)
+    _scale: float | None = field(repr=False)  # 255 / 65535 for integers, None for floats
+    _finish: Callable[[torch.Tensor], Any] = field(repr=False)  # [B, C, H, W] -> the user's kind
+
+    def restore(self, restored: torch.Tensor, changed: torch.Tensor) -> Any:
+        """Convert the network output back to the input's kind, dtype and shape.
+
+        Args:
+            restored: float32 ``[B, 3, H, W]``; clamped to 0..1. Gray inputs get
+                ``(r + g + b) / 3`` (in float32, in that order).
+            changed: bool ``[B, 1, H, W]``, True where the network changed the pixel.
+
+        Integers are ``round(x * 255)`` / ``round(x * 65535)`` (half to even); floats are cast.
+        Pixels where ``changed`` is False, and all alpha, are copied from the original data.
+        """
+        b, _, h, w = self.rgb.shape
+        if tuple(restored.shape) != (b, 3, h, w):
+            raise ValueError(f"restored has shape {tuple(restored.shape)}, expected {(b, 3, h, w)}")
+        if tuple(changed.shape) != (b, 1, h, w) or changed.dtype != torch.bool:
+            raise ValueError(f"changed must be bool {(b, 1, h, w)}, "
+                             f"got {changed.dtype} {tuple(changed.shape)}")
+        orig, c = self._original, self._colour
+        x = restored.detach().to(orig.device, torch.float32).clamp(0.0, 1.0)
+        if c == 1:
+            x = (x[:, 0:1] + x[:, 1:2] + x[:, 2:3]) / 3.0
+        x = (x * self._scale).round() if self._scale is not None else x
+        colour = torch.where(changed.to(orig.device), x.to(orig.dtype), orig[:, :c])
+        out = torch.cat([colour, orig[:, c:]], dim=1) if orig.shape[1] > c else colour
+        return self._finish(out)
+
+
+def prepare_image(img: Any) -> PreparedImage:
+    """Turn a path, PIL image, numpy array or torch tensor into a :class:`PreparedImage`.
+
+    - path / PIL image: mode kept when Pillow can write it back (L, LA, RGB, RGBA, I;16*, I, F);
+      P/PA become RGB or RGBA (alpha kept when the palette has transparency), "1" becomes L,
+      CMYK/YCbCr/LAB/HSV/RGBX become RGB. I and I;16* are 16-bit gray (0..65535); F must lie in 0..1.
+      ``restore`` returns a PIL image in that (converted) mode.
+    - numpy ``[H, W]`` or ``[H, W, C]``, C in {1, 3, 4} (4 = RGBA); uint8, uint16 or float in 0..1.
+    - torch ``[C, H, W]`` or ``[B, C, H, W]``, C in {1, 3, 4}; uint8 or float16/bfloat16/float32/float64
+      in 0..1, any device. ``restore`` returns the same shape, dtype and device.
+    """
+    if isinstance(img, (str, os.PathLike)):
+        return _prepare_pil(load_image(img), source=os.fspath(img))
+    if isinstance(img, Image.Image):
+        return _prepare_pil(img, source="PIL image")
+    if isinstance(img, np.ndarray):
+        return _prepare_numpy(img)
+    if isinstance(img, torch.Tensor):
+        return _prepare_tensor(img)
+    raise ImageError(f"unsupported image type {type(img).__name__}: pass a file path, a PIL image, "
+                     "a numpy array (HxW or HxWxC) or a torch tensor (CxHxW or BxCxHxW)")
+
+
+def _make(orig: torch.Tensor, colour: int, scale: float | None, finish: Callable[[torch.Tensor], Any],
+          what: str) -> PreparedImage:
+    """orig: ``[B, C, H, W]`` in its own dtype/device -> PreparedImage (validates sizes and ranges)."""
+    b, _, h, w = orig.shape
+    if b == 0:
+        raise ImageError(f"{what} has batch size 0; pass at least one image")
+    if h == 0 or w == 0:
+        raise ImageError(f"{what} has size {h}x{w} (HxW); it must be at least 1x1")
+    col = orig[:, :colour]
+    if scale is None:  # floats: the network's 0..1 range is a promise the caller must keep
+        if not bool(torch.isfinite(col).all()):
+            raise ImageError(f"{what} contains NaN or Inf; replace them (e.g. nan_to_num) first")
+        lo, hi = (float(v) for v in torch.aminmax(col))
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(f"{what} values lie in [{lo:.6g}, {hi:.6g}], outside 0..1; "
+                             "scale to 0..1 (e.g. divide 8-bit data by 255) or pass integer data")
+    # A fresh buffer: rgb must never alias the caller's data, or an in-place op in the network would
+    # corrupt the pixels restore passes through. Move first, widen in copy_: a narrow dtype crosses PCIe.
+    rgb = torch.empty((b, 3, h, w), dtype=torch.float32)
+    rgb.copy_(col.to("cpu").expand(b, 3, h, w))
+    if scale is not None:
+        rgb /= scale
+    return PreparedImage(rgb, orig, colour, scale, finish)
+
+
+# Pillow modes converted on input (kept modes are listed in _PIL_KEEP).
+_PIL_CONVERT = {"1": "L", "PA": "RGBA", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB",
+                "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+_PIL_KEEP = {"L": 1, "LA": 1, "RGB": 3, "RGBA": 3, "I;16": 1, "I;16L": 1, "I;16B": 1, "I;16N": 1,
+             "I": 1, "F": 1}  # mode -> colour channels
+
+
+def _prepare_pil(img: Image.Image, source: str) -> PreparedImage:
+    try:
+        img.load()  # a lazily opened user image may still be undecoded
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{source}: cannot decode ({_one_line(e)}); re-export or re-download it") from e
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{source}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
+    mode = img.mode
+    if mode == "P":
+        mode = "RGBA" if "transparency" in img.info else "RGB"
+    mode = _PIL_CONVERT.get(mode, mode)
+    if mode not in _PIL_KEEP:
+        raise ImageError(f"{source}: unsupported Pillow mode {img.mode!r}; convert it to RGB first")
+    if mode != img.mode:
+        img = img.convert(mode)
+    arr = np.array(img)  # a writable copy (np.asarray is read-only and torch warns about that)
+    np_dtype = arr.dtype
+    arr = arr.astype(np_dtype.newbyteorder("="), copy=False)  # I;16B is big-endian; torch wants native
+    if mode == "I":  # 32-bit int: Pillow's historical 16-bit gray; other ranges have no meaning here
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ImageError(f"{source}: mode 'I' values lie in [{lo}, {hi}]; only 0..65535 is "
+                             "supported: convert it to 16-bit or to float 0..1")
+    scale = None if mode == "F" else 255.0 if arr.dtype == np.uint8 else 65535.0
+    hwc = arr[:, :, None] if arr.ndim == 2 else arr
+    orig = torch.from_numpy(hwc).permute(2, 0, 1)[None]
+    # Carry colour metadata so a saved result looks the same as its input.
+    info = {k: img.info[k] for k in ("icc_profile", "dpi") if k in img.info}
+
+    def finish(out: torch.Tensor) -> Image.Image:
+        data = np.ascontiguousarray(out[0].permute(1, 2, 0).numpy().astype(np_dtype))
+        res = Image.frombytes(mode, (img.width, img.height), data.tobytes())
+        res.info.update(info)
+        return res
+
+    return _make(orig, _PIL_KEEP[mode], scale, finish, what=f"{source} (mode {mode})")
+
+
+def _prepare_numpy(arr: np.ndarray) -> PreparedImage:
+    what = f"{arr.dtype} array of shape {arr.shape}"
+    if not (arr.dtype.kind == "u" and arr.itemsize <= 2 or arr.dtype.kind == "f" and arr.itemsize <= 8):
+        raise ImageError(f"unsupported array dtype {arr.dtype}; use uint8, uint16 or float32 in 0..1")
+    scale = None if arr.dtype.kind == "f" else 255.0 if arr.itemsize == 1 else 65535.0
+    if arr.ndim == 2:
+        hwc = arr[:, :, None]
+    elif arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+        hwc = arr
+    else:
+        raise ImageError(f"unsupported array shape {arr.shape}; expected HxW or HxWxC with C in 1, 3, 4")
+    shape, dtype = arr.shape, arr.dtype
+    native = np.ascontiguousarray(hwc, dtype=dtype.newbyteorder("="))
+    orig = torch.from_numpy(native).permute(2, 0, 1)[None]
+
+    def finish(out: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy().reshape(shape).astype(dtype, copy=False))
+
+    return _make(orig, 1 if hwc.shape[2] == 1 else 3, scale, finish, what)
+
+
+_TENSOR_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _prepare_tensor(t: torch.Tensor) -> PreparedImage:
+    what = f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    if t.dtype != torch.uint8 and t.dtype not in _TENSOR_FLOATS:
+        raise ImageError(f"unsupported tensor dtype {t.dtype}; use uint8 or float16/bfloat16/float32 in 0..1")
+    scale = 255.0 if t.dtype == torch.uint8 else None
+    if t.ndim not in (3, 4) or t.shape[-3] not in (1, 3, 4):
+        raise ImageError(f"unsupported tensor shape {tuple(t.shape)}; "
+                         "expected CxHxW or BxCxHxW with C in 1, 3, 4")
+    batched = t.ndim == 4
+    orig = t.detach() if batched else t.detach()[None]
+
+    def finish(out: torch.Tensor) -> torch.Tensor:
+        return out.contiguous() if batched else out[0].contiguous()
+
+    return _make(orig, 1 if orig.shape[1] == 1 else 3, scale, finish, what)
+
+
+# --------------------------------------------------------------------------------------------- save
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # Pillow's 75/80 visibly soften
+
+
+def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
+               overwrite: bool = False) -> None:
+    """Write ``obj`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
+
+    ``obj`` is a PIL image or a numpy ``[H, W]`` / ``[H, W, C]`` array (C in 1..4: L, LA, RGB, RGBA)
+    of dtype uint8 or uint16. The format comes from the extension. Decisions:
+
+    - An existing ``path`` is refused unless ``overwrite=True``; the target is never half-written.
+    - Alpha to JPEG raises ImageError suggesting ``.png``: silently dropping transparency is data
+      loss a user would not expect. Other formats that cannot hold a mode fail in Pillow -> ImageError.
+    - uint16 gray is saved as Pillow mode I;16 (PNG, TIFF). uint16 with 2-4 channels has no Pillow
+      mode, so it is written as 16-bit PNG by this module and requires a ``.png`` path.
+    - JPEG and WebP are written with quality 95.
+    """
+    target = os.path.abspath(os.fspath(path))
+    folder, ext = os.path.dirname(target), os.path.splitext(target)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ImageError(f"{path}: cannot tell an image format from extension {ext or '(none)'!r}; "
+                         "use .png, .jpg, .tif, .bmp or .webp")
+    if not os.path.isdir(folder):
+        raise ImageError(f"{path}: folder {folder} does not exist; create it first")
+    if os.path.isdir(target):
+        raise ImageError(f"{path}: is a directory; pass a file name")
+    if os.path.lexists(target) and not overwrite:
+        raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it")
+    write = _writer(obj, fmt, path)
+    try:
+        tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=ext, delete=False)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write to {folder} ({_one_line(e)}); check its permissions") from e
+    try:
+        with tmp:
+            write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())  # the rename must never publish a file whose bytes are not on disk
+        os.chmod(tmp.name, 0o666 & ~_umask())  # NamedTemporaryFile makes 0600 files
+        if overwrite:
+            os.replace(tmp.name, target)
+        else:
+            _publish_no_clobber(tmp.name, target, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp.name)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, (OSError, ValueError, KeyError)) and not isinstance(e, ImageError):
+            raise ImageError(f"{path}: cannot write ({_one_line(e)}); "
+                             "check the folder is writable and the format suits the image") from e
+        raise
+
+
+def _publish_no_clobber(tmp: str, target: str, path: object) -> None:
+    # A hard link fails if the target appeared since the check above, where os.replace would clobber it.
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it") from None
+    except OSError:  # filesystems without hard links: the race window is the best we can do
+        if os.path.lexists(target):
+            raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _writer(obj: Image.Image | np.ndarray, fmt: str, path: object) -> Callable[[Any], None]:
+    """Validate ``obj`` for ``fmt`` and return a function writing it to a binary file object."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype not in (np.uint8, np.uint16) or obj.ndim not in (2, 3) or (
+                obj.ndim == 3 and not 1 <= obj.shape[2] <= 4) or 0 in obj.shape:
+            raise ImageError(f"{path}: cannot save a {obj.dtype} array of shape {obj.shape}; expected "
+                             "uint8/uint16 HxW or HxWxC (C 1..4), at least 1x1")
+        arr = obj if obj.ndim == 2 else obj[:, :, 0] if obj.shape[2] == 1 else obj
+        if arr.dtype == np.uint16 and arr.ndim == 3:
+            if fmt != "PNG":
+                raise ImageError(f"{path}: 16-bit colour can only be saved as .png here; "
+                                 "use .png or convert to uint8")
+            return lambda f: _write_png16(arr, f)
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+        img = Image.fromarray(arr)  # L, LA, RGB, RGBA or I;16 from dtype and shape
+    elif isinstance(obj, Image.Image):
+        img = obj
+    else:
+        raise ImageError(f"{path}: cannot save a {type(obj).__name__}; pass a PIL image or a numpy array")
+    if fmt == "JPEG" and ("A" in img.mode or "transparency" in img.info):
+        raise ImageError(f"{path}: {fmt} cannot store the alpha channel of this {img.mode} image; "
+                         "save as .png (or drop alpha yourself)")
+    return lambda f: img.save(f, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
+
+
+def _write_png16(arr: np.ndarray, f: Any) -> None:
+    """Write uint16 ``[H, W, C]`` (C = 2 gray+alpha, 3 RGB, 4 RGBA) as a 16-bit PNG: Pillow has no
+    such mode. Filter 0 on every row keeps this short; zlib still compresses smooth images well."""
+    h, w, c = arr.shape
+    rows = np.zeros((h, 1 + w * c * 2), np.uint8)  # each row: filter byte 0 ("none"), then big-endian samples
+    rows[:, 1:] = arr.astype(">u2").reshape(h, w * c).view(np.uint8)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    colour_type = {2: 4, 3: 2, 4: 6}[c]
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+
+
+# --------------------------------------------------------------------------------------------- mask
+def mask_to_image(mask: torch.Tensor) -> Image.Image:
+    """Bool mask ``[H, W]``, ``[1, H, W]`` or ``[1, 1, H, W]`` -> 8-bit L image, 255 where True."""
+    if mask.dtype != torch.bool or mask.ndim < 2 or any(s != 1 for s in mask.shape[:-2]):
+        raise ImageError(f"expected a bool mask HxW or 1x1xHxW, got {mask.dtype} {tuple(mask.shape)}")
+    m = mask.detach().reshape(mask.shape[-2:]).to("cpu", torch.uint8) * 255
+    return Image.fromarray(m.numpy())
