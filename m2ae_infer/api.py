@@ -1,0 +1,188 @@
+"""The public API: ``Deblurrer(...).run(img)``."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .executor import DENSE_ABOVE, EXECUTIONS, TorchExecutor
+from .imgio import ImageError, load_image, prepare_image
+from .model import M2AENet
+from .model.mask import full_resolution
+from .reparam import reparameterize_model
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "m2ae_default.safetensors"
+BACKENDS = ("auto", "torch")
+FUTURE_BACKENDS = ("triton", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What one :meth:`Deblurrer.run` call did.
+
+    Attributes:
+        mask: the pixels the network was allowed to change, at the input's size (bool): a numpy
+            ``[H, W]`` array, or for tensor inputs a tensor ``[H, W]`` (CHW) / ``[B, H, W]`` (BCHW).
+        active_fraction: share of working (half-resolution) pixels that were computed.
+        flops_dense: FLOPs of the same call executed densely (``torch.utils.flop_counter``).
+        flops_executed: FLOPs the call actually executed.
+        seconds: wall time of the network (image conversion excluded).
+        execution: ``"sparse"`` or ``"dense"``: the path that ran.
+        backend: the engine that ran it.
+    """
+
+    mask: Any
+    active_fraction: float
+    flops_dense: int
+    flops_executed: int
+    seconds: float
+    execution: str
+    backend: str
+
+    @property
+    def flops_saved(self) -> float:
+        """Fraction of the dense FLOPs that pixel pruning did not have to execute."""
+        return 1.0 - self.flops_executed / self.flops_dense if self.flops_dense else 0.0
+
+
+class Deblurrer:
+    """Deblur photos, computing only where they are blurred.
+
+    Args:
+        checkpoint: a ``.pth``/``.safetensors`` path, an :class:`M2AENet`, or ``None`` for the checkpoint
+            shipped with the package.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        backend: ``"auto"`` or ``"torch"``. (Triton, ONNX Runtime and TensorRT backends are not part of
+            this version.)
+        execution: ``"sparse"`` (active pixels only), ``"dense"`` (everything, then gated) or ``"auto"``
+            (sparse below ``dense_above`` active fraction).
+        threshold: blur probability above which a pixel is computed (``sigmoid(logit) > threshold``).
+        dilation: grow the predicted mask by this many working pixels (2 input pixels each).
+        config, key_map: passed to :func:`load_checkpoint` for checkpoints that need them.
+        dense_above: active fraction above which ``execution="auto"`` runs dense.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",
+                 backend: str = "auto", execution: str = "auto", threshold: float = 0.5, dilation: int = 0,
+                 config=None, key_map=None, dense_above: float = DENSE_ABOVE):
+        if backend in FUTURE_BACKENDS:
+            raise ValueError(f"backend {backend!r} is not available in this version; use backend='torch'")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+            raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold!r}")
+        if not (isinstance(dilation, int) and dilation >= 0):
+            raise ValueError(f"dilation must be a non-negative int, got {dilation!r}")
+        self.device = _resolve_device(device)
+        self.backend, self.execution = "torch", execution
+        self.threshold, self.dilation = float(threshold), dilation
+        net = self._load(checkpoint, config, key_map)
+        self.network = reparameterize_model(net).to(self.device)
+        self.executor = TorchExecutor(self.network, dense_above=dense_above)
+
+    @staticmethod
+    def _load(checkpoint, config, key_map) -> M2AENet:
+        if isinstance(checkpoint, M2AENet):
+            return checkpoint
+        if checkpoint is None:
+            if not DEFAULT_CHECKPOINT.is_file():
+                raise FileNotFoundError(f"no default checkpoint is shipped in this install ({DEFAULT_CHECKPOINT}); "
+                                        "pass checkpoint=PATH to a trained M2AENet checkpoint")
+            checkpoint = DEFAULT_CHECKPOINT
+        return load_checkpoint(checkpoint, config=config, key_map=key_map)
+
+    def run(self, img, mask=None, return_info: bool = False):
+        """Deblur one image (or a BCHW batch).
+
+        Args:
+            img: a path, a PIL image, a numpy ``HW``/``HWC`` array (uint8, uint16, float in [0, 1]) or a
+                torch ``CHW``/``BCHW`` tensor. Gray and RGBA work (alpha passes through untouched).
+            mask: ``None`` to predict the blur mask; ``"full"`` to restore everything (globally blurred
+                photos); or your own mask (bool / 0-1 / 0-255 numpy, torch or PIL, or a path) of the image's
+                height and width.
+            return_info: also return a :class:`RunInfo`.
+        Returns:
+            The restored image as the same kind, dtype and size as ``img`` (a PIL image for a path), and
+            the :class:`RunInfo` when ``return_info`` is true. Pixels outside the mask are bit-identical.
+        """
+        prepared = prepare_image(img)
+        rgb = prepared.rgb.to(self.device)
+        batch, _, height, width = rgb.shape
+        user_mask = self._mask_tensor(mask, batch, height, width)
+        start = time.perf_counter()
+        result = self.executor.run(rgb, user_mask, threshold=self.threshold, dilation=self.dilation,
+                                   execution=self.execution)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        changed = full_resolution(result.mask, (height, width)).cpu()
+        restored = prepared.restore(result.output.cpu(), changed)
+        if not return_info:
+            return restored
+        predicted = user_mask is None
+        info = RunInfo(
+            mask=self._user_mask_view(changed, img),
+            active_fraction=result.active_pixels / result.mask.numel(),
+            flops_dense=self.executor.count_flops(batch, height, width, 0, "dense", predicted),
+            flops_executed=self.executor.count_flops(batch, height, width, result.active_pixels,
+                                                     result.execution, predicted),
+            seconds=seconds, execution=result.execution, backend=self.backend)
+        return restored, info
+
+    def _mask_tensor(self, mask, batch: int, height: int, width: int) -> torch.Tensor | None:
+        """User mask -> ``[B, 1, H, W]`` bool on the device (None: predict it)."""
+        if mask is None:
+            return None
+        if isinstance(mask, str) and mask == "full":
+            return torch.ones((batch, 1, height, width), dtype=torch.bool, device=self.device)
+        if isinstance(mask, (str, os.PathLike)):
+            mask = load_image(mask)
+        if not isinstance(mask, torch.Tensor):
+            try:
+                mask = torch.from_numpy(np.array(mask))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"mask must be None, 'full', an array, a tensor, a PIL image or a path; "
+                                 f"got {type(mask).__name__}") from exc
+        if mask.dtype.is_complex or not (mask.dtype == torch.bool or mask.dtype.is_floating_point
+                                         or mask.dtype in (torch.uint8, torch.int32, torch.int64, torch.uint16)):
+            raise ValueError(f"mask must be bool or numeric, got dtype {mask.dtype}")
+        if mask.dim() == 3 and mask.shape[-1] in (3, 4) and tuple(mask.shape[:2]) == (height, width):
+            mask = mask[..., 0]                      # an RGB(A) mask image: use its first channel
+        # Accept [H, W], [1, H, W], [B, H, W], [1, 1, H, W] and [B, 1, H, W].
+        if mask.dim() < 2 or tuple(mask.shape[-2:]) != (height, width) or mask.numel() not in (
+                height * width, batch * height * width):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the image "
+                             f"({batch}x{height}x{width}); pass an H x W mask")
+        mask = mask.reshape(-1, 1, height, width).expand(batch, 1, height, width)
+        return (mask != 0).to(self.device)
+
+    @staticmethod
+    def _user_mask_view(changed: torch.Tensor, img):
+        """The changed-pixel mask ``[B, 1, H, W]`` in the form RunInfo documents."""
+        if isinstance(img, torch.Tensor):
+            mask = changed[:, 0].to(img.device)
+            return mask if img.dim() == 4 else mask[0]
+        return changed[0, 0].numpy()
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
+    return resolved
+
+
+__all__ = ["Deblurrer", "RunInfo", "ImageError"]

@@ -1,0 +1,370 @@
+"""Checkpoints: round trips, foreign layouts, safety against pickled code, damaged files, strict checks.
+
+Every check compares with an independent reference: the original network's state dict (``torch.equal``)
+and its output on a fixed input.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+from helpers import random_net
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from m2ae_infer import M2AEConfig, M2AENet, reparameterize_model
+from m2ae_infer.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+
+TINY = M2AEConfig.from_name("tiny")
+SUFFIXES = [".pth", ".safetensors"]
+FORMS = ["train", "deploy"]
+
+
+def make_net(form: str = "train", seed: int = 0, config: M2AEConfig = TINY) -> M2AENet:
+    net = random_net(config, seed)
+    return reparameterize_model(net) if form == "deploy" else net
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.rand(1, 3, 10, 14, generator=torch.Generator().manual_seed(7))
+
+
+def assert_same(loaded: M2AENet, reference: M2AENet, image: torch.Tensor) -> None:
+    """Same config, form, state dict (bit for bit) and outputs (full mask, so every stage runs)."""
+    assert loaded.config == reference.config
+    assert loaded.inference_mode == reference.inference_mode
+    assert not loaded.training
+    ref_state, got_state = reference.state_dict(), loaded.state_dict()
+    assert sorted(got_state) == sorted(ref_state)  # a re-parameterized net registers `spatial` last
+    for key, value in ref_state.items():
+        assert torch.equal(got_state[key], value), key
+    full = torch.ones(1, 1, *image.shape[-2:], dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(loaded(image, mask=full), reference(image, mask=full))
+        assert torch.equal(loaded(image), reference(image))
+
+
+def assert_one_line_error(exc: pytest.ExceptionInfo, path: os.PathLike, *needles: str) -> str:
+    message = str(exc.value)
+    assert "\n" not in message and "\r" not in message
+    assert str(path) in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+# ------------------------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("form", FORMS)
+def test_round_trip(tmp_path, image, suffix, form):
+    net = make_net(form)
+    path = tmp_path / f"net{suffix}"
+    meta = {"epoch": 3, "psnr": 31.5, "tags": ["a", None, True], "data": {"name": "synthetic"}}
+    save_checkpoint(net, path, meta=meta)
+    assert_same(load_checkpoint(path), net, image)
+    ckpt = read_checkpoint(path)
+    assert ckpt.meta == meta and ckpt.deploy == (form == "deploy") and ckpt.config == TINY
+    assert os.listdir(tmp_path) == [path.name]  # no temporary file left behind
+
+
+def test_pth_opens_with_plain_weights_only_load(tmp_path):
+    net = make_net("deploy")
+    path = tmp_path / "net.pth"
+    save_checkpoint(net, path)
+    raw = torch.load(path, weights_only=True)
+    assert (raw["format"], raw["version"], raw["deploy"], raw["meta"]) == ("m2ae", 1, True, {})
+    assert M2AEConfig.from_dict(raw["config"]) == TINY
+    assert raw["state_dict"].keys() == net.state_dict().keys()
+
+
+def test_safetensors_metadata(tmp_path):
+    path = tmp_path / "net.safetensors"
+    save_checkpoint(make_net("train"), path, meta={"k": 1})
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "m2ae" and metadata["version"] == "1" and metadata["deploy"] == "false"
+    assert metadata["meta"] == '{"k": 1}'
+
+
+def test_deploy_checkpoint_loads_without_training_branches(tmp_path):
+    path = tmp_path / "deploy.pth"
+    save_checkpoint(make_net("deploy"), path)
+    loaded = load_checkpoint(path)
+    names = [name for name, _ in loaded.named_modules()]
+    assert not any("rbr_" in n or n == "motion.trajectory" for n in names)
+
+
+# ------------------------------------------------------------------------------ foreign layouts
+@pytest.mark.parametrize("wrapper", ["params_ema", "params", "state_dict", "model", "ema", "net"])
+def test_wrappers(tmp_path, image, wrapper):
+    net = make_net("train")
+    path = tmp_path / "wrapped.pth"
+    torch.save({wrapper: net.state_dict(), "epoch": 12, "optimizer": {"lr": 1e-3}}, path)
+    assert_same(load_checkpoint(path, config=TINY), net, image)
+
+
+def test_params_ema_preferred_over_params(tmp_path, image):
+    ema, raw = make_net("train", seed=1), make_net("train", seed=2)
+    path = tmp_path / "basicsr.pth"
+    torch.save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, path)
+    assert_same(load_checkpoint(path, config=TINY), ema, image)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_prefixes_stripped(tmp_path, image, prefix):
+    net = make_net("train")
+    path = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {prefix + k: v for k, v in net.state_dict().items()}}, path)
+    assert_same(load_checkpoint(path, config=TINY), net, image)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_key_map(tmp_path, image, as_dict):
+    net = make_net("train")
+    renamed = {"net.body." + k.replace("blocks.", "layers."): v for k, v in net.state_dict().items()}
+    path = tmp_path / "foreign.safetensors"
+    save_file(renamed, path)
+    rules = [(r"^net\.body\.", ""), (r"^layers\.", "blocks.")]
+    assert_same(load_checkpoint(path, config=TINY, key_map=dict(rules) if as_dict else rules), net, image)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path, "unexpected keys (58)", "net.body.", "key_map=")
+
+
+def test_key_map_collision_is_an_error(tmp_path):
+    path = tmp_path / "bare.pth"
+    torch.save(make_net("train").state_dict(), path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY, key_map=[(r"\.bias$", ".weight")])
+    assert_one_line_error(exc, path, "maps two keys")
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("form", FORMS)
+def test_bare_state_dict_with_config(tmp_path, image, suffix, form):
+    net = make_net(form)
+    path = tmp_path / f"bare{suffix}"
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    assert_same(load_checkpoint(path, config=TINY.to_dict()), net, image)  # a dict config works too
+
+
+def test_bare_state_dict_without_config_names_the_fix(tmp_path):
+    path = tmp_path / "bare.pth"
+    torch.save(make_net("train").state_dict(), path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "shape mismatches", "stem.weight", "config=")
+
+
+def test_config_that_contradicts_the_stored_one(tmp_path):
+    path = tmp_path / "net.pth"
+    save_checkpoint(make_net("train"), path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=M2AEConfig(**{**TINY.to_dict(), "act": "relu"}))
+    assert_one_line_error(exc, path, "disagrees", "act")
+
+
+# ----------------------------------------------------------------------------------------- safety
+class Payload:
+    """Unpickling this runs ``Path(marker).touch()``: the file must never appear."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_pickled_code_is_refused_not_run(tmp_path, zipfile):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": make_net("train").state_dict(), "extra": Payload(marker)}, path,
+               _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path, "refusing to unpickle code", "weights_only=False", "state_dict")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------- damaged files
+def _write_bad(tmp_path: pathlib.Path, kind: str) -> pathlib.Path:
+    """A damaged or wrong file of the given kind (or a path that is no file at all)."""
+    net = make_net("train")
+    save_checkpoint(net, tmp_path / "good.pth")
+    save_checkpoint(net, tmp_path / "good.safetensors")
+    pth, st = (tmp_path / "good.pth").read_bytes(), (tmp_path / "good.safetensors").read_bytes()
+    noise = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist())
+    if kind == "directory":
+        (tmp_path / "dir.pth").mkdir()
+    name, payload = {
+        "truncated_pth": ("cut.pth", pth[: len(pth) // 2]),
+        "truncated_st": ("cut.safetensors", st[: len(st) // 2]),
+        "random_pth": ("random.pth", noise),
+        "random_pickle_pth": ("random2.pth", b"\x80\x02" + noise),  # looks like a pickle, is not one
+        "random_st": ("random.safetensors", noise),
+        "empty": ("empty.pth", b""),
+        "wrong_extension": ("net.txt", pth),
+        "content_mismatch": ("net.safetensors", pth),
+        "directory": ("dir.pth", None),
+        "missing": ("missing.pth", None),
+    }[kind]
+    if payload is not None:
+        (tmp_path / name).write_bytes(payload)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("kind", ["truncated_pth", "truncated_st", "random_pth", "random_pickle_pth", "random_st",
+                                  "empty", "wrong_extension", "content_mismatch", "directory", "missing"])
+def test_damaged_files(tmp_path, kind):
+    path = _write_bad(tmp_path, kind)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path)
+
+
+# ------------------------------------------------------------------------------- strict checking
+def _bare(tmp_path: pathlib.Path, state: dict) -> pathlib.Path:
+    path = tmp_path / "edited.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_missing_and_unexpected_keys_listed(tmp_path):
+    state = make_net("train").state_dict()
+    del state["tail.weight"]
+    state["extra.weight"] = torch.zeros(3)
+    path = _bare(tmp_path, state)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path, "missing keys (1) [tail.weight]", "unexpected keys (1) [extra.weight]")
+
+
+def test_long_key_lists_are_truncated(tmp_path):
+    state = {**make_net("train").state_dict(), **{f"junk.{i}": torch.zeros(1) for i in range(20)}}
+    path = _bare(tmp_path, state)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    message = assert_one_line_error(exc, path, "unexpected keys (20)", "junk.7", "12 more")
+    assert "junk.8," not in message
+
+
+def test_shape_mismatch_listed(tmp_path):
+    wide = M2AEConfig(**{**TINY.to_dict(), "channels": 12})
+    path = tmp_path / "wide.pth"
+    save_checkpoint(make_net("train", config=wide), path)
+    with pytest.raises(CheckpointError) as exc:  # a bare copy of it, loaded with the wrong config
+        load_checkpoint(_bare(tmp_path, torch.load(path, weights_only=True)["state_dict"]), config=TINY)
+    assert_one_line_error(exc, tmp_path / "edited.pth", "shape mismatches", "stem.weight [12, 12, 3, 3]")
+    assert load_checkpoint(path).config == wide  # the stored config builds the right network
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_rejected(tmp_path, value):
+    state = make_net("train").state_dict()
+    state["blocks.1.mix_in.weight"][0, 0, 0, 0] = value
+    path = _bare(tmp_path, state)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path, "non-finite", "blocks.1.mix_in.weight")
+
+
+def test_integer_tensor_where_float_expected(tmp_path):
+    state = make_net("train").state_dict()
+    state["stem.bias"] = torch.zeros_like(state["stem.bias"], dtype=torch.int32)
+    path = _bare(tmp_path, state)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path, "dtype mismatches", "stem.bias")
+
+
+# ----------------------------------------------------------------------------------------- saving
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_refuses_to_overwrite_unless_asked(tmp_path, image, suffix):
+    path = tmp_path / f"net{suffix}"
+    first, second = make_net("train", seed=1), make_net("train", seed=2)
+    save_checkpoint(first, path)
+    with pytest.raises(CheckpointError) as exc:
+        save_checkpoint(second, path)
+    assert_one_line_error(exc, path, "overwrite=True")
+    assert_same(load_checkpoint(path), first, image)
+    save_checkpoint(second, path, overwrite=True)
+    assert_same(load_checkpoint(path), second, image)
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path, image, monkeypatch):
+    path = tmp_path / "net.pth"
+    net = make_net("train")
+    save_checkpoint(net, path)
+
+    def broken_save(obj, f, *args, **kwargs):
+        pathlib.Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(CheckpointError) as exc:
+        save_checkpoint(make_net("train", seed=3), path, overwrite=True)
+    assert_one_line_error(exc, path, "disk full")
+    assert os.listdir(tmp_path) == [path.name]
+    monkeypatch.undo()
+    assert_same(load_checkpoint(path), net, image)
+
+
+@pytest.mark.parametrize("meta, needle", [({"x": object()}, "meta['x'] is a object"),
+                                          ({"x": (1, 2)}, "tuple"), ({1: "a"}, "non-string key"),
+                                          ({"t": torch.zeros(1)}, "Tensor")])
+def test_meta_must_be_plain(tmp_path, meta, needle):
+    path = tmp_path / "net.pth"
+    with pytest.raises(CheckpointError) as exc:
+        save_checkpoint(make_net("train"), path, meta=meta)
+    assert_one_line_error(exc, path, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_partly_reparameterized_model_refused(tmp_path):
+    net = make_net("train")
+    net.blocks[0].reparameterize()
+    path = tmp_path / "net.pth"
+    with pytest.raises(CheckpointError) as exc:
+        save_checkpoint(net, path)
+    assert_one_line_error(exc, path, "reparameterize_model")
+
+
+@pytest.mark.parametrize("name, needle", [("missing_dir/net.pth", "does not exist"), ("net.onnx", "extension"),
+                                          ("adir.pth", "is a directory")])
+def test_bad_destinations(tmp_path, name, needle):
+    (tmp_path / "adir.pth").mkdir()
+    with pytest.raises(CheckpointError) as exc:
+        save_checkpoint(make_net("train"), tmp_path / name, overwrite=True)
+    assert_one_line_error(exc, tmp_path / name, needle)
+    assert os.listdir(tmp_path) == ["adir.pth"]
+
+
+def test_newer_format_version_refused(tmp_path):
+    path = tmp_path / "net.pth"
+    save_checkpoint(make_net("train"), path)
+    raw = torch.load(path, weights_only=True)
+    torch.save({**raw, "version": 2}, tmp_path / "v2.pth")
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "v2.pth")
+    assert_one_line_error(exc, tmp_path / "v2.pth", "version 2", "upgrade")
+
+
+def test_invalid_key_map_regex(tmp_path):
+    path = tmp_path / "net.pth"
+    save_checkpoint(make_net("train"), path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, key_map=[("(unclosed", "")])
+    assert_one_line_error(exc, path, "invalid key_map")
+
+
+def test_error_survives_pickling():  # e.g. raised in a DataLoader worker or a process pool
+    import pickle
+
+    err = pickle.loads(pickle.dumps(CheckpointError("f.pth", "is empty", "save it again")))
+    assert isinstance(err, CheckpointError) and str(err) == "f.pth: is empty; save it again"
