@@ -29,9 +29,8 @@ class M2AEConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" or isinstance(f.default, int):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"M2AEConfig.{f.name} must be a positive int, got {value!r}")
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"M2AEConfig.{f.name} must be a positive int, got {value!r}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"M2AEConfig.act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.motion_points < 2:
