@@ -38,6 +38,7 @@ setup(
     entry_points={
         "console_scripts": [
             "m2ae-deblur=m2ae_infer.cli:main",
+            "m2ae-train=m2ae_infer.train:main",
         ],
     },
 )

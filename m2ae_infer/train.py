@@ -1,0 +1,399 @@
+"""``m2ae-train --out DIR``: train M2AENet on synthetic local motion blur (``m2ae_infer.data.synth``).
+
+Loss = Charbonnier(restored, sharp) + w_reblur * L1 reblur (inside the annotated mask) + w_mask * (BCE + Dice).
+AdamW (no decay on biases/norms), linear warm-up then cosine, global-norm clipping. The body is gated by the
+annotated working mask (``M2AENet.forward_train``). Data: a pool of ``--pool`` synthetic samples on the
+training photos only, generated lazily (about 40 ms each at 128 px) and cached in fp16, served in a fixed
+per-epoch permutation with one of the 8 dihedral transforms, both drawn from (seed, stream index): the
+batch of step s is a pure function of (settings, s), which is what makes ``--resume`` exact.
+
+Files in DIR: ``last.pth`` (training form, our checkpoint format), ``last_state.pt`` (optimizer, scheduler,
+step, RNG, settings; plain tensors, ``weights_only=True`` loads it), ``train_log.csv``, and at the end
+``final_deploy.safetensors`` (re-parameterized) plus a held-out validation (in the meta of both).
+Exit codes: 0 done (or stopped cleanly by --time-limit/--stop-after), 1 a run-time failure, 2 bad options,
+130 interrupted (state saved).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .config import M2AEConfig
+from .model.mask import working_mask
+from .model.motion import reblur
+from .model.network import M2AENet
+from .reparam import reparameterize_model
+
+# Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
+RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
+                    clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp")
+LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
+FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
+
+
+class UsageError(ValueError):
+    """A bad option: one line on stderr, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Mean of ``sqrt((pred - target)^2 + eps^2)`` over every element."""
+    return torch.sqrt((pred - target) ** 2 + eps * eps).mean()
+
+
+def reblur_loss(sharp: torch.Tensor, blurry: torch.Tensor, params: torch.Tensor, mask: torch.Tensor,
+                points: int) -> torch.Tensor:
+    """L1 between ``reblur(sharp, params)`` and ``blurry`` averaged over the annotated full-resolution
+    ``mask`` ``[B, 1, H, W]`` only (outside it there is no motion to explain); 0 for an empty mask."""
+    diff = (reblur(sharp, params, points) - blurry).abs() * mask
+    return diff.sum() / (mask.sum() * sharp.shape[1]).clamp(min=1.0)
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 2.0) -> torch.Tensor:
+    """BCE-with-logits (blurred pixels weighted by ``pos_weight``) + soft Dice over the whole batch
+    (so sharp samples with an empty mask do not make Dice degenerate). ``target`` is 0/1 float."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=logits.new_tensor(pos_weight))
+    prob = torch.sigmoid(logits)
+    dice = 1.0 - (2.0 * (prob * target).sum() + 1.0) / (prob.sum() + target.sum() + 1.0)
+    return bce + dice
+
+
+def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, mask: torch.Tensor,
+                   settings: dict) -> dict[str, torch.Tensor]:
+    """Forward pass (body gated by the annotated working mask) and the three losses plus their total."""
+    work = working_mask(mask).to(blurry.dtype)
+    out = model.forward_train(blurry, work)
+    rec = charbonnier(out.restored, sharp)
+    source = sharp if settings["reblur_source"] == "sharp" else out.restored
+    rb = reblur_loss(source, blurry, out.trajectory, mask, model.config.motion_points)
+    mk = mask_loss(out.mask_logits, work, settings["pos_weight"])
+    total = rec + settings["w_reblur"] * rb + settings["w_mask"] * mk
+    return {"loss": total, "rec": rec, "reblur": rb, "mask": mk}
+
+
+def init_for_training(model: M2AENet) -> M2AENet:
+    """Zero the tail so training starts from ``restored == blurry`` (Charbonnier 0.016 on the synthetic data)
+    instead of a random residual inside the mask (0.36 with the default init for ``M2AEConfig()``)."""
+    with torch.no_grad():
+        model.tail.weight.zero_()
+        model.tail.bias.zero_()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- data
+class TrainStream(Dataset):
+    """Stream index n -> sample: pool entry ``perm_epoch[n % pool]`` under dihedral transform ``t(n)``."""
+
+    def __init__(self, crop: int, pool: int, seed: int):
+        from .data.synth import TRAIN_PHOTOS, SyntheticBlurDataset
+        self.base = SyntheticBlurDataset(TRAIN_PHOTOS, size=pool, seed=seed, crop=crop)
+        self.pool, self.seed, self.cache = pool, seed, {}
+
+    def __len__(self) -> int:
+        return 2**62  # an endless stream; the sampler picks the indices of each step
+
+    @functools.lru_cache(maxsize=2)
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1, epoch]).permutation(self.pool)
+
+    def __getitem__(self, n: int):
+        epoch, pos = divmod(n, self.pool)
+        idx = int(self._perm(epoch)[pos])
+        if idx not in self.cache:
+            s = self.base[idx]
+            self.cache[idx] = (s.blurry.half(), s.sharp.half(), s.mask.bool())
+        t = int(np.random.default_rng([self.seed, 2, n]).integers(8))
+        return tuple(_dihedral(x.float(), t) for x in self.cache[idx])
+
+
+def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
+    x = torch.rot90(x, t % 4, dims=(1, 2))
+    return (x.flip(2) if t >= 4 else x).contiguous()
+
+
+def make_loader(settings: dict, start: int, stop: int, workers: int = 0) -> DataLoader:
+    """Batches of steps ``start .. stop - 1`` (step s = stream indices ``s*B .. s*B + B - 1``)."""
+    b = settings["batch"]
+    stream = TrainStream(settings["crop"], settings["pool"], settings["seed"])
+    return DataLoader(stream, batch_size=b, sampler=range(start * b, stop * b), num_workers=workers)
+
+
+# ------------------------------------------------------------------------------------ optimizer, state
+def build_optimizer(model: M2AENet, settings: dict):
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["lr"], betas=(0.9, 0.99))
+
+    def factor(step: int) -> float:  # read settings at call time: --resume may extend --steps
+        warm, total = min(settings["warmup"], settings["steps"] - 1), settings["steps"]
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _rng_state() -> dict:  # plain ints and tensors only (weights_only); numpy's gauss cache is dropped
+    (version, py, _), (_, keys, pos, *_) = random.getstate(), np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [version, *py], "numpy": [pos, *keys.tolist()]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python"][0], tuple(state["python"][1:]), None))
+    np.random.set_state(("MT19937", np.array(state["numpy"][1:], np.uint32), state["numpy"][0]))
+
+
+def _save_state(out: Path, model, opt, sched, settings: dict, step: int, meta: dict) -> None:
+    """``last_state.pt`` first, then ``last.pth``; both carry the step, so a torn pair is detected."""
+    tmp = out / ".last_state.pt.tmp"
+    torch.save({"step": step, "settings": settings, "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(), "meta": meta}, tmp)
+    os.replace(tmp, out / "last_state.pt")
+    save_checkpoint(model, out / "last.pth", meta={**meta, "step": step}, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------ validation
+@torch.no_grad()
+def validate(model: M2AENet, n: int = 8, crop: int = 128, seed: int = 1234) -> dict:
+    """Held-out photos only: PSNR inside the annotated mask of blurry and of restored (predicted mask,
+    deploy form, eval mode; mean over samples with a mask) and the IoU of the predicted working mask."""
+    from .data.synth import heldout_set
+    net = reparameterize_model(model)  # a deep copy in eval mode; ``model`` is untouched
+    psnr_in, psnr_out, inter, union = [], [], 0, 0
+    for s in heldout_set(n, seed=seed, crop=crop):
+        x, y = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in (s.blurry, s.sharp))
+        full, features = torch.from_numpy(s.mask)[None, None], net.stem_features(x)
+        pred, target = net.predict_mask(features), working_mask(full)
+        restored = net.masked_body(x, features, pred).clamp(0, 1)
+        inter, union = inter + int((pred & target).sum()), union + int((pred | target).sum())
+        if full.any():
+            sel = full.expand_as(x)
+            psnr_in.append(_psnr(x[sel], y[sel]))
+            psnr_out.append(_psnr(restored[sel], y[sel]))
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    return {"samples": n, "crop": crop, "psnr_blurry_in_mask": mean(psnr_in),
+            "psnr_restored_in_mask": mean(psnr_out), "mask_iou": inter / union if union else 1.0}
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10.0 * torch.log10(1.0 / ((a - b) ** 2).mean().clamp(min=1e-12)))
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RUN_DEFAULTS
+    p = _Parser(prog="m2ae-train", description="Train M2AENet on synthetic local motion blur "
+                "(scikit-image photos; the held-out photos are never used for training).")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, log, deploy weights")
+    p.add_argument("--resume", action="store_true", help="continue exactly from DIR/last.pth + last_state.pt")
+    p.add_argument("--config", help=f"architecture: tiny | default | large (default {d['config']})")
+    p.add_argument("--steps", type=int, help=f"total optimizer steps, sets the schedule (default {d['steps']})")
+    p.add_argument("--batch", type=int, help=f"batch size (default {d['batch']})")
+    p.add_argument("--crop", type=int, help=f"training crop in pixels, even (default {d['crop']})")
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {d['lr']})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW decay of conv weights (default {d['weight_decay']})")
+    p.add_argument("--clip", type=float, help=f"gradient norm clip (default {d['clip']})")
+    p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {d['warmup']})")
+    p.add_argument("--pool", type=int, help=f"distinct synthetic samples, cached (default {d['pool']})")
+    p.add_argument("--seed", type=int, help=f"seed of the weights and the data (default {d['seed']})")
+    p.add_argument("--w-reblur", type=float, help=f"reblur loss weight (default {d['w_reblur']})")
+    p.add_argument("--w-mask", type=float, help=f"mask loss weight (default {d['w_mask']})")
+    p.add_argument("--pos-weight", type=float, help=f"BCE weight of blurred pixels (default {d['pos_weight']})")
+    p.add_argument("--reblur-source", choices=("sharp", "restored"),
+                   help="re-blur the ground truth (trains the trajectories) or the restored image (default sharp)")
+    p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
+                   help="stop cleanly (saving everything) after MIN minutes of this run (default 55)")
+    p.add_argument("--stop-after", type=int, metavar="STEP", help="stop cleanly at this step (chunked runs)")
+    p.add_argument("--save-every", type=int, default=500, help="save last.pth every N steps (default 500)")
+    p.add_argument("--threads", type=int, default=_cores(), help="torch threads (default: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--val-samples", type=int, default=8, help="held-out validation samples (default 8, 0: none)")
+    p.add_argument("--val-crop", type=int, default=128, help="held-out validation size (default 128)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UsageError(message)
+
+
+def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
+    """Run settings: stored ones on --resume (only --steps may change), else the defaults plus options."""
+    given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
+    for k, v in given.items():
+        _check(stored is None or k == "steps" or v == stored[k],
+               f"--{k.replace('_', '-')} {v} differs from the resumed run's {stored and stored[k]}")
+    s = {**(stored or RUN_DEFAULTS), **given}
+    try:
+        M2AEConfig.from_name(s["config"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
+              "weight_decay"):
+        low = 1 if k in ("steps", "batch", "pool") else None if k in ("lr", "clip", "pos_weight") else 0
+        ok = math.isfinite(s[k]) and (s[k] > 0 if low is None else s[k] >= low)
+        _check(ok, f"--{k.replace('_', '-')} must be {'> 0' if low is None else f'>= {low}'}, got {s[k]}")
+    for name, v in (("crop", s["crop"]), ("val-crop", args.val_crop)):
+        _check(v >= 16 and v % 2 == 0, f"--{name} must be even and >= 16, got {v}")
+    _check(math.isfinite(args.time_limit) and args.time_limit > 0,
+           f"--time-limit must be > 0, got {args.time_limit}")
+    for k in ("save_every", "threads", "stop_after", "workers", "val_samples"):
+        low, v = int(k not in ("workers", "val_samples")), getattr(args, k)
+        _check(v is None or v >= low, f"--{k.replace('_', '-')} must be >= {low}, got {v}")
+    return s
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run (or resume) a training; returns the final meta. Options are parsed by :func:`main`."""
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    _check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    state = None
+    if args.resume:
+        _check((out / "last.pth").is_file() and (out / "last_state.pt").is_file(),
+               f"--resume: {out} holds no last.pth + last_state.pt to resume from")
+        state = torch.load(out / "last_state.pt", weights_only=True)
+    else:
+        _check(not (out / "last.pth").exists(), f"{out} already holds a run: pass --resume or pick a new --out")
+    settings = parse_settings(args, state and state["settings"])
+    torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = settings["seed"]
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    model = init_for_training(M2AENet(M2AEConfig.from_name(settings["config"])))
+    opt, sched = build_optimizer(model, settings)
+    step, prev_wall = 0, 0.0
+    if state is not None:
+        saved = read_checkpoint(out / "last.pth").meta
+        if saved.get("step") != state["step"]:
+            raise RuntimeError(f"{out}: last.pth (step {saved.get('step')}) and last_state.pt "
+                               f"(step {state['step']}) do not belong together")
+        model.load_state_dict(load_checkpoint(out / "last.pth", config=model.config).state_dict())
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, prev_wall = state["step"], state["meta"].get("wall_time_s", 0.0)
+        for group, base in zip(opt.param_groups, sched.base_lrs):  # identical unless --steps changed
+            group["lr"] = base * sched.lr_lambdas[0](step)
+    model.train()
+    stop = min(settings["steps"], args.stop_after or settings["steps"])
+    log_path = out / "train_log.csv"
+    old = log_path.read_text().splitlines() if state is not None and log_path.exists() else []
+    with log_path.open("w", newline="") as f:  # drop rows past the resumed step (written after its save)
+        csv.DictWriter(f, LOG_FIELDS).writeheader()
+        csv.DictWriter(f, LOG_FIELDS).writerows(r for r in csv.DictReader(old) if int(r["step"]) <= step)
+    from .data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS
+    data = {"generator": "m2ae_infer.data.synth", "photos": list(TRAIN_PHOTOS), "heldout_never_used":
+            list(HELDOUT_PHOTOS), "crop": settings["crop"], "pool": settings["pool"], "seed": seed,
+            "augment": "8 dihedral transforms"}
+    recent: dict[str, list[float]] = {k: [] for k in ("loss", "rec", "reblur", "mask")}
+
+    def meta(stopped: str) -> dict:
+        avg = {k: float(np.mean(v[-100:])) if v else None for k, v in recent.items()}
+        return {"step": step, "steps": settings["steps"], "completed": step >= settings["steps"],
+                "stopped": stopped, "wall_time_s": prev_wall + time.perf_counter() - t0, "losses": avg,
+                "settings": settings, "data": data, "threads": args.threads, "torch": str(torch.__version__)}
+
+    from tqdm import tqdm
+    bar = tqdm(total=settings["steps"], initial=step, disable=args.quiet, desc="m2ae-train", unit="step")
+    stopped, step_time = "steps", None
+    try:
+        with log_path.open("a", newline="") as logf:
+            log = csv.DictWriter(logf, LOG_FIELDS)
+            for blurry, sharp, mask in make_loader(settings, step, stop, args.workers):
+                ts = time.perf_counter()
+                losses = compute_losses(model, blurry, sharp, mask, settings)
+                if not torch.isfinite(losses["loss"]):
+                    raise RuntimeError(f"non-finite loss at step {step}: lower --lr")
+                opt.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings["clip"])
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                step += 1
+                vals = {k: float(v.detach()) for k, v in losses.items()}
+                recent = {k: recent[k][-99:] + [v] for k, v in vals.items()}
+                log.writerow({"step": step, "lr": f"{lr:.4g}", **{k: f"{v:.6g}" for k, v in vals.items()},
+                              "seconds": f"{prev_wall + time.perf_counter() - t0:.1f}"})
+                bar.update(1)
+                bar.set_postfix(loss=f"{vals['loss']:.4f}", rec=f"{vals['rec']:.4f}",
+                                reblur=f"{vals['reblur']:.4f}", mask=f"{vals['mask']:.3f}", refresh=False)
+                if step % args.save_every == 0 and step < stop:
+                    logf.flush()
+                    _save_state(out, model, opt, sched, settings, step, meta("checkpoint"))
+                dt = time.perf_counter() - ts
+                step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+                if step < stop and time.perf_counter() - t0 + step_time > args.time_limit * 60 - FINAL_RESERVE_S:
+                    stopped = "time limit"
+                    break
+        if stopped == "steps" and step < settings["steps"]:
+            stopped = "stop-after"
+    except KeyboardInterrupt:
+        _save_state(out, model, opt, sched, settings, step, meta("interrupted"))
+        print(f"m2ae-train: interrupted at step {step}, saved; continue with --resume", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    final = meta(stopped)
+    final["validation"] = validate(model, args.val_samples, args.val_crop) if args.val_samples else None
+    final["wall_time_s"] = prev_wall + time.perf_counter() - t0
+    _save_state(out, model, opt, sched, settings, step, final)
+    save_checkpoint(reparameterize_model(model), out / "final_deploy.safetensors", meta=final, overwrite=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        final = train(args)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except (UsageError, ImportError) as exc:  # bad options, or scikit-image missing
+        print(f"m2ae-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        print(f"m2ae-train: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    val, f4 = final["validation"], lambda v, d=4: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print(f"m2ae-train: step {final['step']}/{final['steps']} ({final['stopped']}), "
+          f"{final['wall_time_s'] / 60:.1f} min; mean of the last 100 steps: "
+          + ", ".join(f"{k} {f4(v)}" for k, v in final["losses"].items()))
+    if val:
+        print(f"m2ae-train: held-out ({val['samples']} x {val['crop']} px): PSNR in mask blurry "
+              f"{f4(val['psnr_blurry_in_mask'], 2)} dB -> restored {f4(val['psnr_restored_in_mask'], 2)} dB, "
+              f"mask IoU {val['mask_iou']:.3f}")
+    print(f"m2ae-train: wrote {Path(args.out) / 'last.pth'} and {Path(args.out) / 'final_deploy.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

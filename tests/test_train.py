@@ -1,0 +1,167 @@
+"""The trainer (``m2ae-train``): losses against independent references, a fixed-batch overfit, exact
+resume, the CLI's files and its one-line errors. Tiny config, 32 px crops, a few steps each."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("skimage", reason="the synthetic training data needs scikit-image (pip install scikit-image)")
+
+from m2ae_infer import M2AEConfig, M2AENet, load_checkpoint  # noqa: E402
+from m2ae_infer.checkpoint import read_checkpoint  # noqa: E402
+from m2ae_infer.data.synth import HELDOUT_PHOTOS  # noqa: E402
+from m2ae_infer.train import (RUN_DEFAULTS, TrainStream, build_optimizer, charbonnier,  # noqa: E402
+                              compute_losses, init_for_training, main, mask_loss, reblur_loss)
+
+TINY = ["--config", "tiny", "--batch", "2", "--crop", "32", "--pool", "8", "--warmup", "1", "--threads", "2",
+        "--val-samples", "1", "--val-crop", "32", "-q"]
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_charbonnier_matches_float64_formula():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 9, 7, generator=gen), torch.rand(2, 3, 9, 7, generator=gen)
+    ref = ((a.double() - b.double()) ** 2 + 1e-6).sqrt().mean()
+    assert abs(charbonnier(a, b).item() - ref.item()) < 1e-7
+    assert abs(charbonnier(a, a).item() - 1e-3) < 1e-9  # the floor is eps, not 0
+
+
+def test_mask_loss_matches_bce_on_probabilities_plus_dice():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 1, 8, 8, generator=gen) * 3
+    target = (torch.rand(3, 1, 8, 8, generator=gen) < 0.3).float()
+    p = torch.sigmoid(logits.double())
+    t = target.double()
+    for pw in (1.0, 2.0, 5.0):
+        weight = torch.where(t > 0, torch.full_like(t, pw), torch.ones_like(t))
+        bce = F.binary_cross_entropy(p, t, weight=weight)
+        dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+        assert abs(mask_loss(logits, target, pw).item() - (bce + dice).item()) < 1e-5
+
+
+def test_reblur_loss_zero_motion_and_empty_mask():
+    gen = torch.Generator().manual_seed(2)
+    sharp, blurry = torch.rand(2, 3, 10, 12, generator=gen), torch.rand(2, 3, 10, 12, generator=gen)
+    mask = (torch.rand(2, 1, 10, 12, generator=gen) < 0.4).float()
+    params = torch.zeros(2, 4, 5, 6)  # no motion: reblur(sharp) == sharp
+    m = mask.expand_as(sharp).bool()
+    ref = (sharp.double() - blurry.double()).abs()[m].mean()
+    assert abs(reblur_loss(sharp, blurry, params, mask, 5).item() - ref.item()) < 1e-6
+    assert reblur_loss(sharp, blurry, params, torch.zeros_like(mask), 5).item() == 0.0
+    # a pure horizontal shift of a horizontal ramp by u: every sample point is x + u*t, the mean is x
+    ramp = torch.arange(12.0).expand(1, 3, 10, 12) / 12
+    shift = torch.tensor([3.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1).expand(1, 4, 5, 6)
+    inner = torch.zeros(1, 1, 10, 12)
+    inner[..., 4:8] = 1  # away from the borders (clamped there)
+    assert reblur_loss(ramp, ramp, shift, inner, 7).item() < 1e-6
+
+
+# ---------------------------------------------------------------------------------------- training
+def test_training_data_never_uses_heldout_photos():
+    stream = TrainStream(crop=32, pool=4, seed=0)
+    assert not set(stream.base.photos) & set(HELDOUT_PHOTOS)
+    first, again = stream[5], TrainStream(crop=32, pool=4, seed=0)[5]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # a pure function of (seed, index)
+
+
+def test_overfit_one_batch_decreases_loss():
+    # a long schedule (steps=1000) keeps the learning rate up during these 60 steps
+    settings = dict(RUN_DEFAULTS, config="tiny", batch=4, crop=32, pool=4, steps=1000, warmup=2, lr=5e-3)
+    stream = TrainStream(settings["crop"], settings["pool"], seed=3)
+    blurry, sharp, mask = (torch.stack(x) for x in zip(*(stream[i] for i in range(4))))
+    assert mask.sum() > 0
+    torch.manual_seed(0)
+    model = init_for_training(M2AENet(M2AEConfig.from_name("tiny"))).train()
+    opt, sched = build_optimizer(model, settings)
+    history = []
+    for _ in range(60):
+        losses = compute_losses(model, blurry, sharp, mask, settings)
+        history.append({k: v.item() for k, v in losses.items()})
+        opt.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["clip"])
+        opt.step()
+        sched.step()
+    first, last = history[0], history[-1]
+    # measured here: total 0.37x, rec 0.66x, mask 0.30x, reblur 0.99x (trajectories learn slowly from ~0)
+    assert last["loss"] < 0.6 * first["loss"], (first, last)
+    assert last["rec"] < 0.85 * first["rec"], (first, last)
+    assert last["mask"] < 0.7 * first["mask"], (first, last)
+    assert last["reblur"] < first["reblur"], (first, last)
+
+
+def _log(path):
+    with open(path) as f:
+        return [(r["step"], r["loss"], r["rec"], r["reblur"], r["mask"]) for r in csv.DictReader(f)]
+
+
+def test_resume_is_exact(tmp_path):
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    assert main(["--out", str(straight), "--steps", "4", *TINY]) == 0
+    assert main(["--out", str(chunked), "--steps", "4", "--stop-after", "2", *TINY]) == 0
+    assert read_checkpoint(chunked / "last.pth").meta["stopped"] == "stop-after"
+    assert main(["--out", str(chunked), "--resume", "--threads", "2", "-q", "--val-samples", "0"]) == 0
+    a, b = read_checkpoint(straight / "last.pth"), read_checkpoint(chunked / "last.pth")
+    assert a.meta["step"] == b.meta["step"] == 4 and b.meta["completed"]
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for key in a.state_dict:
+        assert torch.equal(a.state_dict[key], b.state_dict[key]), key
+    sa = torch.load(straight / "last_state.pt", weights_only=True)
+    sb = torch.load(chunked / "last_state.pt", weights_only=True)
+    for i, st in sa["optimizer"]["state"].items():
+        for name, value in st.items():
+            assert torch.equal(value, sb["optimizer"]["state"][i][name]), (i, name)
+    assert sa["scheduler"] == sb["scheduler"]
+    assert _log(straight / "train_log.csv") == _log(chunked / "train_log.csv")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def test_cli_writes_loadable_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--steps", "3", *TINY]) == 0
+    assert "held-out" in capsys.readouterr().out
+    model = load_checkpoint(out / "last.pth")
+    deploy = load_checkpoint(out / "final_deploy.safetensors")
+    assert not model.inference_mode and deploy.inference_mode
+    meta = read_checkpoint(out / "final_deploy.safetensors").meta
+    assert meta["step"] == 3 and meta["completed"] and meta["data"]["photos"]
+    assert set(meta["validation"]) >= {"psnr_blurry_in_mask", "psnr_restored_in_mask", "mask_iou"}
+    assert set(meta["losses"]) == {"loss", "rec", "reblur", "mask"}
+    state = torch.load(out / "last_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["settings"]["config"] == "tiny"
+    assert [r[0] for r in _log(out / "train_log.csv")] == ["1", "2", "3"]
+    x = torch.rand(1, 3, 20, 22)
+    with torch.no_grad():
+        assert torch.allclose(model(x), deploy(x), atol=1e-5)
+
+
+def test_cli_time_limit_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--steps", "50", "--time-limit", "0.01", *TINY]) == 0
+    meta = read_checkpoint(out / "last.pth").meta
+    assert meta["stopped"] == "time limit" and meta["step"] < 50 and not meta["completed"]
+    assert (out / "final_deploy.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--steps", "0"], ["--crop", "33"], ["--lr", "-1"], ["--config", "huge"], ["--bogus"], ["--batch", "x"],
+    ["--time-limit", "0"], ["--w-mask", "nan"], ["--resume"],
+])
+def test_cli_bad_options_one_line_exit_2(tmp_path, capsys, argv):
+    assert main(["--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2ae-train: error:") and "\n" not in err, err
+
+
+def test_cli_refuses_to_clobber_or_change_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--steps", "2", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["--out", str(out), "--steps", "2", *TINY]) == 2  # exists, no --resume
+    assert main(["--out", str(out), "--resume", "--batch", "3", "-q"]) == 2  # run settings are fixed
+    assert main([]) == 2  # --out is required
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("m2ae-train: error:") for line in lines)
