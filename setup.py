@@ -39,6 +39,7 @@ setup(
         "console_scripts": [
             "m2ae-deblur=m2ae_infer.cli:main",
             "m2ae-train=m2ae_infer.train:main",
+            "m2ae-eval=m2ae_infer.evaluate:main",
         ],
     },
 )

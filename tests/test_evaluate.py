@@ -1,0 +1,174 @@
+"""m2ae-eval: metric helpers against independent references, the classical oracle, the CLI end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("skimage", reason="m2ae-eval needs scikit-image (pip install 'm2ae-infer[train]')")
+pytest.importorskip("scipy", reason="m2ae-eval needs scipy (comes with scikit-image)")
+
+from m2ae_infer import Deblurrer, save_checkpoint  # noqa: E402
+from m2ae_infer import evaluate as ev  # noqa: E402
+from m2ae_infer.data.synth import heldout_set, make_sample  # noqa: E402
+from helpers import random_net  # noqa: E402
+
+
+def test_masked_psnr_full_mask_equals_skimage():
+    from skimage.metrics import peak_signal_noise_ratio
+    rng = np.random.default_rng(0)
+    a, b = rng.random((20, 17, 3), dtype=np.float32), rng.random((20, 17, 3), dtype=np.float32)
+    full = np.ones((20, 17), bool)
+    ref = peak_signal_noise_ratio(b, a, data_range=1.0)
+    assert ev.masked_psnr(a, b, full) == pytest.approx(ref, rel=1e-6)
+    assert ev.masked_psnr(a, b) == pytest.approx(ref, rel=1e-6)
+    assert ev.masked_psnr(a, b, np.zeros((20, 17), bool)) is None          # empty region: skipped
+    assert ev.masked_psnr(a, a) == ev.PSNR_CAP                               # identical: capped, JSON-safe
+    # Only the masked pixels count: corrupting the rest changes nothing.
+    half = np.zeros((20, 17), bool)
+    half[:10] = True
+    c = b.copy()
+    c[~half] = 0.0
+    assert ev.masked_psnr(a, c, half) == pytest.approx(ev.masked_psnr(a[:10], b[:10]), rel=1e-9)
+
+
+def test_masked_ssim_full_mask_is_skimage_mean():
+    from skimage.metrics import structural_similarity
+    rng = np.random.default_rng(1)
+    a = rng.random((24, 24, 3)).astype(np.float32)
+    b = np.clip(a + 0.05 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
+    ref = structural_similarity(a, b, channel_axis=-1, data_range=1.0)
+    assert ev.masked_ssim(a, b, np.ones((24, 24), bool)) == pytest.approx(ref, rel=1e-5)
+
+
+def test_mask_scores_hand_made():
+    true = np.zeros((4, 4), bool)
+    true[:2, :2] = True                      # 4 pixels
+    pred = np.zeros((4, 4), bool)
+    pred[:2, 1:3] = True                     # 4 pixels, 2 of them right
+    s = ev.mask_scores(pred, true)
+    assert (s["inter"], s["union"], s["pred"], s["true"]) == (2, 6, 4, 4)
+    assert s["iou"] == pytest.approx(2 / 6) and s["precision"] == 0.5 and s["recall"] == 0.5
+    empty = np.zeros((4, 4), bool)
+    assert ev.mask_scores(empty, empty)["iou"] == 1.0                 # a sharp photo found sharp
+    assert ev.mask_scores(true, empty)["precision"] == 0.0 and ev.mask_scores(true, empty)["recall"] == 1.0
+
+
+@pytest.mark.parametrize("length", [4, 10])
+def test_psf_of_horizontal_trajectory_is_a_line(length):
+    traj = np.stack([np.linspace(-length / 2, length / 2, 15), np.zeros(15)], axis=1)
+    psf = ev.trajectory_psf(traj)
+    assert psf.shape == (1, length + 1)
+    assert psf.sum() == pytest.approx(1.0) and (psf > 0).all()
+    assert np.allclose(psf, psf[:, ::-1])                          # symmetric about the centre
+    # Sub-pixel offsets spread bilinearly; the centre stays the centre (odd sizes).
+    shifted = ev.trajectory_psf(traj + [0.0, 0.5])
+    assert shifted.shape[0] % 2 == 1 and shifted.shape[1] % 2 == 1 and shifted.sum() == pytest.approx(1.0)
+
+
+def test_psf_direction_matches_the_generator():
+    """Re-blurring the sharp image with the PSF reproduces the generator's blurry image (so the
+    kernel is not mirrored): a curved path, where a mirrored kernel is clearly worse."""
+    from scipy.signal import convolve
+    s = make_sample(_smooth_photo(), np.random.default_rng(5), crop=48, kind="global")
+    psf = ev.trajectory_psf(s.trajectory)
+    pad = max(psf.shape)
+    lin = np.pad(s.sharp.astype(np.float64) ** ev.GAMMA, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
+
+    def reblur(p):
+        out = np.stack([convolve(lin[..., c], p, mode="same") for c in range(3)], -1)[pad:-pad, pad:-pad]
+        return ev.masked_psnr(out ** (1 / ev.GAMMA), s.blurry)
+    assert reblur(psf) > 45.0 and reblur(psf) > reblur(psf[::-1, ::-1])
+
+
+def _smooth_photo(size=96, seed=0):
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    img = np.stack([ndimage.gaussian_filter(rng.random((size, size)), 4) for _ in range(3)], -1)
+    return ((img - img.min()) / (img.max() - img.min()) * 0.8 + 0.1).astype(np.float32)
+
+
+def test_richardson_lucy_with_true_psf_beats_blurry_on_global_blur():
+    photo = _smooth_photo()
+    gains = []
+    for seed in (1, 3):       # moderate and long trajectories
+        s = make_sample(photo, np.random.default_rng(seed), crop=64, kind="global")
+        restored, how = ev.classical_restore(s)
+        assert how == "global" and restored.dtype == np.float32 and restored.shape == s.blurry.shape
+        gains.append(ev.masked_psnr(restored, s.sharp) - ev.masked_psnr(s.blurry, s.sharp))
+    assert min(gains) > 1.0, gains
+
+
+def test_classical_keeps_pixels_outside_the_true_mask_and_labels_regions():
+    samples = heldout_set(8, crop=64)
+    two = next(i for i, s in enumerate(samples) if len(s.trajectories) == 2)
+    s = samples[two]
+    labels = ev.region_labels(s, two, 1234, 64)
+    assert labels is not None and np.array_equal(labels >= 0, s.mask)
+    assert ev.region_labels(s, two + 1, 1234, 64) is None         # a wrong replay is refused, not used
+    restored, how = ev.classical_restore(s, two, 1234, 64, iterations=5)
+    assert how == "per-region"
+    assert np.array_equal(restored[~s.mask].view(np.uint32), s.blurry[~s.mask].view(np.uint32))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny network whose mask head is re-centred so the predicted masks are partial
+    (a random head predicts all-or-nothing, which would not exercise the sparse path)."""
+    net = random_net("tiny", seed=0)
+    seen = []
+    hook = net.mask_head.logit.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    Deblurrer(net, device="cpu").run(heldout_set(1, crop=64)[0].blurry)
+    hook.remove()
+    with torch.no_grad():
+        net.mask_head.logit.bias.sub_(seen[0].median())
+    path = tmp_path_factory.mktemp("eval") / "tiny.pth"
+    save_checkpoint(net, path)
+    return path
+
+
+def test_cli_end_to_end(tiny_ckpt, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "m2ae_infer.evaluate", "--checkpoint", str(tiny_ckpt),
+                           "--samples", "3", "--crop", "64", "--out", str(out), "--threads", "1",
+                           "--rl-iterations", "5", "-q"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ours_sparse" in proc.stdout and "IoU" in proc.stdout
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["rows"]) == {"blurry", "ours_dense", "ours_sparse", "classical"}
+    assert report["contracts"]["changed_outside_mask"] == 0 and report["contracts"]["pass"]
+    assert report["contracts"]["sparse_dense_max_abs"] <= 1e-5
+    assert 0.0 < report["mask"]["mean_active_fraction"] < 1.0               # the sparse path really ran
+    assert report["checkpoint"]["path"].endswith("tiny.pth") and len(report["per_sample"]) == 3
+    assert report["settings"]["samples"] == 3 and "torch" in report["machine"]
+    blurry = report["rows"]["blurry"]["all"]
+    assert blurry["psnr_mask"] is not None and 0 < blurry["psnr"] <= ev.PSNR_CAP
+    from PIL import Image
+    with Image.open(out / "eval_grid.png") as grid:
+        assert grid.width >= 5 * 64 and grid.height >= 3 * 64
+
+
+def test_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    for ckpt in (bad, tmp_path / "missing.pth"):
+        assert ev.main(["--checkpoint", str(ckpt), "--samples", "1", "--crop", "32", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("m2ae-eval: error:") and "\n" not in err and str(ckpt.name) in err
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_missing_scikit_image_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "skimage", None)       # import skimage -> ImportError
+    assert ev.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "m2ae-infer[train]" in err and "\n" not in err
+
+
+def test_usage_error_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--samples", "0"])
+    assert exc.value.code == 2
