@@ -151,9 +151,10 @@ class Deblurrer:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"mask must be None, 'full', an array, a tensor, a PIL image or a path; "
                                  f"got {type(mask).__name__}") from exc
-        if mask.dtype.is_complex or not (mask.dtype == torch.bool or mask.dtype.is_floating_point
-                                         or mask.dtype in (torch.uint8, torch.int32, torch.int64, torch.uint16)):
-            raise ValueError(f"mask must be bool or numeric, got dtype {mask.dtype}")
+        if mask.dtype.is_complex:
+            raise ValueError(f"mask must be bool or real numbers (nonzero = blurred), got {mask.dtype}")
+        if mask.is_floating_point() and not torch.isfinite(mask).all():
+            raise ValueError("mask holds NaN or Inf; pass a bool or 0/1 mask")
         if mask.dim() == 3 and mask.shape[-1] in (3, 4) and tuple(mask.shape[:2]) == (height, width):
             mask = mask[..., 0]                      # an RGB(A) mask image: use its first channel
         # Accept [H, W], [1, H, W], [B, H, W], [1, 1, H, W] and [B, 1, H, W].

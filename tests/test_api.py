@@ -118,7 +118,8 @@ def test_bad_options_raise_one_line(net, kwargs, match):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("mask", ["half", np.zeros((3, 3), bool), [[1, 2]], np.zeros((9, 11), complex)])
+@pytest.mark.parametrize("mask", ["half", np.zeros((3, 3), bool), [[1, 2]], np.zeros((9, 11), complex),
+                                  np.full((9, 11), np.nan)])
 def test_bad_masks_raise(deblurrer, mask):
     with pytest.raises(ValueError) as err:
         deblurrer.run(np.zeros((9, 11, 3), np.uint8), mask=mask)
