@@ -33,13 +33,14 @@ setup(
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.18"],
         "trt": ["tensorrt>=10"],
         "train": ["scikit-image>=0.22"],
-        "test": ["pytest>=8", "scikit-image>=0.22"],
+        "test": ["pytest>=8", "scikit-image>=0.22", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
     },
     entry_points={
         "console_scripts": [
             "m2ae-deblur=m2ae_infer.cli:main",
             "m2ae-train=m2ae_infer.train:main",
             "m2ae-eval=m2ae_infer.evaluate:main",
+            "m2ae-export=m2ae_infer.export.cli:main",
         ],
     },
 )

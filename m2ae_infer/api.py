@@ -18,8 +18,8 @@ from .model.mask import full_resolution
 from .reparam import reparameterize_model
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "m2ae_default.safetensors"
-BACKENDS = ("auto", "torch")
-FUTURE_BACKENDS = ("triton", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+FUTURE_BACKENDS = ("triton",)
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ class Deblurrer:
         checkpoint: a ``.pth``/``.safetensors`` path, an :class:`M2AENet`, or ``None`` for the checkpoint
             shipped with the package.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        backend: ``"auto"`` or ``"torch"``. (Triton, ONNX Runtime and TensorRT backends are not part of
-            this version.)
+        backend: ``"auto"`` or ``"torch"``; ``"onnxruntime"`` (the network exported to ONNX in memory and
+            run by ONNX Runtime, see :mod:`m2ae_infer.export.ort`) or ``"tensorrt"`` (engines built from
+            that ONNX, CUDA only; ``auto`` runs the dense graph there). (No Triton backend in this version.)
         execution: ``"sparse"`` (active pixels only), ``"dense"`` (everything, then gated) or ``"auto"``
             (sparse below ``dense_above`` active fraction).
         threshold: blur probability above which a pixel is computed (``sigmoid(logit) > threshold``).
@@ -82,11 +83,13 @@ class Deblurrer:
         if not (isinstance(dilation, int) and dilation >= 0):
             raise ValueError(f"dilation must be a non-negative int, got {dilation!r}")
         self.device = _resolve_device(device)
-        self.backend, self.execution = "torch", execution
+        self.execution = execution
         self.threshold, self.dilation = float(threshold), dilation
         net = self._load(checkpoint, config, key_map)
         self.network = reparameterize_model(net).to(self.device)
-        self.executor = TorchExecutor(self.network, dense_above=dense_above)
+        self.executor = _make_executor(backend, self.network, self.device, execution, self.threshold,
+                                       dilation, dense_above)
+        self.backend = self.executor.name
 
     @staticmethod
     def _load(checkpoint, config, key_map) -> M2AENet:
@@ -172,6 +175,16 @@ class Deblurrer:
             mask = changed[:, 0].to(img.device)
             return mask if img.dim() == 4 else mask[0]
         return changed[0, 0].numpy()
+
+
+def _make_executor(backend: str, network: M2AENet, device: torch.device, execution: str, threshold: float,
+                   dilation: int, dense_above: float):
+    """The engine behind ``backend``: anything with TorchExecutor's ``run``/``count_flops``/``choose``/``name``."""
+    if backend in ("auto", "torch"):
+        return TorchExecutor(network, dense_above=dense_above)
+    from .export import make_executor   # exports the network (ONNX in memory) for these backends
+    return make_executor(backend, network, device=device, execution=execution, threshold=threshold,
+                         dilation=dilation, dense_above=dense_above)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
