@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=(
         "Export an M2AENet checkpoint to ONNX (and a TensorRT engine), verified against torch."))
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors), training or deploy form")
-    p.add_argument("-o", "--output", metavar="OUT", required=True,
-                   help="OUT.onnx (with --trt the engine goes to OUT.engine), or OUT.engine/.plan with --trt")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="OUT.onnx (with --trt the engine goes to OUT.engine), or OUT.engine/.plan with --trt; "
+                        "default: beside CKPT with its name (ckpt.pth -> ckpt.onnx, ckpt.engine)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     fmt = p.add_argument_group("formats")
     fmt.add_argument("--onnx", action="store_true", help="write the ONNX graph (the default)")
@@ -82,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         parser.error(f"--opset must lie in {MIN_OPSET}..{MAX_OPSET}, got {args.opset}")
     kind = args.kind or ("dense" if args.trt else "sparse")
+    output = args.output or str(Path(args.checkpoint).with_suffix(".onnx"))
     try:
-        onnx_path, engine_path = plan_paths(args.output, args.trt)
+        onnx_path, engine_path = plan_paths(output, args.trt)
         for path in (onnx_path, engine_path):
             if path is not None and path.exists() and not args.force:
                 raise ValueError(f"{path} exists; pass --force to overwrite it")
