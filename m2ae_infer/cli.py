@@ -71,9 +71,14 @@ def plan_outputs(files: list[Path], output: str, example: bool) -> dict[Path, Pa
 
 
 def describe(info) -> str:
-    return (f"{info.active_fraction:6.1%} of pixels computed, "
-            f"{info.flops_executed / 1e9:.2f} of {info.flops_dense / 1e9:.2f} GFLOP "
-            f"({info.flops_saved:.1%} saved), {info.seconds:.2f} s [{info.execution}]")
+    """One line on what ran: the mask share, the FLOPs executed vs dense, the time."""
+    if info.execution == "sparse":
+        work = (f"computed {info.active_fraction:.1%} of pixels, {info.flops_executed / 1e9:.2f} of "
+                f"{info.flops_dense / 1e9:.2f} GFLOP ({info.flops_saved:.1%} saved)")
+    else:   # dense: every pixel computed, then gated by the mask
+        work = (f"mask {info.active_fraction:.1%} of pixels, computed densely: {info.flops_executed / 1e9:.2f} "
+                f"GFLOP ({info.flops_saved:.1%} saved)")
+    return f"{work}, {info.seconds:.2f} s [{info.execution}]"
 
 
 def main(argv: list[str] | None = None) -> int:

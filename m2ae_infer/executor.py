@@ -24,9 +24,10 @@ from .model.network import SHUFFLE
 
 EXECUTIONS = ("auto", "sparse", "dense")
 
-# Active fraction above which `auto` runs the dense path. Measured on the project's 2-core AVX-512 CPU
-# with the default config at 720x480 (benchmarks/latency.py): the gather path reaches dense latency
-# between 30 % and 50 % active pixels; see README "Performance".
+# Active fraction above which `auto` runs the dense path. Measured on the project's 2-core AVX-512 CPU, default
+# config, 480x720, 2 threads (python -m m2ae_infer.benchmarks.density): sparse/dense latency 0.40 at 20 %,
+# 0.77 at 35 %, 1.13 at 50 % (blob masks; scattered masks 0.75 at 50 %). Run-to-run noise on the shared VM is
+# large, so the switch sits where sparse is still clearly faster.
 DENSE_ABOVE = 0.35
 
 

@@ -40,7 +40,7 @@ def test_folder_in_folder_out_with_masks(workdir, tmp_path):
         # Outside the saved mask the output equals the input byte for byte.
         keep = np.asarray(mask) == 0
         assert np.array_equal(np.asarray(restored)[keep], np.asarray(Image.open(workdir / "photos" / f"{name}.png"))[keep])
-    assert "pixels computed" in out and "GFLOP" in out
+    assert "of pixels" in out and "GFLOP" in out and "saved" in out
 
 
 def test_single_file_to_file_and_no_overwrite(workdir, tmp_path):
