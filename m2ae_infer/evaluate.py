@@ -7,8 +7,7 @@ checkpoint or missing scikit-image.
 
 Decisions: per-sample PSNR is capped at ``PSNR_CAP`` dB (identical images would be infinite). RL runs per
 channel in linear light (the generator averages sub-frames in linear light), with an edge-padded margin.
-Two moving regions each get their own PSF; pixels are assigned by replaying the generator, used only if the
-replay reproduces the sample exactly, else ``trajectories[0]`` (recorded per sample as ``classical_psf``).
+Two moving regions each get their own PSF, assigned per pixel by the generator's ``Sample.regions`` labels.
 """
 from __future__ import annotations
 
@@ -109,54 +108,20 @@ def richardson_lucy_rgb(blurry: np.ndarray, psf: np.ndarray, iterations: int = 3
     return (np.clip(out, 0, 1) ** (1 / GAMMA)).astype(np.float32)
 
 
-def region_labels(sample, index: int, seed: int, crop: int) -> np.ndarray | None:
-    """``[H, W]`` int: which moving region (index into ``sample.trajectories``) each true-mask pixel belongs
-    to, -1 outside, for held-out sample ``index`` of ``heldout_set(..., seed, crop)``; later regions are drawn
-    on top. Recovered by replaying the generator's draws; ``None`` unless the replay reproduces the
-    sample's trajectories and mask exactly (so a changed generator can never mislabel silently)."""
-    from .data import synth as S
-    try:
-        nd, images = S._ndimage(), [S._cached_photo(p) for p in S.HELDOUT_PHOTOS]
-        rng = np.random.default_rng([seed, index])
-        S._random_crop(S._as_rgb(images[index % len(images)]), crop, rng)   # the background crop
-        alphas, coeffs = [], []
-        for _ in range(int(rng.integers(1, 3))):
-            src = S._random_crop(images[int(rng.integers(len(images)))], crop, rng) ** np.float32(S.GAMMA)
-            alphas.append(S._object_layer(rng, src, nd)[..., 3])
-            coeffs.append(S._trajectory_coeffs(rng, len(sample.trajectory)))
-        trajs = np.stack([S._trajectory(u, v, len(sample.trajectory)) for u, v in coeffs])
-        if trajs.shape != sample.trajectories.shape or not np.allclose(trajs, sample.trajectories, atol=1e-4):
-            return None
-        n_sub, (h, w) = max(S._subframes(u, v) for u, v in coeffs), sample.mask.shape
-        labels = np.full((h, w), -1)
-        for r, (alpha, (u, v)) in enumerate(zip(alphas, coeffs)):
-            path = S._trajectory(u, v, n_sub)
-            pad = int(np.ceil(np.abs(path).max())) + 2
-            padded, support = np.pad(alpha, pad), np.zeros((h, w), bool)
-            for dx, dy in path:
-                support |= S._shift(padded, pad, dx, dy, h, w) > S.ALPHA_EPS
-            labels[support] = r
-    except Exception:   # noqa: BLE001 - any drift in the private generator API: fall back, never crash
-        return None
-    return labels if np.array_equal(labels >= 0, sample.mask) else None
+def classical_restore(sample, iterations: int = 30) -> tuple[np.ndarray, str]:
+    """Oracle Richardson-Lucy with the true PSF(s) and true mask; returns ``(image, how)``.
 
-
-def classical_restore(sample, index: int | None = None, seed: int = 1234, crop: int = 256,
-                      iterations: int = 30) -> tuple[np.ndarray, str]:
-    """Oracle Richardson-Lucy with the true PSF(s) and true mask; returns ``(image, how)``."""
+    Local samples: each moving region's pixels (``sample.regions``) get the whole image deconvolved with that
+    region's PSF; pixels outside the true mask keep the input."""
     if sample.kind == "sharp" or not sample.mask.any():
         return sample.blurry.copy(), "none"
     if sample.kind == "global":
         return richardson_lucy_rgb(sample.blurry, trajectory_psf(sample.trajectories[0]), iterations), "global"
-    labels = region_labels(sample, index, seed, crop) if len(sample.trajectories) > 1 and index is not None else None
-    how = "per-region" if labels is not None else "single" if len(sample.trajectories) == 1 else "trajectories[0]"
-    if labels is None:
-        labels = np.where(sample.mask, 0, -1)
     out = sample.blurry.copy()
-    for r in np.unique(labels[labels >= 0]):
-        sel = labels == r
+    for r in np.unique(sample.regions[sample.regions >= 0]):
+        sel = sample.regions == r
         out[sel] = richardson_lucy_rgb(sample.blurry, trajectory_psf(sample.trajectories[r]), iterations)[sel]
-    return out, how
+    return out, "per-region"
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -221,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         for e, r in runners.items():
             outs[f"ours_{e}"], infos[e] = r.run(s.blurry, return_info=True)
         start = time.perf_counter()
-        outs["classical"], how = classical_restore(s, i, args.seed, args.crop, args.rl_iterations)
+        outs["classical"], how = classical_restore(s, args.rl_iterations)
         t_classical = time.perf_counter() - start
         pred = np.asarray(infos["sparse"].mask, bool)
         row = {"index": i, "kind": s.kind, "classical_psf": how, "regions": len(s.trajectories),

@@ -103,12 +103,9 @@ def test_richardson_lucy_with_true_psf_beats_blurry_on_global_blur():
 
 def test_classical_keeps_pixels_outside_the_true_mask_and_labels_regions():
     samples = heldout_set(8, crop=64)
-    two = next(i for i, s in enumerate(samples) if len(s.trajectories) == 2)
-    s = samples[two]
-    labels = ev.region_labels(s, two, 1234, 64)
-    assert labels is not None and np.array_equal(labels >= 0, s.mask)
-    assert ev.region_labels(s, two + 1, 1234, 64) is None         # a wrong replay is refused, not used
-    restored, how = ev.classical_restore(s, two, 1234, 64, iterations=5)
+    s = next(s for s in samples if len(s.trajectories) == 2)
+    assert np.array_equal(s.regions >= 0, s.mask) and set(np.unique(s.regions)) <= {-1, 0, 1}
+    restored, how = ev.classical_restore(s, iterations=5)
     assert how == "per-region"
     assert np.array_equal(restored[~s.mask].view(np.uint32), s.blurry[~s.mask].view(np.uint32))
 

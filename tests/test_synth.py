@@ -106,7 +106,8 @@ def test_mask_is_swept_area_not_region():
     layer[20:30, 20:30, :3] = 0.5
     layer[20:30, 20:30, 3] = 1.0                       # premultiplied, opaque 10x10 square
     u, v = np.array([5.0, 0.0]), np.zeros(2)            # x from -5 to +5 px over the exposure
-    blurry, sharp, mask = synth._render_local(bg, [layer], [(u, v)])
+    blurry, sharp, regions = synth._render_local(bg, [layer], [(u, v)])
+    mask = regions >= 0
     expected = np.zeros((40, 48), bool)
     expected[20:30, 15:35] = True                       # the square swept 5 px either way
     assert np.array_equal(mask, expected)
@@ -177,3 +178,12 @@ def test_heldout_set():
     assert [s.kind for s in a] == ["local"] * 8 + ["sharp", "global"]
     for s in a:
         assert np.array_equal(s.blurry[~s.mask], s.sharp[~s.mask])
+
+
+@pytest.mark.parametrize("kind", ["local", "sharp", "global"])
+def test_region_labels_cover_exactly_the_mask(kind):
+    rng = np.random.default_rng(7)
+    s = synth.make_sample(np.random.default_rng(0).random((80, 80, 3), dtype=np.float32), rng, crop=64, kind=kind)
+    assert s.regions.shape == s.mask.shape and s.regions.dtype == np.int8
+    assert np.array_equal(s.regions >= 0, s.mask)
+    assert s.regions.max() < max(len(s.trajectories), 1)

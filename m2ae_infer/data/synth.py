@@ -121,6 +121,8 @@ class Sample:
     trajectory: np.ndarray    # float32 [K, 2] (dx, dy) of the first moving region (zeros if sharp)
     kind: str                 # "local" | "sharp" | "global"
     trajectories: np.ndarray  # float32 [R, K, 2], one per moving region (R = 0 if sharp)
+    regions: np.ndarray       # int8 [H, W]: index into ``trajectories`` of the region whose motion covers
+                              # each pixel (later regions on top), -1 where nothing moves
 
 
 def motion_params(trajectory: np.ndarray) -> np.ndarray:
@@ -246,20 +248,20 @@ def _render_local(bg: np.ndarray, layers: list[np.ndarray], coeffs: list):
     pad = int(np.ceil(max(np.abs(p).max() for p in paths))) + 2
     padded = [np.pad(layer, ((pad, pad), (pad, pad), (0, 0))) for layer in layers]
     acc = np.zeros_like(bg, dtype=np.float64)
-    union = np.zeros((h, w), dtype=bool)
+    regions = np.full((h, w), -1, dtype=np.int8)
     sharp = bg
     for k in range(n_sub):
         frame = bg
-        for layer, lp, path in zip(layers, padded, paths):
+        for r, (layer, lp, path) in enumerate(zip(layers, padded, paths)):
             moved = layer if k == n_sub // 2 else _shift(lp, pad, path[k][0], path[k][1], h, w)
             on = moved[..., 3] > ALPHA_EPS
-            union |= on
+            regions[on] = np.maximum(regions[on], r)
             a = np.where(on, moved[..., 3], np.float32(0.0))[..., None]
             frame = frame * (1 - a) + moved[..., :3] * on[..., None]
         acc += frame
         if k == n_sub // 2:
             sharp = frame
-    return (acc / n_sub).astype(np.float32), sharp.astype(np.float32), union
+    return (acc / n_sub).astype(np.float32), sharp.astype(np.float32), regions
 
 
 def _render_global(bg: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -305,25 +307,27 @@ def make_sample(photo: np.ndarray, rng: np.random.Generator, crop: int = 128, *,
     if kind == "sharp":
         empty = np.zeros((0, points, 2), np.float32)
         return Sample(bg, bg.copy(), np.zeros((crop, crop), bool), np.zeros((points, 2), np.float32),
-                      kind, empty)
+                      kind, empty, np.full((crop, crop), -1, np.int8))
     bg_lin = bg ** np.float32(GAMMA)
     if kind == "global":
         u, v = _trajectory_coeffs(rng, points)
         blurry = _to_display(_render_global(bg_lin, u, v))
         traj = _trajectory(u, v, points).astype(np.float32)
-        return Sample(blurry, bg.copy(), np.ones((crop, crop), bool), traj, kind, traj[None])
+        return Sample(blurry, bg.copy(), np.ones((crop, crop), bool), traj, kind, traj[None],
+                      np.zeros((crop, crop), np.int8))
     sources = [_as_rgb(p) for p in object_photos] if object_photos else [_as_rgb(photo)]
     layers, coeffs = [], []
     for _ in range(int(rng.integers(1, max_regions + 1))):
         src = _textured_crop(sources[int(rng.integers(len(sources)))], crop, rng) ** np.float32(GAMMA)
         layers.append(_object_layer(rng, src, nd))
         coeffs.append(_trajectory_coeffs(rng, points))
-    blurry_lin, sharp_lin, mask = _render_local(bg_lin, layers, coeffs)
+    blurry_lin, sharp_lin, regions = _render_local(bg_lin, layers, coeffs)
+    mask = regions >= 0
     blurry, sharp = _to_display(blurry_lin), _to_display(sharp_lin)
     blurry[~mask] = bg[~mask]       # no moving content there: the static background, bit for bit
     sharp[~mask] = bg[~mask]
     trajs = np.stack([_trajectory(u, v, points) for u, v in coeffs]).astype(np.float32)
-    return Sample(blurry, sharp, mask, trajs[0], kind, trajs)
+    return Sample(blurry, sharp, mask, trajs[0], kind, trajs, regions)
 
 
 class SampleTensors(NamedTuple):
