@@ -135,21 +135,26 @@ def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force
         print(f"{PROG}: error: ONNX Runtime could not run the graph: {' '.join(str(exc).split())[:400]}",
               file=sys.stderr)
         return 1
+    code = _write_if_verified(results, "onnxruntime", onnx_path, lambda: save_onnx(model, onnx_path, force))
+    if code or engine_path is None:
+        return code
+    return _engine(net, spec, model, engine_path, profile, force, onnx_path)
+
+
+def _write_if_verified(results, backend: str, path: Path, write) -> int:
+    """Print the verification lines; call ``write`` (atomic) only if every check passed. Returns the exit code."""
     for result in results:
-        print(result.line())
+        print(result.line(backend))
     if not all(r.passed for r in results):
-        print(f"{PROG}: error: ONNX Runtime disagrees with torch beyond tolerance; {onnx_path} not written",
-              file=sys.stderr)
+        print(f"{PROG}: error: {backend} disagrees with torch beyond tolerance; {path} not written", file=sys.stderr)
         return 1
     try:
-        save_onnx(model, onnx_path, force)
+        write()
     except OSError as exc:
-        print(f"{PROG}: error: cannot write {onnx_path}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: cannot write {path}: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB)")
-    if engine_path is None:
-        return 0
-    return _engine(net, spec, model, engine_path, profile, force, onnx_path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
 
 
 def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path: Path) -> int:
@@ -187,19 +192,7 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
         print(f"{PROG}: error: the TensorRT engine failed to run: {' '.join(str(exc).split())[:400]}",
               file=sys.stderr)
         return 1
-    for result in results:
-        print(result.line("tensorrt"))
-    if not all(r.passed for r in results):
-        print(f"{PROG}: error: TensorRT disagrees with torch beyond tolerance; {engine_path} not written",
-              file=sys.stderr)
-        return 1
-    try:
-        write_atomic(engine_path, engine, force)
-    except OSError as exc:
-        print(f"{PROG}: error: cannot write {engine_path}: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {engine_path} ({len(engine) / 1e6:.2f} MB)")
-    return 0
+    return _write_if_verified(results, "tensorrt", engine_path, lambda: write_atomic(engine_path, engine, force))
 
 
 def _tile(item, size: tuple[int, int]):
