@@ -15,14 +15,16 @@ EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def make_executor(backend: str, net, *, device: torch.device, execution: str, threshold: float,
-                  dilation: int, dense_above: float):
+                  dilation: int, dense_above: float | None = None):
     """Executor for ``Deblurrer(backend=...)``: exports ``net`` (deploy form) and prepares the graphs that
-    ``execution`` needs for predicted masks. Raises ValueError for a backend that cannot run here."""
+    ``execution`` needs for predicted masks; ``dense_above=None`` takes the backend's measured switch.
+    Raises ValueError for a backend that cannot run here."""
+    switch = {} if dense_above is None else {"dense_above": dense_above}
     if backend == "onnxruntime":
         try:
             from .ort import OrtExecutor
 
-            executor = OrtExecutor(net, dense_above=dense_above, device=device)
+            executor = OrtExecutor(net, device=device, **switch)
             executor.prepare(execution, threshold, dilation)
         except ImportError as exc:
             raise ValueError(f"backend 'onnxruntime' needs onnx, onnxscript and onnxruntime ({exc}); "
@@ -31,7 +33,7 @@ def make_executor(backend: str, net, *, device: torch.device, execution: str, th
     if backend == "tensorrt":
         from .trt import TensorRTUnavailable, TrtExecutor
         try:
-            executor = TrtExecutor(net, dense_above=dense_above, device=device)
+            executor = TrtExecutor(net, device=device, **switch)
             executor.prepare(execution, threshold, dilation)
         except TensorRTUnavailable as exc:
             raise ValueError(f"backend 'tensorrt' is not available: {exc}") from None

@@ -18,12 +18,19 @@ from .onnx import DEFAULT_OPSET, GraphSpec, export_onnx, ort_session
 from .runner import GraphExecutor
 
 
+# ONNX Runtime's own sparse/dense break-even on the project's 2-core CPU (720x480, blob masks, mask-input graphs,
+# median of 7): sparse/dense 0.71 at 50 %, 0.96 at 65 %, 1.16 at 80 %; higher than torch's because ORT's dense
+# convolutions are slower than oneDNN's channels-last path.
+ORT_DENSE_ABOVE = 0.6
+
+
 class OrtExecutor(GraphExecutor):
     """Runs the dense / sparse ONNX graphs of ``net`` in ONNX Runtime (interface of ``TorchExecutor``).
 
     Args:
         net: deploy-form network.
-        dense_above: active fraction above which ``execution="auto"`` runs the dense graph.
+        dense_above: active fraction above which ``execution="auto"`` runs the dense graph
+            (default :data:`ORT_DENSE_ABOVE`).
         device: ``"cpu"`` or a CUDA device (needs ``onnxruntime-gpu``; inputs/outputs stay torch tensors on it).
         threads: ONNX Runtime intra-op threads (None: its default, all cores).
         fp16, opset: as :class:`GraphSpec`.
@@ -31,7 +38,7 @@ class OrtExecutor(GraphExecutor):
 
     name = "onnxruntime"
 
-    def __init__(self, net: M2AENet, *, dense_above: float, device: str | torch.device = "cpu",
+    def __init__(self, net: M2AENet, *, dense_above: float = ORT_DENSE_ABOVE, device: str | torch.device = "cpu",
                  threads: int | None = None, fp16: bool = False, opset: int = DEFAULT_OPSET):
         import onnxruntime as ort
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..executor import DENSE_ABOVE
 from ..model import M2AENet
 from .onnx import DEFAULT_OPSET, GraphSpec, export_onnx
 from .runner import GraphExecutor
@@ -187,7 +188,7 @@ class TrtExecutor(GraphExecutor):
     name = "tensorrt"
     auto_policy = "dense"
 
-    def __init__(self, net: M2AENet, *, dense_above: float, device: str | torch.device = "cuda",
+    def __init__(self, net: M2AENet, *, dense_above: float = DENSE_ABOVE, device: str | torch.device = "cuda",
                  fp16: bool = False, opset: int = DEFAULT_OPSET, profile: Profile | None = None):
         reason = unavailable_reason()
         if reason:

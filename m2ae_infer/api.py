@@ -66,12 +66,13 @@ class Deblurrer:
         threshold: blur probability above which a pixel is computed (``sigmoid(logit) > threshold``).
         dilation: grow the predicted mask by this many working pixels (2 input pixels each).
         config, key_map: passed to :func:`load_checkpoint` for checkpoints that need them.
-        dense_above: active fraction above which ``execution="auto"`` runs dense.
+        dense_above: active fraction above which ``execution="auto"`` runs dense; default: the backend's
+            measured switch (torch 0.45, ONNX Runtime 0.6).
     """
 
     def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",
                  backend: str = "auto", execution: str = "auto", threshold: float = 0.5, dilation: int = 0,
-                 config=None, key_map=None, dense_above: float = DENSE_ABOVE):
+                 config=None, key_map=None, dense_above: float | None = None):
         if backend in FUTURE_BACKENDS:
             raise ValueError(f"backend {backend!r} is not available in this version; use backend='torch'")
         if backend not in BACKENDS:
@@ -178,10 +179,10 @@ class Deblurrer:
 
 
 def _make_executor(backend: str, network: M2AENet, device: torch.device, execution: str, threshold: float,
-                   dilation: int, dense_above: float):
+                   dilation: int, dense_above: float | None):
     """The engine behind ``backend``: anything with TorchExecutor's ``run``/``count_flops``/``choose``/``name``."""
     if backend in ("auto", "torch"):
-        return TorchExecutor(network, dense_above=dense_above)
+        return TorchExecutor(network, dense_above=DENSE_ABOVE if dense_above is None else dense_above)
     from .export import make_executor   # exports the network (ONNX in memory) for these backends
     return make_executor(backend, network, device=device, execution=execution, threshold=threshold,
                          dilation=dilation, dense_above=dense_above)

@@ -172,7 +172,8 @@ def test_fp16_graph_within_documented_tolerance(net, reference):
 # ----------------------------------------------------------------------------------- Deblurrer
 @pytest.mark.parametrize("execution", ["sparse", "dense", "auto"])
 def test_deblurrer_onnxruntime_equals_torch(net, execution):
-    kwargs = dict(device="cpu", execution=execution, threshold=THRESHOLD)
+    # One switch point for both, so that "auto" must choose alike (their defaults differ by measurement).
+    kwargs = dict(device="cpu", execution=execution, threshold=THRESHOLD, dense_above=0.45)
     ort_d = Deblurrer(net, backend="onnxruntime", **kwargs)
     torch_d = Deblurrer(net, backend="torch", **kwargs)
     assert ort_d.backend == "onnxruntime"
@@ -315,3 +316,12 @@ def test_deblurrer_tensorrt_equals_torch(net):
     expected = Deblurrer(net, device="cpu", backend="torch", execution="dense", threshold=THRESHOLD).run(img)
     assert info.backend == "tensorrt" and info.execution == "dense"      # auto means dense on TensorRT
     assert (out - expected).abs().max().item() <= 1e-4
+
+
+def test_each_backend_takes_its_own_measured_dense_switch():
+    from m2ae_infer.executor import DENSE_ABOVE
+    from m2ae_infer.export.ort import ORT_DENSE_ABOVE
+    net = reparameterize_model(random_net("tiny"))
+    assert Deblurrer(net, backend="torch").executor.dense_above == DENSE_ABOVE
+    assert Deblurrer(net, backend="onnxruntime", execution="sparse").executor.dense_above == ORT_DENSE_ABOVE
+    assert Deblurrer(net, backend="onnxruntime", execution="sparse", dense_above=0.2).executor.dense_above == 0.2
