@@ -16,6 +16,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from ..messages import one_line
 
 PROG = "m2ae-export"
 
@@ -132,7 +133,7 @@ def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force
     try:
         results = verify_onnx(model, net, example_inputs(), spec)
     except Exception as exc:   # an ONNX Runtime failure is a failed verification, reported in one line
-        print(f"{PROG}: error: ONNX Runtime could not run the graph: {' '.join(str(exc).split())[:400]}",
+        print(f"{PROG}: error: ONNX Runtime could not run the graph: {one_line(exc, 400)}",
               file=sys.stderr)
         return 1
     code = _write_if_verified(results, "onnxruntime", onnx_path, lambda: save_onnx(model, onnx_path, force))
@@ -189,7 +190,7 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
     try:
         results = verify_runner(run, net, images, spec)
     except Exception as exc:   # a runtime failure of the engine is a failed verification, one line
-        print(f"{PROG}: error: the TensorRT engine failed to run: {' '.join(str(exc).split())[:400]}",
+        print(f"{PROG}: error: the TensorRT engine failed to run: {one_line(exc, 400)}",
               file=sys.stderr)
         return 1
     return _write_if_verified(results, "tensorrt", engine_path, lambda: write_atomic(engine_path, engine, force))

@@ -33,6 +33,7 @@ import torch
 from ..model import M2AENet
 from ..model.mask import full_resolution
 from .graphs import build_graph
+from ..messages import one_line
 
 DEFAULT_OPSET = 18        # erf-form GELU; runs in ONNX Runtime >= 1.14 and TensorRT 10/11 (opsets 9..24 parsed)
 # The exporter writes >= 18 (asked for 17 it still wrote 18); 24 is the newest that ONNX Runtime 1.32 and
@@ -125,13 +126,13 @@ def export_onnx(net: M2AENet, spec: GraphSpec = GraphSpec()):
         model = program.model_proto
     except Exception as exc:  # the exporter raises many types; the user gets one line
         raise ExportError(f"torch.onnx.export failed for the {spec.kind} graph: "
-                          f"{' '.join(str(exc).split())[:400]}") from exc
+                          f"{one_line(exc, 400)}") from exc
     _name_output_dims(model, spec)
     _set_metadata(model, net, spec)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        raise ExportError(f"onnx.checker rejected the {spec.kind} graph: {' '.join(str(exc).split())[:400]}") from exc
+        raise ExportError(f"onnx.checker rejected the {spec.kind} graph: {one_line(exc, 400)}") from exc
     return model
 
 

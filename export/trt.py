@@ -31,6 +31,7 @@ from ..executor import DENSE_ABOVE
 from ..model import M2AENet
 from .onnx import DEFAULT_OPSET, GraphSpec, export_onnx
 from .runner import GraphExecutor
+from ..messages import one_line
 
 NOT_INSTALLED = "TensorRT is not installed (its libraries come only from NVIDIA's package index)"
 
@@ -116,7 +117,7 @@ def build_engine(onnx_model: bytes, profile: Profile, spec: GraphSpec, fp16_flag
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_model):
-        errors = "; ".join(" ".join(str(parser.get_error(i)).split()) for i in range(parser.num_errors))
+        errors = "; ".join(one_line(parser.get_error(i)) for i in range(parser.num_errors))
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} could not parse the {spec.kind} graph: {errors}")
     config = builder.create_builder_config()
     if workspace_bytes:

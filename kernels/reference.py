@@ -63,10 +63,6 @@ class SparseStage:
         packed = tuple((m.weight.detach().flatten(1).t().contiguous(), m.bias.detach().clone()) for m in mixers)
         return cls(spatial_weight, spatial.bias.detach().clone(), act, packed)
 
-    @property
-    def in_channels(self) -> int:
-        return self.spatial_weight.shape[0] // 9
-
     def to(self, *args, **kwargs) -> "SparseStage":
         move = lambda t: t.to(*args, **kwargs)  # noqa: E731
         return SparseStage(move(self.spatial_weight), move(self.spatial_bias), self.act,

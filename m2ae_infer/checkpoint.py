@@ -34,6 +34,7 @@ import torch
 
 from .config import M2AEConfig
 from .model.network import M2AENet
+from .messages import one_line
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
@@ -54,7 +55,7 @@ class CheckpointError(ValueError):
     def __init__(self, path: PathLike, problem: str = "", fix: str = ""):
         # CheckpointError(message) alone also works (and is what unpickling the exception calls)
         text = os.fspath(path) + (f": {problem}" if problem else "") + (f"; {fix}" if fix else "")
-        super().__init__(" ".join(text.split()))  # one line, whatever the wrapped exception printed
+        super().__init__(one_line(text))  # one line, whatever the wrapped exception printed
 
 
 @dataclass
@@ -282,7 +283,7 @@ def _read_safetensors(path: Path, map_location: Any) -> Checkpoint:
 
 
 def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    detail = " ".join(str(exc).split())[:160]
+    detail = one_line(exc, 160)
     return CheckpointError(path, f"truncated or corrupt ({type(exc).__name__}: {detail})",
                            "download or copy the file again")
 

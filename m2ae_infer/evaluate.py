@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from .messages import one_line
 
 PSNR_CAP = 100.0
 ROWS = ("blurry", "ours_dense", "ours_sparse", "classical")
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _error(message: str) -> int:
-    print(f"m2ae-eval: error: {' '.join(str(message).split())}", file=sys.stderr)
+    print(f"m2ae-eval: error: {one_line(message)}", file=sys.stderr)
     return 2
 
 

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .messages import one_line
+
 __all__ = ["ImageError", "PreparedImage", "load_image", "prepare_image", "save_image", "mask_to_image"]
 
 class ImageError(ValueError):
     """A bad image or path; the message is one line naming the problem and the fix."""
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -54,7 +54,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                 opened.load()
                 img = ImageOps.exif_transpose(opened)  # a decoded copy: the file can close
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{p}: refused, too many pixels ({_one_line(e)}); if you trust the file, "
+        raise ImageError(f"{p}: refused, too many pixels ({one_line(e)}); if you trust the file, "
                          "raise PIL.Image.MAX_IMAGE_PIXELS") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{p}: not an image or an unrecognised format; "
@@ -62,7 +62,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     except PermissionError as e:
         raise ImageError(f"{p}: permission denied; check the file's permissions") from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise ImageError(f"{p}: cannot decode, truncated or corrupt ({_one_line(e)}); "
+        raise ImageError(f"{p}: cannot decode, truncated or corrupt ({one_line(e)}); "
                          "re-export or re-download it") from e
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{p}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
@@ -175,7 +175,7 @@ def _prepare_pil(img: Image.Image, source: str) -> PreparedImage:
     try:
         img.load()  # a lazily opened user image may still be undecoded
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{source}: cannot decode ({_one_line(e)}); re-export or re-download it") from e
+        raise ImageError(f"{source}: cannot decode ({one_line(e)}); re-export or re-download it") from e
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{source}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
     mode = img.mode
@@ -284,7 +284,7 @@ def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
     try:
         tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=ext, delete=False)
     except OSError as e:
-        raise ImageError(f"{path}: cannot write to {folder} ({_one_line(e)}); check its permissions") from e
+        raise ImageError(f"{path}: cannot write to {folder} ({one_line(e)}); check its permissions") from e
     try:
         with tmp:
             write(tmp)
@@ -301,7 +301,7 @@ def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
         except FileNotFoundError:
             pass
         if isinstance(e, (OSError, ValueError, KeyError)) and not isinstance(e, ImageError):
-            raise ImageError(f"{path}: cannot write ({_one_line(e)}); "
+            raise ImageError(f"{path}: cannot write ({one_line(e)}); "
                              "check the folder is writable and the format suits the image") from e
         raise
 

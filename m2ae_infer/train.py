@@ -36,6 +36,7 @@ from .model.mask import working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
 from .reparam import reparameterize_model
+from .messages import one_line
 
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        print(f"m2ae-train: error: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"m2ae-train: error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
         return 1
     val, f4 = final["validation"], lambda v, d=4: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     print(f"m2ae-train: step {final['step']}/{final['steps']} ({final['stopped']}), "
