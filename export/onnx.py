@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..model import M2AENet
 from ..model.mask import full_resolution
 from .graphs import build_graph
@@ -176,32 +176,10 @@ def save_onnx(model, path: str | os.PathLike, force: bool = False) -> None:
 
 
 def write_atomic(path: Path, data: bytes, force: bool) -> None:
-    """Temp file beside ``path``, fsync, then rename; without ``force`` never replaces an existing file."""
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())     # the rename must never publish bytes that are not on disk
-        umask = os.umask(0)          # mkstemp makes 0600 files; give the usual 0666 & ~umask
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if force:
-            os.replace(tmp, path)
-            return
-        try:   # a hard link fails if the target appeared meanwhile, where a rename would clobber it
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists; pass --force to overwrite it") from None
-        except OSError:    # no hard links on this filesystem: the race window is the best we can do
-            if path.exists():
-                raise FileExistsError(f"{path} exists; pass --force to overwrite it") from None
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    """Temp file beside ``path``, fsync, then rename (:func:`m2ae_infer.atomic.atomic_write`); without
+    ``force`` never replaces an existing file (FileExistsError)."""
+    with atomic_write(path, overwrite=force) as f:
+        f.write(data)
 
 
 def ort_session(model, threads: int | None = None, providers: list | None = None):

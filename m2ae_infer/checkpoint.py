@@ -25,13 +25,13 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 import torch
 
+from .atomic import atomic_path
 from .config import M2AEConfig
 from .model.network import M2AENet
 from .messages import one_line
@@ -118,19 +118,14 @@ def save_checkpoint(model: M2AENet, path: PathLike, *, meta: dict[str, Any] | No
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_name)`` into a temporary file beside ``path``, then rename over it (same filesystem)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """``write(tmp_name)`` into a temporary file beside ``path``, then rename over it (:mod:`m2ae_infer.atomic`)."""
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:  # including KeyboardInterrupt: never leave the temp file behind
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
-            raise CheckpointError(path, f"could not write ({type(exc).__name__}: {exc})") from exc
-        raise
+        with atomic_path(path, overwrite=True) as tmp:
+            write(str(tmp))
+    except Exception as exc:  # the temp file is already gone (KeyboardInterrupt passes through untouched)
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(path, f"could not write ({type(exc).__name__}: {exc})") from exc
 
 
 def _suffix(path: Path) -> str:

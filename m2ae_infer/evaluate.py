@@ -16,11 +16,12 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 from .messages import one_line
 
 PSNR_CAP = 100.0
@@ -279,16 +280,8 @@ def format_table(summary: dict) -> str:
 
 
 def _write_json(report: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_finite(report), f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", overwrite=True) as f:
+        json.dump(_finite(report), f, indent=2, allow_nan=False)
 
 
 def _finite(obj):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import atomic_write
 from .messages import one_line
 
 __all__ = ["ImageError", "PreparedImage", "load_image", "prepare_image", "save_image", "mask_to_image"]
@@ -282,48 +282,15 @@ def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
         raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it")
     write = _writer(obj, fmt, path)
     try:
-        tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=ext, delete=False)
-    except OSError as e:
-        raise ImageError(f"{path}: cannot write to {folder} ({one_line(e)}); check its permissions") from e
-    try:
-        with tmp:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())  # the rename must never publish a file whose bytes are not on disk
-        os.chmod(tmp.name, 0o666 & ~_umask())  # NamedTemporaryFile makes 0600 files
-        if overwrite:
-            os.replace(tmp.name, target)
-        else:
-            _publish_no_clobber(tmp.name, target, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp.name)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, (OSError, ValueError, KeyError)) and not isinstance(e, ImageError):
-            raise ImageError(f"{path}: cannot write ({one_line(e)}); "
-                             "check the folder is writable and the format suits the image") from e
-        raise
-
-
-def _publish_no_clobber(tmp: str, target: str, path: object) -> None:
-    # A hard link fails if the target appeared since the check above, where os.replace would clobber it.
-    try:
-        os.link(tmp, target)
+        with atomic_write(target, overwrite=overwrite) as f:
+            write(f)
     except FileExistsError:
         raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it") from None
-    except OSError:  # filesystems without hard links: the race window is the best we can do
-        if os.path.lexists(target):
-            raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it") from None
-        os.replace(tmp, target)
-        return
-    os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it; restored at once
-    os.umask(mask)
-    return mask
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"{path}: cannot write ({one_line(e)}); "
+                         "check the folder is writable and the format suits the image") from e
 
 
 def _writer(obj: Image.Image | np.ndarray, fmt: str, path: object) -> Callable[[Any], None]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .atomic import atomic_path, atomic_write
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .config import M2AEConfig
 from .model.mask import working_mask
@@ -162,10 +163,9 @@ def _set_rng_state(state: dict) -> None:
 
 def _save_state(out: Path, model, opt, sched, settings: dict, step: int, meta: dict) -> None:
     """``last_state.pt`` first, then ``last.pth``; both carry the step, so a torn pair is detected."""
-    tmp = out / ".last_state.pt.tmp"
-    torch.save({"step": step, "settings": settings, "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": _rng_state(), "meta": meta}, tmp)
-    os.replace(tmp, out / "last_state.pt")
+    with atomic_path(out / "last_state.pt", overwrite=True) as tmp:
+        torch.save({"step": step, "settings": settings, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": _rng_state(), "meta": meta}, tmp)
     save_checkpoint(model, out / "last.pth", meta={**meta, "step": step}, overwrite=True)
 
 
@@ -306,7 +306,7 @@ def train(args: argparse.Namespace) -> dict:
     stop = min(settings["steps"], args.stop_after or settings["steps"])
     log_path = out / "train_log.csv"
     old = log_path.read_text().splitlines() if state is not None and log_path.exists() else []
-    with log_path.open("w", newline="") as f:  # drop rows past the resumed step (written after its save)
+    with atomic_write(log_path, "w", overwrite=True, newline="") as f:  # drop rows past the resumed step
         csv.DictWriter(f, LOG_FIELDS).writeheader()
         csv.DictWriter(f, LOG_FIELDS).writerows(r for r in csv.DictReader(old) if int(r["step"]) <= step)
     from .data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS

@@ -1,0 +1,101 @@
+"""Atomic file output: every file the project writes goes through :func:`atomic_path` or :func:`atomic_write`.
+
+The bytes go to a temporary file in the target's own folder (same filesystem, so the final rename is atomic),
+are flushed and fsynced, get the usual ``0666 & ~umask`` permissions, and only then appear under the target
+name. A failure or an interrupt at any point (including ``KeyboardInterrupt``) removes the temporary file and
+leaves the target as it was: absent, or the previous complete version. Temporary files are named
+``.tmp-<name>-<random>`` so a leftover from a killed process is easy to spot.
+
+Without ``overwrite`` an existing target is never replaced, even one that appears while we write: the
+file is published with a hard link, which fails if the name exists (where a rename would clobber it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+__all__ = ["atomic_path", "atomic_write", "TEMP_PREFIX"]
+
+TEMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; publish it as ``path`` when the block succeeds.
+
+    For writers that want a file name (``torch.save``, ``safetensors.save_file``, an engine builder).
+
+    Raises:
+        FileExistsError: ``path`` exists (checked before and, where hard links work, again at publishing)
+            and ``overwrite`` is false.
+        OSError: the folder is missing or not writable, the disk is full, ...; the target is untouched.
+    """
+    target = Path(os.path.abspath(os.fspath(path)))
+    if not overwrite and os.path.lexists(target):
+        raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())          # the rename must never publish bytes that are not on disk
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600 files
+        _publish(tmp, target, overwrite, path)
+        _fsync_folder(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)                # gone after a rename; still there after a hard link or a failure
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, overwrite: bool = False,
+                 encoding: str | None = None, newline: str | None = None) -> Iterator[IO]:
+    """Like ``open(path, mode)`` for writing, but the file appears under ``path`` only once complete.
+
+    ``mode`` is ``"wb"`` or ``"w"`` (text; ``encoding`` defaults to UTF-8). See :func:`atomic_path`.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
+    if mode == "w" and encoding is None:
+        encoding = "utf-8"
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, mode, encoding=encoding, newline=newline) as f:
+            yield f
+            f.flush()
+
+
+def _publish(tmp: str, target: Path, overwrite: bool, shown: object) -> None:
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:   # a hard link fails if the target appeared meanwhile, where a rename would clobber it
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(f"{shown} exists; pass --force (overwrite=True) to replace it") from None
+    except OSError:    # no hard links on this filesystem: the race window is the best we can do
+        if os.path.lexists(target):
+            raise FileExistsError(f"{shown} exists; pass --force (overwrite=True) to replace it") from None
+        os.replace(tmp, target)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; restored at once
+    os.umask(mask)
+    return mask
