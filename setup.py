@@ -33,7 +33,9 @@ setup(
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.18"],
         "trt": ["tensorrt>=10"],
         "train": ["scikit-image>=0.22"],
-        "test": ["pytest>=8", "scikit-image>=0.22", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "bench": ["matplotlib>=3.7", "scikit-image>=0.22", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        "test": ["pytest>=8", "scikit-image>=0.22", "matplotlib>=3.7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
+                 "triton==3.7.1; platform_system == 'Linux'"],
     },
     entry_points={
         "console_scripts": [
@@ -41,6 +43,7 @@ setup(
             "m2ae-train=m2ae_infer.train:main",
             "m2ae-eval=m2ae_infer.evaluate:main",
             "m2ae-export=m2ae_infer.export.cli:main",
+            "m2ae-bench=m2ae_infer.benchmarks.cli:main",
         ],
     },
 )

@@ -14,7 +14,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets,
                                 sparse_stage_, sparse_tail_, to_padded_buffer)
@@ -25,7 +24,7 @@ from .model.network import SHUFFLE
 EXECUTIONS = ("auto", "sparse", "dense")
 
 # Active fraction above which `auto` runs the dense path. Measured on the project's 2-core AVX-512 CPU, default
-# config, 480x720, 2 threads (python -m m2ae_infer.benchmarks.density): sparse/dense latency at 50 % active was
+# config, 480x720, 2 threads (m2ae-bench): sparse/dense latency at 50 % active was
 # 0.52, 0.57 and 1.13 in three runs, 0.77 at 35 % (blob masks); the break-even lies between ~45 and ~60 %.
 # Run-to-run noise on the shared VM is large, so the switch sits at the low end of that range.
 DENSE_ABOVE = 0.45
@@ -121,6 +120,10 @@ class TorchExecutor:
         the weights), so the count is what the real call executes; ``active`` is the number of True
         working-mask pixels. Gathers and scatters move bytes, not FLOPs, and count zero.
         """
+        # Imported here: torch.utils.flop_counter imports triton when it is installed, and importing
+        # m2ae_infer must not (tests/test_lazy_imports.py).
+        from torch.utils.flop_counter import FlopCounterMode
+
         if self._meta is None:
             self._meta = TorchExecutor(copy.deepcopy(self.net).to("meta"), self.dense_above)
         net = self._meta.net
