@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, ValueError) else 1
     print(report.table(result))
     try:
-        written = report.write(result, args.out, plots=not args.no_plots)
+        written = report.write(result, args.out, plots=not args.no_plots, overwrite=args.force)
     except OSError as exc:
         print(f"m2ae-bench: error: cannot write results to {args.out}: {one_line(exc)}", file=sys.stderr)
         return 1

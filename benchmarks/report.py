@@ -4,25 +4,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from ..atomic import atomic_write
 from .grid import BenchResult
 
 OUTPUT_FILES = ("results.json", "results.csv", "baselines.csv", "latency_ratio.png", "flop_ratio.png")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then rename: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write(path: Path, data: bytes, overwrite: bool) -> None:
+    with atomic_write(path, "wb", overwrite=overwrite) as f:     # never a half-written result file
+        f.write(data)
 
 
 def _csv_bytes(rows: list[dict]) -> bytes:
@@ -66,7 +58,7 @@ def table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def plot(result: BenchResult, path: Path, metric: str) -> None:
+def plot(result: BenchResult, path: Path, metric: str, overwrite: bool = False) -> None:
     """``metric`` (``latency_ratio`` or ``flop_ratio``) against the active fraction, with the ideal y = x."""
     import matplotlib
     matplotlib.use("Agg")
@@ -100,23 +92,25 @@ def plot(result: BenchResult, path: Path, metric: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    _write_atomic(path, buf.getvalue())
+    _write(path, buf.getvalue(), overwrite)
 
 
 def existing_outputs(out: Path) -> list[Path]:
     return [out / name for name in OUTPUT_FILES if (out / name).exists()]
 
 
-def write(result: BenchResult, out: Path, plots: bool = True) -> list[Path]:
-    """Write the result files into ``out`` (created if missing); returns the paths written."""
+def write(result: BenchResult, out: Path, plots: bool = True, overwrite: bool = False) -> list[Path]:
+    """Write the result files into ``out`` (created if missing); returns the paths written.
+
+    Raises FileExistsError for a result file already there unless ``overwrite``."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, data in (("results.json", json.dumps(result.as_dict(), indent=2).encode()),
                        ("results.csv", _csv_bytes(result.rows)), ("baselines.csv", _csv_bytes(result.baselines))):
-        _write_atomic(out / name, data)
+        _write(out / name, data, overwrite)
         written.append(out / name)
     if plots and result.rows:
         for metric in ("latency_ratio", "flop_ratio"):
-            plot(result, out / f"{metric}.png", metric)
+            plot(result, out / f"{metric}.png", metric, overwrite)
             written.append(out / f"{metric}.png")
     return written

@@ -168,6 +168,8 @@ def test_cli_tiny_run_and_refusal_to_overwrite(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and "--force" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "b" / "results.json").read_bytes() == before
+    assert main([*args, "--force", "--densities", "0.3"]) == 0
+    assert [r["target_density"] for r in json.loads((tmp_path / "b" / "results.json").read_text())["rows"]] == [0.3]
 
 
 @pytest.mark.parametrize("bad", [["--resolutions", "huge"], ["--densities", "0.5,2"], ["--masks", "stripes"],
