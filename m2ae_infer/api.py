@@ -18,8 +18,8 @@ from .model.mask import full_resolution
 from .reparam import reparameterize_model
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "m2ae_default.safetensors"
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-FUTURE_BACKENDS = ("triton",)
+BACKENDS = ("auto", "torch", "triton", "onnxruntime", "tensorrt")
+FUTURE_BACKENDS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class Deblurrer:
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         backend: ``"auto"`` or ``"torch"``; ``"onnxruntime"`` (the network exported to ONNX in memory and
             run by ONNX Runtime, see :mod:`m2ae_infer.export.ort`) or ``"tensorrt"`` (engines built from
-            that ONNX, CUDA only; ``auto`` runs the dense graph there). (No Triton backend in this version.)
+            that ONNX, CUDA only; ``auto`` runs the dense graph there); ``"triton"`` (fused sparse-pixel Triton
+            kernels, :mod:`m2ae_infer.triton_executor`: CUDA only, or CPU with ``TRITON_INTERPRET=1`` set, slow).
         execution: ``"sparse"`` (active pixels only), ``"dense"`` (everything, then gated) or ``"auto"``
             (sparse below ``dense_above`` active fraction).
         threshold: blur probability above which a pixel is computed (``sigmoid(logit) > threshold``).
@@ -183,6 +184,10 @@ def _make_executor(backend: str, network: M2AENet, device: torch.device, executi
     """The engine behind ``backend``: anything with TorchExecutor's ``run``/``count_flops``/``choose``/``name``."""
     if backend in ("auto", "torch"):
         return TorchExecutor(network, dense_above=DENSE_ABOVE if dense_above is None else dense_above)
+    if backend == "triton":
+        from .triton_executor import TRITON_DENSE_ABOVE, TritonExecutor   # imports triton only now
+        return TritonExecutor(network, dense_above=TRITON_DENSE_ABOVE if dense_above is None else dense_above,
+                              device=device)
     from .export import make_executor   # exports the network (ONNX in memory) for these backends
     return make_executor(backend, network, device=device, execution=execution, threshold=threshold,
                          dilation=dilation, dense_above=dense_above)
