@@ -6,8 +6,6 @@ the interpreter (numpy on the CPU), see :func:`kernels_interpreted`.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -17,18 +15,13 @@ except ImportError as exc:   # pragma: no cover - exercised only where triton is
     raise ImportError(f"the Triton kernels need the triton package ({exc}); pip install triton "
                       "(Linux; the version your torch build pins, e.g. triton==3.7.1 for torch 2.13)") from None
 
-__all__ = ["triton", "tl", "interpret_requested", "kernels_interpreted", "block_size", "dot_in_fp32",
+__all__ = ["triton", "tl", "kernels_interpreted", "block_size", "dot_in_fp32",
            "check_storage", "STORAGE_DTYPES", "default_block_m"]
 
 STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # tl.dot needs every dimension >= 16 (tensor-core tiles); smaller channel counts are padded with masked lanes.
 MIN_DOT_DIM = 16
-
-
-def interpret_requested() -> bool:
-    """True when ``TRITON_INTERPRET`` is set to a true value (as Triton reads it: 1/true/on/yes)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def kernels_interpreted(kernel) -> bool:
