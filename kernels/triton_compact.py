@@ -62,12 +62,14 @@ def compact_active_rows(mask: torch.Tensor, block: int = COMPACT_BLOCK) -> tuple
     """Sorted buffer rows of the True pixels of a working mask, computed on the mask's device.
 
     Args:
-        mask: ``[B, 1, h, w]`` or ``[B, h, w]`` bool.
+        mask: ``[B, 1, h, w]`` or ``[B, h, w]`` bool (other dtypes: nonzero = active).
         block: pixels per program (a power of two).
     Returns:
         ``(rows, n)``: ``rows`` ``[n]`` int64 equal to ``torch_active_rows(mask)``; ``n`` read once from the device.
     """
     height, width = mask.shape[-2:]
+    if mask.dtype != torch.bool:
+        mask = mask != 0
     flat = mask.reshape(-1).contiguous().view(torch.uint8)
     n_pixels = flat.numel()
     n_blocks = triton.cdiv(n_pixels, block)

@@ -73,6 +73,7 @@ def test_compaction_three_dims_and_one_block():
     m = torch.rand(3, 11, 6, generator=torch.Generator().manual_seed(1)) < 0.5
     rows, n = compact_active_rows(m)
     assert torch.equal(rows, torch_active_rows(m)) and n == int(m.sum())
+    assert torch.equal(compact_active_rows(m.to(torch.uint8) * 3)[0], rows)
 
 
 # -- one stage ---------------------------------------------------------------------------------------------
