@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors); default: the shipped one")
     p.add_argument("--samples", type=int, default=40, help="held-out samples (default 40)")
     p.add_argument("--crop", type=int, default=256, help="sample size in pixels (default 256)")
-    p.add_argument("--seed", type=int, default=1234, help="held-out set seed (default 1234)")
+    p.add_argument("--seed", type=int, help="sample seed (default 1234 for heldout, 4242 for validation)")
+    p.add_argument("--split", choices=("heldout", "validation"), default="heldout",
+                   help="heldout: the held-out photos (report these); validation: new samples on the training "
+                        "photos, for choosing settings such as --threshold (default heldout)")
     p.add_argument("--out", metavar="DIR", default="m2ae_eval", help="output folder (default m2ae_eval)")
     p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
@@ -152,8 +155,12 @@ def _error(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.seed is None:
+        args.seed = 1234 if args.split == "heldout" else 4242
     if args.samples < 1 or args.crop < 16 or args.seed < 0 or args.threads < 0 or args.rl_iterations < 1:
         parser.error("need --samples >= 1, --crop >= 16, --seed >= 0, --threads >= 0, --rl-iterations >= 1")
+    if args.split == "validation" and args.seed < 1000:
+        parser.error("--split validation needs --seed >= 1000 (training runs use small seeds)")
     try:
         import scipy  # noqa: F401
         import skimage
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from .api import DEFAULT_CHECKPOINT, Deblurrer
     from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-    from .data.synth import heldout_set
+    from .data.synth import heldout_set, validation_set
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
@@ -177,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as exc:
         return _error(exc)
     if not args.quiet:
-        print(f"m2ae-eval: generating {args.samples} held-out samples ({args.crop} px)", file=sys.stderr)
-    samples = heldout_set(args.samples, seed=args.seed, crop=args.crop)
+        print(f"m2ae-eval: generating {args.samples} {args.split} samples ({args.crop} px)", file=sys.stderr)
+    make_set = heldout_set if args.split == "heldout" else validation_set
+    samples = make_set(args.samples, seed=args.seed, crop=args.crop)
     for r in runners.values():   # warm-up: the first call pays for allocations, not the images
         r.run(samples[0].blurry)
     per_sample, grid = [], []

@@ -41,7 +41,8 @@ from .messages import one_line
 
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
-                    clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp")
+                    clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
+                    gate="annotated", init=None)
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
 
@@ -77,7 +78,7 @@ def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, ma
                    settings: dict) -> dict[str, torch.Tensor]:
     """Forward pass (body gated by the annotated working mask) and the three losses plus their total."""
     work = working_mask(mask).to(blurry.dtype)
-    out = model.forward_train(blurry, work)
+    out = model.forward_train(blurry, work, gate_predicted=settings.get("gate") == "union")
     rec = charbonnier(out.restored, sharp)
     source = sharp if settings["reblur_source"] == "sharp" else out.restored
     rb = reblur_loss(source, blurry, out.trajectory, mask, model.config.motion_points)
@@ -223,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pos-weight", type=float, help=f"BCE weight of blurred pixels (default {d['pos_weight']})")
     p.add_argument("--reblur-source", choices=("sharp", "restored"),
                    help="re-blur the ground truth (trains the trajectories) or the restored image (default sharp)")
+    p.add_argument("--gate", choices=("annotated", "union"),
+                   help="gate the body with the annotated mask, or with its union with the predicted mask so the "
+                        "body learns to leave wrongly flagged sharp pixels alone (default annotated)")
+    p.add_argument("--init", metavar="CKPT", help="start from these training-form weights (fine-tuning); "
+                                                   "the optimizer and schedule start fresh")
     p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
                    help="stop cleanly (saving everything) after MIN minutes of this run (default 55)")
     p.add_argument("--stop-after", type=int, metavar="STEP", help="stop cleanly at this step (chunked runs)")
@@ -248,9 +254,10 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
     """Run settings: stored ones on --resume (only --steps may change), else the defaults plus options."""
     given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
     for k, v in given.items():
-        _check(stored is None or k == "steps" or v == stored[k],
-               f"--{k.replace('_', '-')} {v} differs from the resumed run's {stored and stored[k]}")
-    s = {**(stored or RUN_DEFAULTS), **given}
+        old = None if stored is None else stored.get(k, RUN_DEFAULTS[k])   # runs saved before a setting existed
+        _check(stored is None or k == "steps" or v == old, f"--{k.replace('_', '-')} {v} differs from the "
+               f"resumed run's {old}")
+    s = {**RUN_DEFAULTS, **(stored or {}), **given}
     try:
         M2AEConfig.from_name(s["config"])
     except ValueError as exc:
@@ -288,6 +295,11 @@ def train(args: argparse.Namespace) -> dict:
     seed = settings["seed"]
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
     model = init_for_training(M2AENet(M2AEConfig.from_name(settings["config"])))
+    if settings["init"] and state is None:
+        start = load_checkpoint(settings["init"], config=model.config)
+        _check(not start.inference_mode, f"--init {settings['init']} is a deploy (re-parameterized) checkpoint; "
+               "fine-tuning needs the training form (a run's last.pth)")
+        model.load_state_dict(start.state_dict())
     opt, sched = build_optimizer(model, settings)
     step, prev_wall = 0, 0.0
     if state is not None:

@@ -165,6 +165,17 @@ def test_missing_scikit_image_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
     assert "m2ae-infer[train]" in err and "\n" not in err
 
 
+def test_validation_split_runs(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "val"
+    assert ev.main(["--checkpoint", str(tiny_ckpt), "--split", "validation", "--samples", "1", "--crop", "32",
+                    "--rl-iterations", "2", "--out", str(out), "-q"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["settings"]["split"] == "validation" and report["settings"]["seed"] == 4242
+    with pytest.raises(SystemExit):
+        ev.main(["--split", "validation", "--seed", "3", "--out", str(tmp_path / "x")])
+    assert "1000" in capsys.readouterr().err
+
+
 def test_usage_error_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         ev.main(["--samples", "0"])

@@ -180,6 +180,18 @@ def test_heldout_set():
         assert np.array_equal(s.blurry[~s.mask], s.sharp[~s.mask])
 
 
+def test_validation_set_uses_training_photos_only(monkeypatch):
+    asked = []
+    real = synth._cached_photo
+    monkeypatch.setattr(synth, "_cached_photo", lambda name: asked.append(name) or real(name))
+    v = synth.validation_set(10, crop=CROP)
+    assert asked and set(asked) <= set(synth.TRAIN_PHOTOS) and not set(asked) & set(synth.HELDOUT_PHOTOS)
+    assert [s.kind for s in v] == ["local"] * 8 + ["sharp", "global"]
+    assert all(_same(x, y) for x, y in zip(v, synth.validation_set(10, crop=CROP)))
+    with pytest.raises(ValueError, match="1000"):
+        synth.validation_set(1, seed=0)          # would collide with training seeds
+
+
 @pytest.mark.parametrize("kind", ["local", "sharp", "global"])
 def test_region_labels_cover_exactly_the_mask(kind):
     rng = np.random.default_rng(7)

@@ -165,3 +165,32 @@ def test_cli_refuses_to_clobber_or_change_a_run(tmp_path, capsys):
     assert main([]) == 2  # --out is required
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("m2ae-train: error:") for line in lines)
+
+
+def test_union_gate_lets_the_body_see_wrongly_flagged_pixels():
+    """With the mask head flagging everything and an empty annotation, only the union gate runs the body."""
+    net = M2AENet(M2AEConfig.from_name("tiny")).eval()
+    with torch.no_grad():
+        net.mask_head.logit.bias.fill_(50.0)          # logit > 0 everywhere
+        net.tail.weight.zero_()
+        net.tail.bias.fill_(0.1)                      # a residual of exactly 0.1 wherever the body runs
+    x, empty = torch.rand(1, 3, 16, 20), torch.zeros(1, 1, 8, 10)
+    with torch.no_grad():
+        assert torch.equal(net.forward_train(x, empty).restored, x)
+        gated = net.forward_train(x, empty, gate_predicted=True).restored
+    assert torch.allclose(gated, x + 0.1, atol=1e-6)
+
+
+def test_init_fine_tunes_from_a_training_checkpoint(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["--out", str(first), "--steps", "2", *TINY]) == 0
+    assert main(["--out", str(second), "--steps", "1", "--lr", "1e-12", "--init", str(first / "last.pth"),
+                 "--gate", "union", *TINY]) == 0
+    a, b = load_checkpoint(first / "last.pth"), load_checkpoint(second / "last.pth")
+    # lr 1e-12: one step cannot move the weights visibly, so b must start from a's weights
+    # (parameters only: BatchNorm running statistics move in any training forward pass)
+    assert all(torch.allclose(pa, pb, atol=1e-6) for pa, pb in zip(a.parameters(), b.parameters()))
+    assert read_checkpoint(second / "last.pth").meta["settings"]["gate"] == "union"
+    assert main(["--out", str(tmp_path / "c"), "--steps", "1", "--init", str(first / "final_deploy.safetensors"),
+                 *TINY]) != 0
+    assert "deploy" in capsys.readouterr().err

@@ -377,13 +377,8 @@ class SyntheticBlurDataset(Dataset):
         return to_tensors(self.sample(index))
 
 
-def heldout_set(n: int, seed: int = 1234, crop: int = 256, **sample_kwargs) -> list[Sample]:
-    """``n`` fixed evaluation samples on ``HELDOUT_PHOTOS`` only (objects cut from them too).
-
-    Sample ``i`` uses photo ``i mod 3`` and ``default_rng([seed, i])``; of every 10, 8 are local,
-    1 sharp (``i % 10 == 8``) and 1 global (``i % 10 == 9``).
-    """
-    images = [_cached_photo(p) for p in HELDOUT_PHOTOS]
+def _fixed_set(photos: Sequence[str], n: int, seed: int, crop: int, **sample_kwargs) -> list[Sample]:
+    images = [_cached_photo(p) for p in photos]
     out = []
     for i in range(n):
         kind = {8: "sharp", 9: "global"}.get(i % 10, "local")
@@ -391,3 +386,25 @@ def heldout_set(n: int, seed: int = 1234, crop: int = 256, **sample_kwargs) -> l
         out.append(make_sample(images[i % len(images)], rng, crop, object_photos=images, kind=kind,
                                **sample_kwargs))
     return out
+
+
+def heldout_set(n: int, seed: int = 1234, crop: int = 256, **sample_kwargs) -> list[Sample]:
+    """``n`` fixed evaluation samples on ``HELDOUT_PHOTOS`` only (objects cut from them too).
+
+    Sample ``i`` uses photo ``i mod 3`` and ``default_rng([seed, i])``; of every 10, 8 are local,
+    1 sharp (``i % 10 == 8``) and 1 global (``i % 10 == 9``).
+    """
+    return _fixed_set(HELDOUT_PHOTOS, n, seed, crop, **sample_kwargs)
+
+
+# Seed of the validation set; the training pool draws its samples from default_rng([train_seed, i]) with
+# small train seeds (0 by default), so these are new crops, objects and trajectories.
+VALIDATION_SEED = 4242
+
+
+def validation_set(n: int, seed: int = VALIDATION_SEED, crop: int = 256, **sample_kwargs) -> list[Sample]:
+    """``n`` fixed samples on the *training* photos, made like :func:`heldout_set` (photo ``i mod 11``):
+    for choosing settings such as the mask threshold without ever looking at the held-out photos."""
+    if seed < 1000:
+        raise ValueError(f"validation seeds start at 1000 (training runs use small seeds), got {seed}")
+    return _fixed_set(TRAIN_PHOTOS, n, seed, crop, **sample_kwargs)

@@ -99,14 +99,21 @@ class M2AENet(nn.Module):
         delta = self.shuffle(self.tail(x))
         return torch.where(full_resolution(m, padded.shape[-2:]), padded + delta, padded)
 
-    def forward_train(self, image: torch.Tensor, mask: torch.Tensor) -> TrainOutputs:
+    def forward_train(self, image: torch.Tensor, mask: torch.Tensor, gate_predicted: bool = False) -> TrainOutputs:
         """Training pass: the body gated by the annotated working mask ``mask`` ``[B, 1, H/2, W/2]``
-        (float 0/1), the mask head's logits and the trajectories returned for their losses."""
+        (float 0/1), the mask head's logits and the trajectories returned for their losses.
+
+        ``gate_predicted``: gate with the union of ``mask`` and the mask head's own hard mask (logit > 0,
+        no gradient), so the body also sees the sharp pixels the predictor wrongly flags and learns to leave
+        them alone, as it must at inference."""
         features = self.stem_features(image)
+        logits = self.mask_head(features)
+        if gate_predicted:
+            mask = torch.maximum(mask, (logits.detach() > 0).to(mask.dtype))
         guide, trajectory = self.motion.forward_with_trajectory(features)
         x = features + mask * guide
         for block in self.blocks:
             x = x + mask * block(x)
         up = full_resolution(mask, image.shape[-2:])
         restored = image + up * self.shuffle(self.tail(x))
-        return TrainOutputs(restored, self.mask_head(features), trajectory)
+        return TrainOutputs(restored, logits, trajectory)
