@@ -84,6 +84,10 @@ def make_backends(net: M2AENet, names, device: str, threads: int | None) -> tupl
     """Executors for ``names`` (None: all of :data:`BACKENDS`), and ``{name: why not}`` for those that cannot run."""
     ready, skipped = [], {}
     for name in names or BACKENDS:
+        if name == "triton" and torch.device(device).type != "cuda":
+            skipped[name] = ("needs a CUDA GPU; on a CPU the kernels run only in the Triton interpreter, "
+                             "which checks correctness, not speed")
+            continue
         try:
             if name == "onnxruntime" and torch.device(device).type == "cpu":
                 from ..export.ort import OrtExecutor      # built here to give ORT the same thread count as torch
@@ -236,5 +240,17 @@ def run_grid(net: M2AENet, settings: BenchSettings, machine: dict, threads: int 
                 for row in measure_baselines(net, photo, settings.baselines, settings):
                     result.baselines.append({"resolution": resolution, "height": height, "width": width, **row})
                 bar.update()
+    if any(b.name == "triton" for b in backends) and torch.device(settings.device).type == "cuda":
+        bar.set_postfix_str("triton stage kernels vs cuDNN")
+        result.kernels = triton_stage_timings(net, settings)
     return result
+
+
+def triton_stage_timings(net: M2AENet, settings: BenchSettings) -> list[dict]:
+    """One body stage of ``net``'s width: the Triton kernel vs dense cuDNN, ``triton.testing.do_bench`` (CUDA)."""
+    from ..kernels.triton_bench import gpu_stage_timings
+    sizes = tuple(((h + 1) // 2, (w + 1) // 2) for h, w in map(parse_resolution, settings.resolutions))
+    return gpu_stage_timings(channels=(net.config.channels,), sizes=sizes,
+                             densities=tuple(d for d in settings.densities if d > 0), act=net.config.act,
+                             ffn_expand=net.config.ffn_expand, device=settings.device)
 

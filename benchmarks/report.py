@@ -53,6 +53,13 @@ def table(result: BenchResult) -> str:
             name = b["network"] + (f" @{b['active_fraction']:.0%}" if "sparse" in b["network"] else "")
             lines.append(f"{b['resolution']:>6} {name:>27} {b['params']:9d} {b['flops'] / 1e9:8.2f} {b['ms']:9.1f} "
                          f"{b['spread']:7.0%} {_fmt(b['peak_mb'], '8.0f')}")
+    if result.kernels:
+        head = f"{'C':>4} {'grid':>9} {'density':>8} {'dtype':>9} {'triton ms':>10} {'dense ms':>9} {'dense/triton':>12}"
+        lines += ["", "Triton stage kernel vs dense cuDNN stage (triton.testing.do_bench):", head, "-" * len(head)]
+        for k in result.kernels:
+            lines.append(f"{k['channels']:4d} {k['height']:>4}x{k['width']:<4} {k['density']:8.2f} "
+                         f"{str(k['dtype']).replace('torch.', ''):>9} {k['triton_stage_ms']:10.3f} "
+                         f"{k['dense_stage_ms']:9.3f} {k['dense_over_triton']:12.2f}")
     if result.skipped:
         lines += [""] + [f"not run: {name}: {why}" for name, why in result.skipped.items()]
     return "\n".join(lines)

@@ -200,6 +200,16 @@ def test_onnxruntime_cells_agree_with_torch(deploy_net):
 
 def test_backends_that_cannot_run_are_listed_with_a_reason(deploy_net):
     from m2ae_infer.benchmarks.grid import make_backends
-    ready, skipped = make_backends(deploy_net, ("torch", "tensorrt"), "cpu", None)
+    ready, skipped = make_backends(deploy_net, ("torch", "tensorrt", "triton"), "cpu", None)
     assert [b.name for b in ready] == ["torch"]
-    assert set(skipped) == {"tensorrt"} and skipped["tensorrt"] and "\n" not in skipped["tensorrt"]
+    assert set(skipped) == {"tensorrt", "triton"}
+    assert all(why and "\n" not in why for why in skipped.values())
+    assert "CUDA" in skipped["triton"]
+
+
+def test_table_lists_kernel_timings(tiny_result):
+    from dataclasses import replace
+    row = {"channels": 32, "height": 240, "width": 427, "density": 0.2, "dtype": "float16",
+           "triton_stage_ms": 0.05, "dense_stage_ms": 0.2, "dense_over_triton": 4.0}
+    text = report.table(replace(tiny_result, kernels=[row]))
+    assert "Triton stage kernel" in text and "240x427" in text and "4.00" in text
