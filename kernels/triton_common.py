@@ -3,6 +3,12 @@
 Importing this module imports ``triton`` (never CUDA). ``TRITON_INTERPRET=1`` must be set before the kernel
 modules are imported: ``@triton.jit`` decides at decoration time whether a kernel is compiled for a GPU or run by
 the interpreter (numpy on the CPU), see :func:`kernels_interpreted`.
+
+Kernels here call only Triton *builtins* (``tl.load``, ``tl.dot``, ``tl.full``, ``tl.exp``, ``tl.reduce``...) and
+helpers of their own, never ``triton.language.standard``'s ``@jit`` functions (``tl.zeros``, ``tl.sum``,
+``tl.cumsum``, ``tl.sigmoid``...): those are decorated once, when ``triton.language`` is first imported, and torch
+imports it early (``torch.utils.flop_counter`` does). If that happened before ``TRITON_INTERPRET=1`` was set, an
+interpreted kernel calling them fails with "Cannot call @triton.jit'd outside of the scope of a kernel".
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Pass 1 (``_count_kernel``): each program counts the True pixels of its block of the flattened mask.
 Between the passes, ``torch.cumsum`` over the per-block counts gives each block's first output slot (on the
-device, no sync). Pass 2 (``_compact_kernel``): each program ranks its True pixels with ``tl.cumsum`` and writes
+device, no sync). Pass 2 (``_compact_kernel``): each program ranks its True pixels with an in-block cumsum
+(``tl.associative_scan``) and writes
 their buffer rows at ``start + rank``. Blocks are ordered, and pixels inside a block keep their order, so the rows
 come out sorted (row-major pixel order) and deterministic, exactly like ``mask.nonzero()``.
 
@@ -19,6 +20,12 @@ from .triton_common import tl, triton
 COMPACT_BLOCK = 1024
 
 
+# tl.reduce / tl.associative_scan with our own combine function, not tl.sum / tl.cumsum: see triton_common.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
 @triton.jit
 def _count_kernel(mask_ptr, counts_ptr, n_pixels, BLOCK: tl.constexpr):
     """Per-block count of True pixels.
@@ -31,7 +38,7 @@ def _count_kernel(mask_ptr, counts_ptr, n_pixels, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     flags = tl.load(mask_ptr + offs, mask=offs < n_pixels, other=0) != 0
-    tl.store(counts_ptr + pid, tl.sum(flags.to(tl.int32), axis=0))
+    tl.store(counts_ptr + pid, tl.reduce(flags.to(tl.int32), 0, _add))
 
 
 @triton.jit
@@ -49,7 +56,7 @@ def _compact_kernel(mask_ptr, starts_ptr, rows_ptr, n_pixels, height, width, BLO
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     flags = (tl.load(mask_ptr + offs, mask=offs < n_pixels, other=0) != 0).to(tl.int32)
-    slot = tl.load(starts_ptr + pid) + tl.cumsum(flags, axis=0).to(tl.int64) - 1
+    slot = tl.load(starts_ptr + pid) + tl.associative_scan(flags, 0, _add).to(tl.int64) - 1   # inclusive rank
     plane = height * width
     b = offs // plane
     y = (offs % plane) // width

@@ -48,7 +48,7 @@ def _activation(x, ACT: tl.constexpr):
     elif ACT == 1:
         return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     else:
-        return x * tl.sigmoid(x)
+        return x / (1.0 + tl.exp(-x))     # silu (not tl.sigmoid: see triton_common)
 
 
 @triton.jit
@@ -94,8 +94,8 @@ def _sparse_stage_kernel(
     load_mask = m_mask[:, None] & c_mask[None, :]
 
     # 1. implicit GEMM over the 9 taps; the border makes every neighbour of an active row a valid row.
-    acc = tl.zeros((BLOCK_M, BLOCK_MID), dtype=tl.float32)
-    center = tl.zeros((BLOCK_M, BLOCK_C), dtype=src_ptr.dtype.element_ty)
+    acc = tl.full((BLOCK_M, BLOCK_MID), 0.0, tl.float32)
+    center = tl.full((BLOCK_M, BLOCK_C), 0.0, src_ptr.dtype.element_ty)
     for tap in tl.static_range(9):
         shift = (tap // 3 - 1) * row_pitch + (tap % 3 - 1)
         x = tl.load(src_ptr + (rows + shift)[:, None] * channels + offs_c[None, :], mask=load_mask, other=0.0)

@@ -264,6 +264,19 @@ def test_without_triton_package_one_line_error(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_kernels_work_when_torch_imported_triton_before_interpret_was_set(tmp_path):
+    """torch.utils.flop_counter imports triton.language (decorating its own @jit helpers in compiled mode);
+    kernels defined afterwards under TRITON_INTERPRET=1 must not depend on those helpers."""
+    code = ("import os, torch, torch.utils.flop_counter, sys; assert 'triton.language' in sys.modules\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "from m2ae_infer.kernels.triton_check import _main\n"
+            "raise SystemExit(_main(['--size', '4', '5']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_kernels_imported_before_interpret_was_set_give_one_line_error(tmp_path):
     code = ("import os, torch; import m2ae_infer.kernels.triton_stage; os.environ['TRITON_INTERPRET'] = '1'\n"
             "from m2ae_infer import Deblurrer, M2AENet, M2AEConfig\n"
