@@ -16,6 +16,7 @@ from .imgio import ImageError, load_image, prepare_image
 from .model import M2AENet
 from .model.mask import full_resolution
 from .reparam import reparameterize_model
+from .tiling import Tiling, receptive_field, run_tiled
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "m2ae_default.safetensors"
 BACKENDS = ("auto", "torch", "triton", "onnxruntime", "tensorrt")
@@ -33,8 +34,10 @@ class RunInfo:
         flops_dense: FLOPs of the same call executed densely (``torch.utils.flop_counter``).
         flops_executed: FLOPs the call actually executed.
         seconds: wall time of the network (image conversion excluded).
-        execution: ``"sparse"`` or ``"dense"``: the path that ran.
+        execution: ``"sparse"`` or ``"dense"``: the path that ran; for a tiled run ``"mixed"`` when tiles
+            took different paths (``auto`` decides per tile) and ``"none"`` when no tile held blur.
         backend: the engine that ran it.
+        tiles: how many tiles the image was cut into (1: run whole); FLOPs are summed over tiles.
     """
 
     mask: Any
@@ -44,6 +47,7 @@ class RunInfo:
     seconds: float
     execution: str
     backend: str
+    tiles: int = 1
 
     @property
     def flops_saved(self) -> float:
@@ -69,11 +73,17 @@ class Deblurrer:
         config, key_map: passed to :func:`load_checkpoint` for checkpoints that need them.
         dense_above: active fraction above which ``execution="auto"`` runs dense; default: the backend's
             measured switch (torch 0.45, ONNX Runtime 0.6).
+        tile: ``"auto"`` (images above ``tiling.AUTO_TILE_PIXELS`` pixels run in tiles of ``tiling.DEFAULT_TILE``),
+            ``None``/``0`` (never tile) or a tile size in pixels (rounded up to a multiple of 4). Tiled
+            output equals untiled output within float rounding (see :mod:`m2ae_infer.tiling`).
+        tile_overlap: pixels of context around each tile; default and minimum: the network's receptive
+            field (28 for the default config). Smaller values are refused.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",
                  backend: str = "auto", execution: str = "auto", threshold: float = 0.5, dilation: int = 0,
-                 config=None, key_map=None, dense_above: float | None = None):
+                 config=None, key_map=None, dense_above: float | None = None, tile: int | str | None = "auto",
+                 tile_overlap: int | None = None):
         if backend in FUTURE_BACKENDS:
             raise ValueError(f"backend {backend!r} is not available in this version; use backend='torch'")
         if backend not in BACKENDS:
@@ -92,6 +102,8 @@ class Deblurrer:
         self.executor = _make_executor(backend, self.network, self.device, execution, self.threshold,
                                        dilation, dense_above)
         self.backend = self.executor.name
+        self.tiling = Tiling.resolve(tile, tile_overlap, receptive_field(self.network))
+        self._mask_flops = None   # the tiled runs' FLOP counter, made on first use
 
     @staticmethod
     def _load(checkpoint, config, key_map) -> M2AENet:
@@ -119,9 +131,12 @@ class Deblurrer:
             the :class:`RunInfo` when ``return_info`` is true. Pixels outside the mask are bit-identical.
         """
         prepared = prepare_image(img)
-        rgb = prepared.rgb.to(self.device)
-        batch, _, height, width = rgb.shape
+        batch, _, height, width = prepared.shape
         user_mask = self._mask_tensor(mask, batch, height, width)
+        tiles = self.tiling.tiles(batch, height, width)
+        if tiles is not None:
+            return self._run_tiled(img, prepared, tiles, user_mask, return_info)
+        rgb = prepared.rgb.to(self.device)
         start = time.perf_counter()
         result = self.executor.run(rgb, user_mask, threshold=self.threshold, dilation=self.dilation,
                                    execution=self.execution)
@@ -140,6 +155,23 @@ class Deblurrer:
             flops_executed=self.executor.count_flops(batch, height, width, result.active_pixels,
                                                      result.execution, predicted),
             seconds=seconds, execution=result.execution, backend=self.backend)
+        return restored, info
+
+    def _run_tiled(self, img, prepared, tiles, user_mask, return_info: bool):
+        """:meth:`run` for images cut into ``tiles`` (:func:`m2ae_infer.tiling.run_tiled`)."""
+        if return_info and self._mask_flops is None:
+            from .tiling import _MaskPassFlops
+            self._mask_flops = _MaskPassFlops(self.network)
+        run = run_tiled(prepared, tiles, self.executor, self.network, self.device, user_mask,
+                        threshold=self.threshold, dilation=self.dilation, execution=self.execution,
+                        count_flops=return_info, flop_counter=self._mask_flops)
+        restored = prepared.finish(run.output)
+        if not return_info:
+            return restored
+        changed = full_resolution(run.mask, prepared.shape[-2:]).cpu()
+        info = RunInfo(mask=self._user_mask_view(changed, img), active_fraction=run.active_pixels / run.mask.numel(),
+                       flops_dense=run.flops_dense, flops_executed=run.flops_executed, seconds=run.seconds,
+                       execution=run.execution, backend=self.backend, tiles=run.tiles)
         return restored, info
 
     def _mask_tensor(self, mask, batch: int, height: int, width: int) -> torch.Tensor | None:

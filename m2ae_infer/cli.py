@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
     p.add_argument("--full", action="store_true", help="restore every pixel (globally blurred photos)")
+    p.add_argument("--tile", default="auto", type=_tile_size, metavar="N",
+                   help="run in N x N tiles (same result, bounded memory); 0: never; default auto: "
+                        "images above 2.5 MP in 1024-pixel tiles")
+    p.add_argument("--tile-overlap", type=int, metavar="N",
+                   help="context pixels around each tile (default and minimum: the network's receptive field)")
     p.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png beside each output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-file lines and no progress bar")
@@ -71,14 +76,27 @@ def plan_outputs(files: list[Path], output: str, example: bool) -> dict[Path, Pa
 
 
 def describe(info) -> str:
-    """One line on what ran: the mask share, the FLOPs executed vs dense, the time."""
-    if info.execution == "sparse":
-        work = (f"computed {info.active_fraction:.1%} of pixels, {info.flops_executed / 1e9:.2f} of "
-                f"{info.flops_dense / 1e9:.2f} GFLOP ({info.flops_saved:.1%} saved)")
-    else:   # dense: every pixel computed, then gated by the mask
+    """One line on what ran: the mask share, the FLOPs executed vs dense, the time (and the tiles)."""
+    if info.execution == "dense":   # every pixel computed, then gated by the mask
         work = (f"mask {info.active_fraction:.1%} of pixels, computed densely: {info.flops_executed / 1e9:.2f} "
                 f"GFLOP ({info.flops_saved:.1%} saved)")
-    return f"{work}, {info.seconds:.2f} s [{info.execution}]"
+    else:   # sparse, or tiles that chose differently ("mixed"), or nothing to restore ("none")
+        work = (f"computed {info.active_fraction:.1%} of pixels, {info.flops_executed / 1e9:.2f} of "
+                f"{info.flops_dense / 1e9:.2f} GFLOP ({info.flops_saved:.1%} saved)")
+    tiles = f", {info.tiles} tiles" if getattr(info, "tiles", 1) > 1 else ""
+    return f"{work}, {info.seconds:.2f} s [{info.execution}{tiles}]"
+
+
+def _tile_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a tile size in pixels (0: never tile), got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"tile size must be >= 0, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs = plan_outputs(files, args.output, args.example)
         from .api import Deblurrer   # after argument checks: importing torch takes a second
         deblurrer = Deblurrer(args.checkpoint, device=args.device, execution=args.execution,
-                              threshold=args.threshold, dilation=args.dilation)
+                              threshold=args.threshold, dilation=args.dilation, tile=args.tile,
+                              tile_overlap=args.tile_overlap)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"m2ae-deblur: error: {exc}", file=sys.stderr)
         return 2

@@ -76,18 +76,67 @@ class PreparedImage:
 
     Attributes:
         rgb: float32 ``[B, 3, H, W]`` in 0..1, contiguous, on the CPU, never sharing memory with
-            the input. Gray inputs are replicated to 3 channels; alpha is split off.
+            the input. Gray inputs are replicated to 3 channels; alpha is split off. Built on first
+            access (4 bytes per sample: tiled runs never build it, they read :meth:`region` by region).
 
     The input's pixels are referenced, not copied (numpy and torch inputs share memory): do not
     modify the input between ``prepare_image`` and ``restore``.
     """
 
-    rgb: torch.Tensor
     # Original pixels ``[B, C, H, W]`` in the input's dtype and device, C = colour (1 or 3) + alpha (0/1).
     _original: torch.Tensor = field(repr=False)
     _colour: int = field(repr=False)
     _scale: float | None = field(repr=False)  # 255 / 65535 for integers, None for floats
     _finish: Callable[[torch.Tensor], Any] = field(repr=False)  # [B, C, H, W] -> the user's kind
+    _rgb: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, 3, H, W)``: the shape of :attr:`rgb`."""
+        b, _, h, w = self._original.shape
+        return b, 3, h, w
+
+    @property
+    def rgb(self) -> torch.Tensor:
+        if self._rgb is None:
+            _, _, h, w = self.shape
+            self._rgb = self.region(0, h, 0, w)
+        return self._rgb
+
+    def region(self, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+        """float32 ``[B, 3, bottom - top, right - left]`` in 0..1: the rows ``top:bottom`` and columns
+        ``left:right`` of :attr:`rgb`, in a fresh CPU buffer (never aliasing the input)."""
+        col = self._original[:, : self._colour, top:bottom, left:right]
+        b, _, h, w = col.shape
+        # Move first, widen in copy_: a narrow dtype crosses PCIe.
+        rgb = torch.empty((b, 3, h, w), dtype=torch.float32)
+        rgb.copy_(col.to("cpu").expand(b, 3, h, w))
+        if self._scale is not None:
+            rgb /= self._scale
+        return rgb
+
+    def new_output(self) -> torch.Tensor:
+        """A copy of the original pixels ``[B, C, H, W]`` (input dtype and device) for :meth:`paste` to fill."""
+        return self._original.clone()
+
+    def paste(self, out: torch.Tensor, restored: torch.Tensor, changed: torch.Tensor, top: int = 0,
+              left: int = 0) -> None:
+        """Write a restored region into ``out`` (from :meth:`new_output`) at ``(top, left)``, in place.
+
+        ``restored`` float ``[B, 3, h, w]`` and ``changed`` bool ``[B, 1, h, w]`` as in :meth:`restore`; pixels
+        where ``changed`` is False keep what ``out`` holds (the original, bit for bit), alpha is never touched.
+        """
+        c, h, w = self._colour, restored.shape[-2], restored.shape[-1]
+        x = restored.detach().to(out.device, torch.float32).clamp(0.0, 1.0)
+        if c == 1:
+            x = (x[:, 0:1] + x[:, 1:2] + x[:, 2:3]) / 3.0
+        x = (x * self._scale).round() if self._scale is not None else x
+        target = out[:, :c, top:top + h, left:left + w]
+        target.copy_(torch.where(changed.to(out.device), x.to(out.dtype), target))
+
+    def finish(self, out: torch.Tensor) -> Any:
+        """``out`` ``[B, C, H, W]`` (from :meth:`new_output`) as the input's kind, dtype and shape."""
+        return self._finish(out)
 
     def restore(self, restored: torch.Tensor, changed: torch.Tensor) -> Any:
         """Convert the network output back to the input's kind, dtype and shape.
@@ -100,19 +149,14 @@ class PreparedImage:
         Integers are ``round(x * 255)`` / ``round(x * 65535)`` (half to even); floats are cast.
         Pixels where ``changed`` is False, and all alpha, are copied from the original data.
         """
-        b, _, h, w = self.rgb.shape
+        b, _, h, w = self.shape
         if tuple(restored.shape) != (b, 3, h, w):
             raise ValueError(f"restored has shape {tuple(restored.shape)}, expected {(b, 3, h, w)}")
         if tuple(changed.shape) != (b, 1, h, w) or changed.dtype != torch.bool:
             raise ValueError(f"changed must be bool {(b, 1, h, w)}, "
                              f"got {changed.dtype} {tuple(changed.shape)}")
-        orig, c = self._original, self._colour
-        x = restored.detach().to(orig.device, torch.float32).clamp(0.0, 1.0)
-        if c == 1:
-            x = (x[:, 0:1] + x[:, 1:2] + x[:, 2:3]) / 3.0
-        x = (x * self._scale).round() if self._scale is not None else x
-        colour = torch.where(changed.to(orig.device), x.to(orig.dtype), orig[:, :c])
-        out = torch.cat([colour, orig[:, c:]], dim=1) if orig.shape[1] > c else colour
+        out = self.new_output()
+        self.paste(out, restored, changed)
         return self._finish(out)
 
 
@@ -155,13 +199,9 @@ def _make(orig: torch.Tensor, colour: int, scale: float | None, finish: Callable
         if lo < 0.0 or hi > 1.0:
             raise ImageError(f"{what} values lie in [{lo:.6g}, {hi:.6g}], outside 0..1; "
                              "scale to 0..1 (e.g. divide 8-bit data by 255) or pass integer data")
-    # A fresh buffer: rgb must never alias the caller's data, or an in-place op in the network would
-    # corrupt the pixels restore passes through. Move first, widen in copy_: a narrow dtype crosses PCIe.
-    rgb = torch.empty((b, 3, h, w), dtype=torch.float32)
-    rgb.copy_(col.to("cpu").expand(b, 3, h, w))
-    if scale is not None:
-        rgb /= scale
-    return PreparedImage(rgb, orig, colour, scale, finish)
+    # rgb (built lazily by PreparedImage.region) is a fresh buffer: it must never alias the caller's data,
+    # or an in-place op in the network would corrupt the pixels restore passes through.
+    return PreparedImage(orig, colour, scale, finish)
 
 
 # Pillow modes converted on input (kept modes are listed in _PIL_KEEP).
@@ -200,9 +240,11 @@ def _prepare_pil(img: Image.Image, source: str) -> PreparedImage:
     # Carry colour metadata so a saved result looks the same as its input.
     info = {k: img.info[k] for k in ("icc_profile", "dpi") if k in img.info}
 
+    size = img.size  # not img itself: the closure must not keep the decoded input alive
+
     def finish(out: torch.Tensor) -> Image.Image:
-        data = np.ascontiguousarray(out[0].permute(1, 2, 0).numpy().astype(np_dtype))
-        res = Image.frombytes(mode, (img.width, img.height), data.tobytes())
+        data = np.ascontiguousarray(out[0].permute(1, 2, 0).numpy()).astype(np_dtype, copy=False)
+        res = Image.frombuffer(mode, size, data, "raw", mode, 0, 1)
         res.info.update(info)
         return res
 

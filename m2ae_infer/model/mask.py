@@ -32,10 +32,24 @@ class BlurMaskHead(nn.Module):
         self.logit = nn.Conv2d(channels, 1, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.quarter_logits(features), features.shape[-2:])
+
+    def quarter_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` -> logits ``[B, 1, ceil(h/2), ceil(w/2)]`` before the upsample.
+
+        Local (a finite receptive field, see :mod:`m2ae_infer.tiling`), so it can be computed tile by tile.
+        """
         h = features
         for conv in self.convs:
             h = activation(conv(h), self.act)
-        return F.interpolate(self.logit(h), size=features.shape[-2:], mode="bilinear", align_corners=False)
+        return self.logit(h)
+
+    @staticmethod
+    def upsample(logits: torch.Tensor, size) -> torch.Tensor:
+        """Quarter-resolution logits -> ``[B, 1, *size]``. Not local: with ``size`` odd the source/target ratio
+        ``ceil(h/2)/h`` differs from 1/2 and depends on the whole image's size, so tiled runs apply it once
+        to the whole quarter-resolution map."""
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def binarize(logits: torch.Tensor, threshold: float = 0.5, dilation: int = 0) -> torch.Tensor:

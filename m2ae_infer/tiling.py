@@ -1,0 +1,339 @@
+"""Tiled execution: large images run in overlapping tiles, in bounded memory, with the untiled result.
+
+Why a tiled run equals the untiled one (within float rounding):
+
+* Every convolution of M2AENet is local, so an output pixel depends only on input pixels within its
+  **receptive field**; :func:`receptive_field` computes it from the network's own layers. A tile is run on
+  its *core* grown by ``overlap`` input pixels of real image on every side (clipped at the image border,
+  where the tile then sees exactly the untiled border handling: zero padding, and ``pad_to_even``'s
+  replicated last row/column); only the core is kept.
+* Grids must line up: the body works on 2x2 input blocks and the mask head on 4x4 blocks (a stride-2 conv
+  on the half-resolution features). Tile cores and overlaps are multiples of :data:`ALIGN` = 4 input pixels,
+  so a tile's blocks are the untiled run's blocks.
+* The mask head ends with a bilinear upsample whose source/target ratio ``ceil(h/2)/h`` depends on the whole
+  image's size when ``h`` is odd: it is *not* local. So a predicted mask is made in two passes: (1) per tile,
+  the stem and the mask head's convolutions give the quarter-resolution logits of the tile's core, pasted
+  into one map for the whole image (``ceil(H/4) x ceil(W/4)`` floats), which is then upsampled, thresholded
+  and dilated once, exactly as untiled; (2) per tile, the executor runs the body on the tile plus overlap
+  with that whole-image mask cropped to it (a user mask is cropped the same way).
+
+Memory: the float image is never built whole; tiles are read from the input in its own dtype
+(:meth:`PreparedImage.region`) and written into one output buffer of that dtype (:meth:`PreparedImage.paste`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .model.mask import binarize, full_resolution, pad_to_even
+from .model.network import SHUFFLE, M2AENet
+
+__all__ = ["ALIGN", "AUTO_TILE_PIXELS", "DEFAULT_TILE", "ReceptiveField", "Tile", "Tiling", "plan_tiles",
+           "receptive_field", "run_tiled"]
+
+ALIGN = 4                  # input pixels per mask-head (quarter-resolution) pixel: tile grids align to it
+DEFAULT_TILE = 1024        # core size of automatic tiles, input pixels
+AUTO_TILE_PIXELS = 2_500_000  # tile="auto" tiles images (batch x H x W) above this many pixels
+
+
+# ------------------------------------------------------------------------------------ receptive field
+@dataclass
+class _Reach:
+    """Input pixels a chain of layers sees around one cell of its output grid.
+
+    A cell of the current grid covers ``jump`` input pixels; the inputs a cell depends on extend ``before``
+    pixels before the cell's first pixel and ``after`` pixels after its last.
+    """
+
+    jump: int = 1
+    before: int = 0
+    after: int = 0
+
+    def unshuffle(self, factor: int) -> None:
+        self.jump *= factor
+
+    def conv(self, conv: nn.Conv2d) -> None:
+        # Output cell q reads input cells s*q - p ... s*q - p + (k-1)*d and covers input cells s*q ... s*q + s-1.
+        params = (conv.kernel_size, conv.stride, conv.dilation, conv.padding)
+        if isinstance(conv.padding, str) or any(v[0] != v[1] for v in params):
+            raise ValueError(f"receptive_field: only square convs with int padding are handled, got {conv}")
+        k, s, d, p = (v[0] for v in params)
+        self.before += p * self.jump
+        self.after += ((k - 1) * d - p - (s - 1)) * self.jump
+        self.jump *= s
+
+    @property
+    def reach(self) -> int:
+        """Largest distance from an output pixel to an input pixel it depends on."""
+        return self.jump - 1 + max(self.before, self.after, 0)
+
+    @property
+    def margin(self) -> int:
+        """Input pixels of context needed on each side of a core made of whole cells."""
+        return max(self.before, self.after, 0)
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """How far M2AENet looks, in input pixels (see :func:`receptive_field`).
+
+    Attributes:
+        body: context a tile needs on each side for its restored pixels (stem, every masked stage, tail).
+        mask: context a tile needs on each side for its quarter-resolution mask logits (stem, mask head).
+        body_reach / mask_reach: the largest distance from an output pixel (a quarter-resolution logit)
+            to an input pixel it depends on; what a perturbation probe measures.
+    """
+
+    body: int
+    mask: int
+    body_reach: int
+    mask_reach: int
+
+    @property
+    def min_overlap(self) -> int:
+        """The smallest ``tile_overlap`` that gives the untiled result: both margins, rounded up to ALIGN."""
+        return _round_up(max(self.body, self.mask), ALIGN)
+
+
+def receptive_field(net: M2AENet) -> ReceptiveField:
+    """Receptive field of ``net`` (either form), walked layer by layer from its modules.
+
+    Body: pixel-unshuffle x2, the stem conv, then each masked stage's convolutions, then the tail. Within a
+    stage every conv is counted in sequence: exact for M2AENet (one 3x3 per stage, the rest 1x1, parallel
+    RepVGG branches included) and on the safe side for anything else. Mask: unshuffle, stem, the mask head's
+    convs (a stride-2 conv, then dilated ones) and its 1x1 logit, up to the quarter-resolution logits.
+    Default config: body margin 16, mask margin 28 -> ``min_overlap`` 28 input pixels.
+    """
+    body = _Reach()
+    body.unshuffle(SHUFFLE)
+    body.conv(net.stem)
+    for stage in net.stages():
+        for module in stage.modules():
+            if isinstance(module, nn.Conv2d):
+                body.conv(module)
+    body.conv(net.tail)
+    mask = _Reach()
+    mask.unshuffle(SHUFFLE)
+    mask.conv(net.stem)
+    for conv in net.mask_head.convs:
+        mask.conv(conv)
+    mask.conv(net.mask_head.logit)
+    if mask.jump != ALIGN:
+        raise ValueError(f"mask head works on {mask.jump}x{mask.jump} input blocks; tiling assumes {ALIGN}")
+    return ReceptiveField(body.margin, mask.margin, body.reach, mask.reach)
+
+
+# ------------------------------------------------------------------------------------------ planning
+@dataclass(frozen=True)
+class Tile:
+    """One tile in input pixels: the core ``[top, bottom) x [left, right)`` it restores, and the crop
+    ``(top, bottom, left, right)`` it is run on (the core grown by the overlap, clipped to the image)."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    crop: tuple[int, int, int, int]
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _spans(length: int, tile: int) -> list[tuple[int, int]]:
+    """``[0, length)`` cut into near-equal spans of at most ``tile`` (rounded up to ALIGN) starting on ALIGN."""
+    count = math.ceil(length / tile)
+    size = _round_up(math.ceil(length / count), ALIGN)
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
+    """Tiles covering an ``height x width`` image, cores of at most ``tile`` pixels (a multiple of ALIGN)."""
+    if tile % ALIGN or overlap % ALIGN:
+        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {ALIGN}")
+    return [Tile(top, bottom, left, right,
+                 (max(top - overlap, 0), min(bottom + overlap, height), max(left - overlap, 0),
+                  min(right + overlap, width)))
+            for top, bottom in _spans(height, tile) for left, right in _spans(width, tile)]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """When and how a :class:`~m2ae_infer.Deblurrer` tiles (built by :meth:`resolve`).
+
+    Attributes:
+        tile: core size in input pixels (a multiple of ALIGN), or None: never tile.
+        overlap: context on each side of a tile, input pixels (a multiple of ALIGN, >= the minimum).
+        above: tile only images of more than this many pixels (batch x H x W); 0: always.
+    """
+
+    tile: int | None
+    overlap: int
+    above: int
+
+    @classmethod
+    def resolve(cls, tile: Any, overlap: Any, field: ReceptiveField) -> "Tiling":
+        """Check the user's ``tile`` / ``tile_overlap``; errors are one line naming the fix."""
+        minimum = field.min_overlap
+        if overlap is None:
+            overlap = minimum
+        elif isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+            raise ValueError(f"tile_overlap must be None or an int >= {minimum}, got {overlap!r}")
+        elif overlap < minimum:
+            raise ValueError(f"tile_overlap={overlap} is smaller than this network's receptive field: tiles "
+                             f"need at least {minimum} pixels of overlap to match the untiled result; "
+                             "leave tile_overlap unset for the minimum")
+        overlap = _round_up(overlap, ALIGN)
+        if tile == "auto":
+            return cls(DEFAULT_TILE, overlap, AUTO_TILE_PIXELS)
+        if tile is None or tile == 0:
+            return cls(None, overlap, 0)
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
+            raise ValueError(f"tile must be 'auto', None/0 (never tile) or a positive int (tile size in "
+                             f"pixels), got {tile!r}")
+        return cls(_round_up(tile, ALIGN), overlap, 0)
+
+    def tiles(self, batch: int, height: int, width: int) -> list[Tile] | None:
+        """The tiles for an image of this size, or None to run it whole."""
+        if self.tile is None or batch * height * width <= self.above:
+            return None
+        if height <= self.tile and width <= self.tile:
+            return None  # one tile is the whole image
+        return plan_tiles(height, width, self.tile, self.overlap)
+
+
+# ------------------------------------------------------------------------------------------- running
+@dataclass
+class TiledRun:
+    """What :func:`run_tiled` did: the output buffer and the numbers :class:`RunInfo` reports."""
+
+    output: torch.Tensor        # [B, C, H, W] in the input's dtype (PreparedImage.new_output), filled
+    mask: torch.Tensor          # working mask of the whole image [B, 1, ceil(H/2), ceil(W/2)] bool
+    active_pixels: int
+    executions: set[str] = field(default_factory=set)
+    flops_dense: int = 0
+    flops_executed: int = 0
+    seconds: float = 0.0
+    tiles: int = 0
+
+    @property
+    def execution(self) -> str:
+        """``"sparse"``, ``"dense"``, ``"mixed"`` (tiles differed) or ``"none"`` (no tile had blur)."""
+        if len(self.executions) > 1:
+            return "mixed"
+        return next(iter(self.executions), "none")
+
+
+class _MaskPassFlops:
+    """FLOPs of the mask pass on a crop (stem + mask-head convs), counted on a meta-device copy."""
+
+    def __init__(self, net: M2AENet):
+        self.net = copy.deepcopy(net).to("meta")
+        self.cache: dict[tuple[int, int, int], int] = {}
+
+    def __call__(self, batch: int, height: int, width: int) -> int:
+        key = (batch, height, width)
+        if key not in self.cache:
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
+                self.net.mask_head.quarter_logits(self.net.stem_features(padded))
+            self.cache[key] = int(counter.get_total_flops())
+        return self.cache[key]
+
+
+def _working_mask(full: torch.Tensor) -> torch.Tensor:
+    """Full-resolution bool ``[B, 1, H, W]`` -> working mask (any of each 2x2 block), without a float copy."""
+    full = pad_to_even(full)
+    b, _, h, w = full.shape
+    return full.reshape(b, 1, h // 2, 2, w // 2, 2).any(dim=5).any(dim=3)
+
+
+def _quarter(x: int) -> int:
+    return -(-x // ALIGN)
+
+
+def _half(x: int) -> int:
+    return -(-x // SHUFFLE)
+
+
+@torch.inference_mode()
+def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: torch.device,
+              user_mask: torch.Tensor | None, *, threshold: float, dilation: int, execution: str,
+              count_flops: bool = True, flop_counter: _MaskPassFlops | None = None) -> TiledRun:
+    """Run ``executor`` over ``tiles`` of ``prepared`` (a :class:`~m2ae_infer.imgio.PreparedImage`).
+
+    Args:
+        executor: anything with TorchExecutor's ``run`` / ``count_flops`` (the body pass).
+        network: the deploy network on ``device`` (the mask pass: stem and mask head).
+        user_mask: full-resolution ``[B, 1, H, W]`` bool on ``device``, or None to predict the mask.
+        count_flops: also count FLOPs (``flop_counter`` caches the mask-pass counts between calls).
+    """
+    start = time.perf_counter()
+    batch, _, height, width = prepared.shape
+    mask_flops = 0
+    if user_mask is None:
+        flop_counter = flop_counter or (_MaskPassFlops(network) if count_flops else None)
+        logits = torch.empty((batch, 1, _quarter(height), _quarter(width)), device=device)
+        for t in tiles:
+            top, bottom, left, right = t.crop
+            crop = prepared.region(top, bottom, left, right).to(device)
+            padded = pad_to_even(crop).contiguous(memory_format=torch.channels_last)   # as TorchExecutor.run
+            quarter = network.mask_head.quarter_logits(network.stem_features(padded))
+            qt, ql = top // ALIGN, left // ALIGN
+            rows, cols = slice(t.top // ALIGN, _quarter(t.bottom)), slice(t.left // ALIGN, _quarter(t.right))
+            logits[..., rows, cols] = quarter[..., rows.start - qt:rows.stop - qt, cols.start - ql:cols.stop - ql]
+            if flop_counter is not None:
+                mask_flops += flop_counter(batch, bottom - top, right - left)
+            del crop, padded, quarter
+        mask = binarize(network.mask_head.upsample(logits, (_half(height), _half(width))), threshold, dilation)
+        del logits
+    else:
+        mask = _working_mask(user_mask)
+    run = TiledRun(prepared.new_output(), mask, int(mask.sum()), tiles=len(tiles))
+    run.flops_dense = run.flops_executed = mask_flops
+    counted: dict[tuple, int] = {}
+
+    def body_flops(height: int, width: int, active: int, chosen: str) -> int:
+        """``executor.count_flops`` (FlopCounterMode on meta tensors, ~25 ms a call), per crop shape: dense
+        counts do not depend on ``active`` and sparse ones are affine in it (the same GEMMs per active pixel),
+        so two counts per shape give every tile's."""
+        def count(a: int) -> int:
+            key = (height, width, a, chosen)
+            if key not in counted:
+                counted[key] = executor.count_flops(batch, height, width, a, chosen, False)
+            return counted[key]
+        if chosen == "dense":
+            return count(0)
+        return count(0) + active * (count(1) - count(0))
+
+    for t in tiles:
+        core = mask[..., t.top // SHUFFLE:_half(t.bottom), t.left // SHUFFLE:_half(t.right)]
+        if not bool(core.any()):
+            continue  # nothing to restore here: the output already holds the input, bit for bit
+        top, bottom, left, right = t.crop
+        crop = prepared.region(top, bottom, left, right).to(device)
+        crop_mask = full_resolution(mask[..., top // SHUFFLE:_half(bottom), left // SHUFFLE:_half(right)],
+                                    (bottom - top, right - left))
+        result = executor.run(crop, crop_mask, threshold=threshold, dilation=dilation, execution=execution)
+        h, w = t.bottom - t.top, t.right - t.left
+        y, x = t.top - top, t.left - left
+        prepared.paste(run.output, result.output[..., y:y + h, x:x + w],
+                       full_resolution(core, (h, w)), t.top, t.left)
+        run.executions.add(result.execution)
+        if count_flops:
+            crop_h, crop_w = bottom - top, right - left
+            run.flops_dense += body_flops(crop_h, crop_w, 0, "dense")
+            run.flops_executed += body_flops(crop_h, crop_w, result.active_pixels, result.execution)
+        del crop, crop_mask, result
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    run.seconds = time.perf_counter() - start
+    return run

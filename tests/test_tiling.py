@@ -1,0 +1,260 @@
+"""Tiling: the receptive field formula against a perturbation probe, tiled == untiled (dense, sparse, auto,
+predicted / user / full masks, odd sizes, batches, the shipped checkpoint), the overlap rule enforced, and
+memory-bounded plumbing (the whole float image is never built)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_mask, random_net
+from PIL import Image
+
+from m2ae_infer import Deblurrer, M2AEConfig, M2AENet, reparameterize_model, tiling
+from m2ae_infer.imgio import PreparedImage, prepare_image
+from m2ae_infer.model.mask import pad_to_even
+from m2ae_infer.tiling import ALIGN, Tiling, plan_tiles, receptive_field, run_tiled
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "m2ae_infer" / "assets" / "example_blurry.png"
+
+
+# ------------------------------------------------------------------------------------ receptive field
+@pytest.mark.parametrize("name", ["tiny", "default", "large"])
+def test_receptive_field_formula(name):
+    cfg = M2AEConfig.from_name(name)
+    field = receptive_field(M2AENet(cfg))
+    stages = 1 + cfg.num_blocks                                  # motion analyzer + blocks, one 3x3 each
+    dilations = sum(2 ** i for i in range(1, cfg.mask_layers))   # the mask head's dilated convs
+    # body: 2x2 blocks (1) + stem and every stage one working pixel (2 input pixels) each side
+    assert field.body_reach == 1 + 2 * (1 + stages) and field.body == 2 * (1 + stages)
+    # mask: 4x4 blocks (3) + stem (2) + stride-2 conv (2 before) + dilated convs at 4 pixels a cell
+    assert field.mask_reach == 3 + 2 + 2 + 4 * dilations and field.mask == 4 + 4 * dilations
+    assert field.min_overlap % ALIGN == 0 and field.min_overlap >= max(field.body, field.mask)
+    assert receptive_field(reparameterize_model(M2AENet(cfg))) == field   # both forms
+    if name == "default":
+        assert (field.body_reach, field.mask_reach, field.min_overlap) == (17, 31, 28)
+
+
+def _influence(fn, image: torch.Tensor, cell: int) -> int:
+    """Largest distance from an output pixel to a perturbed input pixel that changed it (perturbation probe).
+
+    ``fn``: ``[1, 3, H, W]`` -> ``[1, C, H/cell, W/cell]``; each output cell covers ``cell x cell`` inputs.
+    The probe pixel takes all ``cell`` phases so the worst alignment is seen.
+    """
+    reach = 0
+    base = fn(image)
+    for phase in range(cell):
+        y = x = image.shape[-1] // 2 + phase
+        probe = image.clone()
+        probe[..., y, x] += 1.0
+        changed = (fn(probe) != base).any(dim=1)[0].nonzero()
+        assert len(changed), "the perturbation changed nothing"
+        for cy, cx in changed.tolist():   # distance from (y, x) to the farthest input pixel of the cell
+            reach = max(reach, abs(y - cy * cell), abs(y - cy * cell - cell + 1),
+                        abs(x - cx * cell), abs(x - cx * cell - cell + 1))
+    return reach
+
+
+@pytest.mark.parametrize("name", ["tiny", "default"])
+def test_receptive_field_matches_perturbation_probe(name):
+    net = reparameterize_model(random_net(name, seed=5)).double()
+    image = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    full = torch.ones(1, 1, 96, 96, dtype=torch.bool)
+    field = receptive_field(net)
+    with torch.no_grad():
+        body = _influence(lambda img: net(img, mask=full), image, 1)
+        mask = _influence(lambda img: net.mask_head.quarter_logits(net.stem_features(pad_to_even(img))),
+                          image, ALIGN)
+    assert (body, mask) == (field.body_reach, field.mask_reach)
+
+
+# -------------------------------------------------------------------------------- tiled == untiled
+def _gap_threshold(net, image: np.ndarray) -> float:
+    """A threshold near the median blur probability that no pixel lies within float rounding of.
+
+    Tiles compute the mask logits in other oneDNN blockings, equal to ~1e-8 but not bit for bit: a pixel
+    sitting exactly on the threshold could flip. Real masks have few such pixels; random nets crowd
+    every probability into a narrow band, so the tests pick the threshold in the widest gap there.
+    """
+    net = reparameterize_model(net)
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+        p = torch.sigmoid(net.mask_head(net.stem_features(pad_to_even(x)))).flatten().sort().values
+    lo, hi = int(0.35 * len(p)), int(0.65 * len(p))
+    gaps = p[lo + 1:hi] - p[lo:hi - 1]
+    i = int(gaps.argmax())
+    assert gaps[i] > 1e-6
+    return float((p[lo + i] + p[lo + i + 1]) / 2)
+
+
+def _compare(net, image, mask, execution, tile, overlap=None, threshold=None, dilation=0):
+    kwargs = dict(execution=execution, threshold=threshold or 0.5, dilation=dilation)
+    ref, ref_info = Deblurrer(net, tile=None, **kwargs).run(image, mask=mask, return_info=True)
+    out, info = Deblurrer(net, tile=tile, tile_overlap=overlap, **kwargs).run(image, mask=mask, return_info=True)
+    assert info.tiles > 1 and ref_info.tiles == 1
+    assert np.array_equal(info.mask, ref_info.mask)
+    assert info.active_fraction == ref_info.active_fraction
+    keep = ~info.mask
+    assert np.array_equal(out[keep], image[keep]), "passthrough pixels must be bit-identical"
+    return float(np.abs(out.astype(np.float64) - ref).max()), info, ref_info
+
+
+SIZES = [(53, 71), (64, 96), (37, 101), (2, 90), (90, 3)]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=str)
+@pytest.mark.parametrize("execution", ["dense", "sparse", "auto"])
+@pytest.mark.parametrize("mask_kind", ["predicted", "blobs", "full"])
+def test_tiled_equals_untiled_random_net(size, execution, mask_kind):
+    net = random_net("tiny", seed=11)
+    image = np.random.default_rng(sum(size)).random((*size, 3)).astype(np.float32)
+    mask = {"predicted": None, "full": "full"}.get(mask_kind)
+    if mask_kind == "blobs":
+        mask = make_mask("blobs", *size, seed=2)[0, 0].numpy()
+    threshold = _gap_threshold(net, image) if mask is None else None
+    diff, info, ref = _compare(net, image, mask, execution, tile=8, threshold=threshold)
+    assert diff <= 1e-5, diff
+    assert 0 < info.active_fraction < 1 or mask_kind == "full" or min(size) < 4
+    assert info.flops_executed <= info.flops_dense
+    if execution == "sparse" and info.active_fraction < 0.7:
+        assert info.flops_executed < 0.9 * info.flops_dense
+
+
+@pytest.mark.parametrize("execution", ["dense", "sparse"])
+def test_tiled_equals_untiled_default_config_dilated_mask(execution):
+    net = random_net("default", seed=4)
+    image = np.random.default_rng(9).random((75, 133, 3)).astype(np.float32)
+    threshold = _gap_threshold(net, image)
+    diff, info, _ = _compare(net, image, None, execution, tile=32, threshold=threshold, dilation=2)
+    assert diff <= 1e-5 and info.tiles == 15
+
+
+def test_tiled_equals_untiled_shipped_checkpoint():
+    photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:397, :389]     # odd sizes
+    ref, ref_info = Deblurrer(tile=None).run(photo, return_info=True)
+    out, info = Deblurrer(tile=96).run(photo, return_info=True)
+    assert info.tiles == 25 and 0.01 < info.active_fraction < 0.9
+    assert np.array_equal(info.mask, ref_info.mask)
+    # uint8 out: the float results agree within 1e-5, so a rounded value moves by at most one level
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    assert np.array_equal(out[~info.mask], photo[~info.mask])
+    floats, finfo = Deblurrer(tile=96).run(photo.astype(np.float32) / 255, return_info=True)
+    ref_floats = Deblurrer(tile=None).run(photo.astype(np.float32) / 255)
+    assert np.abs(floats - ref_floats).max() <= 1e-5
+    # FLOPs summed over tiles: the overlaps cost more than the untiled run, at most their share of pixels
+    crops = sum((b - t) * (r - l) for t, b, l, r in (tile.crop for tile in plan_tiles(397, 389, 96, 28)))
+    assert ref_info.flops_dense < finfo.flops_dense <= crops / (397 * 389) * ref_info.flops_dense
+
+
+def test_batch_tensor_tiled_equals_untiled():
+    net = random_net("tiny", seed=1)
+    x = torch.rand(2, 3, 41, 58, generator=torch.Generator().manual_seed(3))
+    mask = make_mask("blobs", 41, 58, seed=4, batch=2)
+    ref, ref_info = Deblurrer(net, tile=None).run(x, mask=mask, return_info=True)
+    out, info = Deblurrer(net, tile=12).run(x, mask=mask, return_info=True)
+    assert out.shape == x.shape and info.mask.shape == (2, 41, 58) and torch.equal(info.mask, ref_info.mask)
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_uint16_and_rgba_tiled_passthrough():
+    net = random_net("tiny", seed=2)
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 65536, (30, 45, 4), dtype=np.uint16)
+    mask = make_mask("blobs", 30, 45, seed=1)[0, 0].numpy()
+    ref = Deblurrer(net, tile=None).run(rgba, mask=mask)
+    out, info = Deblurrer(net, tile=8).run(rgba, mask=mask, return_info=True)
+    assert out.dtype == np.uint16 and np.array_equal(out[..., 3], rgba[..., 3])
+    assert np.array_equal(out[~info.mask], rgba[~info.mask]) and np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+# ------------------------------------------------------------------------------------ overlap rule
+@pytest.mark.parametrize("name", ["tiny", "default"])
+def test_too_small_overlap_is_refused_naming_the_minimum(name):
+    net = random_net(name)
+    minimum = receptive_field(net).min_overlap
+    with pytest.raises(ValueError) as err:
+        Deblurrer(net, tile=64, tile_overlap=minimum - 1)
+    assert f"at least {minimum}" in str(err.value) and "\n" not in str(err.value)
+    assert Deblurrer(net, tile=64, tile_overlap=minimum + 1).tiling.overlap == minimum + ALIGN
+
+
+def test_overlap_below_the_receptive_field_gives_a_different_result():
+    """The minimum is needed: run the tiles with less overlap (bypassing the check) and the output changes."""
+    net = reparameterize_model(random_net("tiny", seed=11))
+    field = receptive_field(net)
+    image = np.random.default_rng(0).random((48, 64, 3)).astype(np.float32)
+    deblurrer = Deblurrer(net, tile=None, execution="dense")
+    ref = deblurrer.run(image, mask="full")
+    full = torch.ones(1, 1, 48, 64, dtype=torch.bool)
+
+    def tiled(overlap):
+        prepared = prepare_image(image)
+        run = run_tiled(prepared, plan_tiles(48, 64, 16, overlap), deblurrer.executor, deblurrer.network,
+                        deblurrer.device, full, threshold=0.5, dilation=0, execution="dense", count_flops=False)
+        return prepared.finish(run.output)
+
+    assert np.abs(tiled(field.body) - ref).max() <= 1e-5
+    assert np.abs(tiled(field.body - ALIGN) - ref).max() > 1e-4   # far beyond the 1e-5 tolerance
+
+
+@pytest.mark.parametrize("tile,overlap,needle", [(-1, None, "tile must"), ("big", None, "tile must"),
+                                                 (2.5, None, "tile must"), (16, -4, "tile_overlap must"),
+                                                 (16, "wide", "tile_overlap must")])
+def test_bad_tile_options(tile, overlap, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        Deblurrer(random_net("tiny"), tile=tile, tile_overlap=overlap)
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------- policy and memory
+def test_auto_tiles_above_the_pixel_budget_only(monkeypatch):
+    net = random_net("tiny", seed=3)
+    image = np.random.default_rng(1).random((40, 50, 3)).astype(np.float32)
+    monkeypatch.setattr(tiling, "AUTO_TILE_PIXELS", 40 * 50 - 1)
+    monkeypatch.setattr(tiling, "DEFAULT_TILE", 16)
+    _, info = Deblurrer(net).run(image, mask="full", return_info=True)
+    assert info.tiles == 12
+    _, info = Deblurrer(net).run(image[:, :49], mask="full", return_info=True)   # at the budget: whole
+    assert info.tiles == 1
+    _, info = Deblurrer(net, tile=0).run(image, mask="full", return_info=True)
+    assert info.tiles == 1
+    assert Tiling.resolve("auto", None, receptive_field(net)).tiles(1, 16, 16) is None
+
+
+def test_tiled_run_never_builds_the_whole_float_image(monkeypatch):
+    def refuse(self):
+        raise AssertionError("the whole float image was built")
+
+    monkeypatch.setattr(PreparedImage, "rgb", property(refuse))
+    image = np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    out, info = Deblurrer(random_net("tiny"), tile=16).run(image, return_info=True)
+    assert out.shape == image.shape and info.tiles == 12
+
+
+def test_plan_tiles_cover_the_image_once():
+    for height, width, tile in [(1, 1, 4), (7, 9, 4), (4000, 6000, 1024), (101, 3, 8)]:
+        cover = np.zeros((height, width), int)
+        for t in plan_tiles(height, width, tile, 28):
+            assert t.top % ALIGN == 0 and t.left % ALIGN == 0 and t.crop[0] % ALIGN == 0 and t.crop[2] % ALIGN == 0
+            assert t.bottom - t.top <= tile and t.right - t.left <= tile
+            cover[t.top:t.bottom, t.left:t.right] += 1
+        assert (cover == 1).all()
+
+
+def test_flops_are_the_sum_of_exact_per_tile_counts():
+    net = random_net("tiny", seed=6)
+    image = np.random.default_rng(5).random((45, 62, 3)).astype(np.float32)
+    mask = make_mask("blobs", 45, 62, seed=3)[0, 0].numpy()
+    deblurrer = Deblurrer(net, tile=16, execution="sparse")
+    _, info = deblurrer.run(image, mask=mask, return_info=True)
+    working = torch.from_numpy(info.mask[::2, ::2].copy())         # one value per 2x2 block
+    expected_dense = expected = 0
+    for t in plan_tiles(45, 62, 16, deblurrer.tiling.overlap):
+        if not working[t.top // 2:-(-t.bottom // 2), t.left // 2:-(-t.right // 2)].any():
+            continue
+        top, bottom, left, right = t.crop
+        active = int(working[top // 2:-(-bottom // 2), left // 2:-(-right // 2)].sum())
+        expected += deblurrer.executor.count_flops(1, bottom - top, right - left, active, "sparse", False)
+        expected_dense += deblurrer.executor.count_flops(1, bottom - top, right - left, 0, "dense", False)
+    assert info.execution == "sparse" and info.flops_executed == expected and info.flops_dense == expected_dense
