@@ -1,24 +1,38 @@
 """``m2ae-deblur IN... -o OUT``: deblur image files or folders from the command line.
 
-Exit codes: 0 all inputs written; 1 some inputs failed (each reported, the rest still written);
-2 a usage error or a model that cannot be loaded. User errors are one line, never a traceback.
+Exit codes: 0 all inputs written; 1 some inputs failed (each reported when it fails and named again in the
+closing summary; the rest are still written); 2 a usage error, a model that cannot be loaded or an output folder
+that cannot be written (checked before any image runs); 130 interrupted. Errors are one line, never a traceback,
+and every output is written atomically (:mod:`m2ae_infer.atomic`), so a failure or Ctrl-C leaves no partial file.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+from .atomic import TEMP_PREFIX
 from .checkpoint import CheckpointError
 from .imgio import ImageError, mask_to_image, save_image
+from .messages import one_line
 
+PROG = "m2ae-deblur"
+SHOWN = 10  # failed files named in the closing summary line
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 EXAMPLE_PHOTO = Path(__file__).parent / "assets" / "example_blurry.png"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit code 2), like every other error of this tool."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="m2ae-deblur", description=(
+    p = _Parser(prog=PROG, description=(
         "Deblur locally motion-blurred photos, computing only the pixels the blur mask selects."))
     p.add_argument("inputs", nargs="*", metavar="IN", help="image files or folders (folders: their images, sorted)")
     p.add_argument("-o", "--output", metavar="OUT", help="output folder, or a file name for a single input")
@@ -42,23 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
-    """Expand folders into their image files; returns (files, problems)."""
+    """Expand folders into their image files (not recursive); returns (files, problems).
+
+    A folder's image-named entries that cannot be read as files (broken symlinks, symlink loops) are
+    problems, not silently dropped; other files in a folder are ignored.
+    """
     files, problems = [], []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                entries = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as exc:
+                problems.append(f"{item}: cannot list the folder ({one_line(exc.strerror or exc)})")
+                continue
+            found = [p for p in entries if p.is_file()]
+            problems.extend(f"{p}: broken symlink or symlink loop" for p in entries
+                            if p.is_symlink() and not p.exists())
             if not found:
                 problems.append(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)
         elif path.exists():
             files.append(path)
+        elif path.is_symlink():
+            problems.append(f"{item}: broken symlink or symlink loop")
         else:
             problems.append(f"{item}: no such file or folder")
     return files, problems
 
 
-def plan_outputs(files: list[Path], output: str, example: bool) -> dict[Path, Path]:
+def plan_outputs(files: list[Path], output: str, example: bool, masks: bool = False) -> dict[Path, Path]:
     """Map each input to its output path. A single input with an image suffix on OUT writes that file."""
     out = Path(output)
     if len(files) == 1 and out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
@@ -66,13 +93,36 @@ def plan_outputs(files: list[Path], output: str, example: bool) -> dict[Path, Pa
     if out.exists() and not out.is_dir():
         raise ValueError(f"{output}: exists and is not a folder; give a folder for several inputs")
     names: dict[Path, Path] = {}
+    taken: set[Path] = set()
     for f in files:
         name = "example_deblurred.png" if example else f.name
         target = out / name
-        if target in names.values():
-            raise ValueError(f"two inputs would both write {target}; give them different names or run them apart")
+        written = {target, mask_path(target)} if masks else {target}
+        if written & taken:
+            raise ValueError(f"two inputs would both write {sorted(written & taken)[0]}; "
+                             "give them different names or run them apart")
+        taken |= written
         names[f] = target
     return names
+
+
+def mask_path(target: Path) -> Path:
+    """Where ``--save-mask`` writes the mask of the output ``target``."""
+    return target.with_name(target.stem + "_mask.png")
+
+
+def prepare_folders(targets) -> None:
+    """Create the output folders and check that files can be created there (before any image is run:
+    a batch must not compute for an hour and then fail to write). Raises ValueError, one line."""
+    for folder in sorted({Path(t).parent for t in targets}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ValueError(f"cannot write to output folder {folder} ({one_line(exc.strerror or exc)}); "
+                             "choose a writable folder with -o") from None
 
 
 def describe(info) -> str:
@@ -101,61 +151,90 @@ def _tile_size(text: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.example:
-        args.inputs = [str(EXAMPLE_PHOTO), *args.inputs]
-        args.output = args.output or "m2ae_out"
-    if not args.inputs:
-        parser.error("give at least one input image or folder (or --example)")
-    if not args.output:
-        parser.error("give an output with -o OUT")
+    try:   # usage errors (and --help) exit through argparse; main returns the code instead
+        args = parser.parse_args(argv)
+        if args.example:
+            args.inputs = [str(EXAMPLE_PHOTO), *args.inputs]
+            args.output = args.output or "m2ae_out"
+        if not args.inputs:
+            parser.error("give at least one input image or folder (or --example)")
+        if not args.output:
+            parser.error("give an output with -o OUT")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
 
     files, problems = collect_inputs(args.inputs)
     try:
-        outputs = plan_outputs(files, args.output, args.example)
+        outputs = plan_outputs(files, args.output, args.example, args.save_mask)
         from .api import Deblurrer   # after argument checks: importing torch takes a second
         deblurrer = Deblurrer(args.checkpoint, device=args.device, execution=args.execution,
                               threshold=args.threshold, dilation=args.dilation, tile=args.tile,
                               tile_overlap=args.tile_overlap)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        print(f"m2ae-deblur: error: {exc}", file=sys.stderr)
+        prepare_folders(outputs.values())
+    except (ValueError, OSError, RuntimeError, CheckpointError) as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     for p in problems:
-        print(f"m2ae-deblur: skipped {p}", file=sys.stderr)
+        print(f"{PROG}: skipped {p}", file=sys.stderr)
 
-    failures = list(problems)
+    inputs = {_file_id(f) for f in files} - {None}
+    failed = [p.split(": ", 1)[0] for p in problems]
+    written = 0
     bar = None if args.quiet or len(outputs) < 2 else _progress(len(outputs))
-    for source, target in outputs.items():
-        try:
-            _deblur_one(deblurrer, source, target, args)
-        except (ImageError, ValueError, OSError) as exc:
-            failures.append(f"{source}: {exc}")
-            print(f"m2ae-deblur: failed {source}: {exc}", file=sys.stderr)
+    try:
+        for source, target in outputs.items():
+            try:
+                _deblur_one(deblurrer, source, target, args, inputs)
+                written += 1
+            except (ImageError, ValueError, OSError, RuntimeError, MemoryError) as exc:
+                # RuntimeError/MemoryError: torch ran out of memory or failed on this image; the batch goes on
+                failed.append(str(source))
+                print(f"{PROG}: failed {source}: {one_line(exc)}", file=sys.stderr)
+            if bar is not None:
+                bar.update()
+    except KeyboardInterrupt:   # atomic writes: nothing half-written, whatever was running
         if bar is not None:
-            bar.update()
+            bar.close()
+        print(f"{PROG}: interrupted; {written} written, {len(failed)} failed, "
+              f"{len(outputs) - written - len(failed) + len(problems)} not run", file=sys.stderr)
+        return 130
     if bar is not None:
         bar.close()
-    if failures:
-        print(f"m2ae-deblur: {len(outputs) + len(problems) - len(failures)} written, {len(failures)} failed",
-              file=sys.stderr)
+    if failed:
+        shown = ", ".join(failed[:SHOWN]) + (f", ... {len(failed) - SHOWN} more" if len(failed) > SHOWN else "")
+        print(f"{PROG}: {written} written, {len(failed)} failed: {shown}", file=sys.stderr)
         return 1
     return 0
 
 
-def _deblur_one(deblurrer, source: Path, target: Path, args) -> None:
-    if target.exists() and os.path.samefile(source, target):
-        raise ValueError(f"output {target} is the input itself; choose another output")
-    if target.exists() and not args.force:
-        raise ValueError(f"{target} exists; pass --force to overwrite it")
-    mask_target = target.with_name(target.stem + "_mask.png")
-    if args.save_mask and mask_target.exists() and not args.force:
-        raise ValueError(f"{mask_target} exists; pass --force to overwrite it")
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> None:
+    mask_target = mask_path(target)
+    for path in (target, mask_target) if args.save_mask else (target,):
+        if _file_id(path) in inputs:   # the same file as an input (also through links), whatever --force says
+            what = "the input itself" if os.path.samefile(source, path) else "one of the inputs"
+            raise ValueError(f"output {path} is {what}; choose another output")
+        if path.exists() and not args.force:
+            raise ValueError(f"{path} exists; pass --force to overwrite it")
     restored, info = deblurrer.run(source, mask="full" if args.full else None, return_info=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
     save_image(restored, target, overwrite=args.force)
     if args.save_mask:
         import torch
-        save_image(mask_to_image(torch.from_numpy(info.mask)), mask_target, overwrite=args.force)
+        try:
+            save_image(mask_to_image(torch.from_numpy(info.mask)), mask_target, overwrite=args.force)
+        except BaseException:
+            target.unlink(missing_ok=True)   # an image without its mask would be a half-done pair
+            raise
     if not args.quiet:
         _write_line(f"{source} -> {target}: {describe(info)}")
 

@@ -57,6 +57,9 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageError(f"{p}: refused, too many pixels ({one_line(e)}); if you trust the file, "
                          "raise PIL.Image.MAX_IMAGE_PIXELS") from e
     except UnidentifiedImageError as e:
+        size = _png_declared_size(p)
+        if size is not None and 0 in size:   # Pillow's PNG reader refuses these without saying why
+            raise ImageError(f"{p}: image has size {size[0]}x{size[1]} (HxW); it must be at least 1x1") from e
         raise ImageError(f"{p}: not an image or an unrecognised format; "
                          "use PNG, JPEG, TIFF, BMP or WebP") from e
     except PermissionError as e:
@@ -67,6 +70,19 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{p}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
     return img
+
+
+def _png_declared_size(path: str) -> tuple[int, int] | None:
+    """(H, W) from a PNG file's IHDR chunk, or None if the file does not start like a PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -293,7 +309,9 @@ def _prepare_tensor(t: torch.Tensor) -> PreparedImage:
 
 
 # --------------------------------------------------------------------------------------------- save
-_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}  # Pillow's 75/80 visibly soften
+# JPEG: quality 95 (Pillow's 75 visibly softens). WebP: lossless, so pixels the network did not change stay
+# bit-identical in the file too (a lossless WebP input must not come back re-compressed); JPEG has no such mode.
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
 
 
 def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
@@ -308,7 +326,7 @@ def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
       loss a user would not expect. Other formats that cannot hold a mode fail in Pillow -> ImageError.
     - uint16 gray is saved as Pillow mode I;16 (PNG, TIFF). uint16 with 2-4 channels has no Pillow
       mode, so it is written as 16-bit PNG by this module and requires a ``.png`` path.
-    - JPEG and WebP are written with quality 95.
+    - JPEG is written with quality 95; WebP losslessly (unchanged pixels stay bit-identical).
     """
     target = os.path.abspath(os.fspath(path))
     folder, ext = os.path.dirname(target), os.path.splitext(target)[1].lower()
