@@ -103,9 +103,12 @@ def _compare(net, image, mask, execution, tile, overlap=None, threshold=None, di
 SIZES = [(53, 71), (64, 96), (37, 101), (2, 90), (90, 3)]
 
 
+MODES = [("predicted", "dense"), ("predicted", "sparse"), ("predicted", "auto"), ("blobs", "dense"),
+         ("blobs", "sparse"), ("full", "sparse"), ("full", "dense")]
+
+
 @pytest.mark.parametrize("size", SIZES, ids=str)
-@pytest.mark.parametrize("execution", ["dense", "sparse", "auto"])
-@pytest.mark.parametrize("mask_kind", ["predicted", "blobs", "full"])
+@pytest.mark.parametrize("mask_kind,execution", MODES, ids="-".join)
 def test_tiled_equals_untiled_random_net(size, execution, mask_kind):
     net = random_net("tiny", seed=11)
     image = np.random.default_rng(sum(size)).random((*size, 3)).astype(np.float32)
@@ -258,3 +261,27 @@ def test_flops_are_the_sum_of_exact_per_tile_counts():
         expected += deblurrer.executor.count_flops(1, bottom - top, right - left, active, "sparse", False)
         expected_dense += deblurrer.executor.count_flops(1, bottom - top, right - left, 0, "dense", False)
     assert info.execution == "sparse" and info.flops_executed == expected and info.flops_dense == expected_dense
+
+
+def test_cli_tile_option_gives_the_untiled_output(tmp_path, capsys):
+    from m2ae_infer.cli import main
+    photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:150, :131]
+    Image.fromarray(photo).save(tmp_path / "in.png")
+    assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "tiled.png"), "--tile", "48", "--save-mask"]) == 0
+    assert "12 tiles]" in capsys.readouterr().out
+    assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "whole.png"), "--tile", "0", "--save-mask"]) == 0
+    tiled, whole = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("tiled", "whole"))
+    assert np.abs(tiled - whole).max() <= 1
+    masks = [np.asarray(Image.open(tmp_path / f"{n}_mask.png")) for n in ("tiled", "whole")]
+    assert np.array_equal(*masks)
+
+
+def test_tiles_run_on_other_backends():
+    """The body pass goes through the executor's public run(image, mask): ONNX Runtime tiles too."""
+    pytest.importorskip("onnxruntime")
+    net = random_net("tiny", seed=8)
+    x = np.random.default_rng(4).random((37, 45, 3)).astype(np.float32)
+    mask = make_mask("blobs", 37, 45, seed=5)[0, 0].numpy()
+    ref = Deblurrer(net, tile=None).run(x, mask=mask)
+    out, info = Deblurrer(net, backend="onnxruntime", execution="sparse", tile=16).run(x, mask=mask, return_info=True)
+    assert info.tiles == 9 and info.backend == "onnxruntime" and np.abs(out - ref).max() <= 1e-4
