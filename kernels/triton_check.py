@@ -122,6 +122,7 @@ def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Triton kernels vs float64 torch reference: max abs errors")
     parser.add_argument("--device", default="cpu", help="cpu (needs TRITON_INTERPRET=1) or cuda")
     parser.add_argument("--size", type=int, nargs=2, default=(13, 17), metavar=("H", "W"), help="working grid")
+    parser.add_argument("--channels", type=int, nargs="+", default=(16, 32, 48), metavar="C")
     args = parser.parse_args(argv)
     if torch.device(args.device).type != "cuda" and not kernels_interpreted(_sparse_stage_kernel):
         print("the kernels need a GPU here: run with --device cuda, or set TRITON_INTERPRET=1 for the CPU")
@@ -139,7 +140,7 @@ def _main(argv=None) -> int:
         return f"{(actual.double() - expected).abs().max().item():.2e}" + (f" ({bad} off)" if bad else "")
 
     for dtype in RESOLUTION:
-        for c in (16, 32, 48):
+        for c in args.channels:
             block = stage_case(c, c, c, "gelu", True, mask, dtype, args.device)
             motion = stage_case(c, 16, 0, "silu", False, mask, dtype, args.device)
             tail_out, tail_ref, _ = tail_case(c, mask, dtype, args.device)
