@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .model.mask import binarize, full_resolution, pad_to_even
 from .model.network import SHUFFLE, M2AENet
@@ -241,6 +240,10 @@ class _MaskPassFlops:
     def __call__(self, batch: int, height: int, width: int) -> int:
         key = (batch, height, width)
         if key not in self.cache:
+            # Imported here: torch.utils.flop_counter imports triton when it is installed, and importing
+            # m2ae_infer must not (tests/test_lazy_imports.py).
+            from torch.utils.flop_counter import FlopCounterMode
+
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
