@@ -17,6 +17,9 @@ Why a tiled run equals the untiled one (within float rounding):
   and dilated once, exactly as untiled; (2) per tile, the executor runs the body on the tile plus overlap
   with that whole-image mask cropped to it (a user mask is cropped the same way).
 
+The mask pass always runs the torch deploy network (stem and mask head, cheap); the body pass goes through the
+executor's public ``run(image, mask)``, so every backend (torch, Triton, ONNX Runtime, TensorRT) tiles the same way.
+
 Memory: the float image is never built whole; tiles are read from the input in its own dtype
 (:meth:`PreparedImage.region`) and written into one output buffer of that dtype (:meth:`PreparedImage.paste`).
 """
