@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocator import keep_freed_memory
 from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets,
                                 sparse_stage_, sparse_tail_, to_padded_buffer)
 from .model import M2AENet
@@ -57,6 +58,8 @@ class TorchExecutor:
             raise ValueError(f"dense_above must lie in [0, 1], got {dense_above}")
         # channels-last weights: oneDNN's fast dense convolutions on CPU.
         self.net = net.eval().to(memory_format=torch.channels_last)
+        if all(p.device.type == "cpu" for p in net.parameters()):
+            keep_freed_memory()     # dense calls re-fault hundreds of MB per call otherwise (see allocator.py)
         self.dense_above = dense_above
         self.stages = [stage.sparse_stage() for stage in net.stages()]
         self.tail_weight = net.tail.weight.detach().flatten(1).t().contiguous()   # [C, 12]
