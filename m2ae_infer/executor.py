@@ -24,10 +24,9 @@ from .model.network import SHUFFLE
 
 EXECUTIONS = ("auto", "sparse", "dense")
 
-# Active fraction above which `auto` runs the dense path. Measured on the project's 2-core AVX-512 CPU, default
-# config, 480x720, 2 threads (m2ae-bench): sparse/dense latency at 50 % active was
-# 0.52, 0.57 and 1.13 in three runs, 0.77 at 35 % (blob masks); the break-even lies between ~45 and ~60 %.
-# Run-to-run noise on the shared VM is large, so the switch sits at the low end of that range.
+# Active fraction above which `auto` runs the dense path. Measured with m2ae-bench on the project's 2-core AVX-512
+# CPU, default config, 2 threads, dense and sparse timed alternately: sparse/dense latency 0.85-0.92 at 40 %
+# active and 1.01-1.12 at 50 %, at 480p and 720p, blob and scattered masks (README, Performance).
 DENSE_ABOVE = 0.45
 
 
