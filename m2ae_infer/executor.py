@@ -40,6 +40,20 @@ class ExecutionResult:
     active_pixels: int          # True pixels of the working mask (over the batch)
 
 
+def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, threshold: float,
+                dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The part every executor runs densely: ``(padded image, stem features, working mask)``.
+
+    ``image`` ``[B, 3, H, W]`` is padded to even H, W (channels-last for oneDNN); the working mask is predicted
+    (``threshold``, ``dilation``) or max-pooled from the user's full-resolution ``mask``.
+    """
+    padded = pad_to_even(image).contiguous(memory_format=torch.channels_last)
+    features = net.stem_features(padded)
+    if mask is None:
+        return padded, features, net.predict_mask(features, threshold, dilation)
+    return padded, features, working_mask(mask.to(image.device))
+
+
 class TorchExecutor:
     """Runs a deploy-form :class:`M2AENet` with torch ops on any device torch supports.
 
@@ -83,12 +97,7 @@ class TorchExecutor:
             execution: ``"auto"``, ``"sparse"`` or ``"dense"``.
         """
         height, width = image.shape[-2:]
-        padded = pad_to_even(image).contiguous(memory_format=torch.channels_last)
-        features = self.net.stem_features(padded)
-        if mask is None:
-            m = self.net.predict_mask(features, threshold, dilation)
-        else:
-            m = working_mask(mask.to(image.device))
+        padded, features, m = dense_front(self.net, image, mask, threshold, dilation)
         active = int(m.sum())
         chosen = self.choose(execution, active, m.numel())
         if chosen == "dense":

@@ -15,9 +15,8 @@ import os
 
 import torch
 
-from .executor import DENSE_ABOVE, ExecutionResult, TorchExecutor
+from .executor import DENSE_ABOVE, ExecutionResult, TorchExecutor, dense_front
 from .model import M2AENet
-from .model.mask import pad_to_even, working_mask
 from .model.network import SHUFFLE
 
 # Active fraction above which `auto` runs the dense path. NOT measured on a GPU (none was available): it is the
@@ -95,12 +94,7 @@ class TritonExecutor:
         from .kernels.triton_compact import compact_active_rows
 
         height, width = image.shape[-2:]
-        padded = pad_to_even(image).contiguous(memory_format=torch.channels_last)
-        features = self.net.stem_features(padded)
-        if mask is None:
-            m = self.net.predict_mask(features, threshold, dilation)
-        else:
-            m = working_mask(mask.to(image.device))
+        padded, features, m = dense_front(self.net, image, mask, threshold, dilation)
         rows, active = compact_active_rows(m)            # the one host read of this call
         chosen = self.choose(execution, active, m.numel())
         if chosen == "dense":
