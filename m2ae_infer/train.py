@@ -42,7 +42,7 @@ from .messages import one_line
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
                     clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
-                    gate="annotated", init=None)
+                    gate="annotated", init=None, defocus=0.0)
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
 
@@ -100,9 +100,9 @@ def init_for_training(model: M2AENet) -> M2AENet:
 class TrainStream(Dataset):
     """Stream index n -> sample: pool entry ``perm_epoch[n % pool]`` under dihedral transform ``t(n)``."""
 
-    def __init__(self, crop: int, pool: int, seed: int):
+    def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0):
         from .data.synth import TRAIN_PHOTOS, SyntheticBlurDataset
-        self.base = SyntheticBlurDataset(TRAIN_PHOTOS, size=pool, seed=seed, crop=crop)
+        self.base = SyntheticBlurDataset(TRAIN_PHOTOS, size=pool, seed=seed, crop=crop, p_defocus=defocus)
         self.pool, self.seed, self.cache = pool, seed, {}
 
     def __len__(self) -> int:
@@ -130,7 +130,7 @@ def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
 def make_loader(settings: dict, start: int, stop: int, workers: int = 0) -> DataLoader:
     """Batches of steps ``start .. stop - 1`` (step s = stream indices ``s*B .. s*B + B - 1``)."""
     b = settings["batch"]
-    stream = TrainStream(settings["crop"], settings["pool"], settings["seed"])
+    stream = TrainStream(settings["crop"], settings["pool"], settings["seed"], settings.get("defocus", 0.0))
     return DataLoader(stream, batch_size=b, sampler=range(start * b, stop * b), num_workers=workers)
 
 
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", choices=("annotated", "union"),
                    help="gate the body with the annotated mask, or with its union with the predicted mask so the "
                         "body learns to leave wrongly flagged sharp pixels alone (default annotated)")
+    p.add_argument("--defocus", type=float, help="share of local/sharp samples whose static background gets a "
+                                                 "defocused region, kept out of the mask (default 0)")
     p.add_argument("--init", metavar="CKPT", help="start from these training-form weights (fine-tuning); "
                                                    "the optimizer and schedule start fresh")
     p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
@@ -262,6 +264,7 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
         M2AEConfig.from_name(s["config"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
     for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
               "weight_decay"):
         low = 1 if k in ("steps", "batch", "pool") else None if k in ("lr", "clip", "pos_weight") else 0
@@ -324,7 +327,7 @@ def train(args: argparse.Namespace) -> dict:
     from .data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS
     data = {"generator": "m2ae_infer.data.synth", "photos": list(TRAIN_PHOTOS), "heldout_never_used":
             list(HELDOUT_PHOTOS), "crop": settings["crop"], "pool": settings["pool"], "seed": seed,
-            "augment": "8 dihedral transforms"}
+            "augment": "8 dihedral transforms", "defocus": settings["defocus"]}
     recent: dict[str, list[float]] = {k: [] for k in ("loss", "rec", "reblur", "mask")}
 
     def meta(stopped: str) -> dict:

@@ -180,6 +180,21 @@ def test_heldout_set():
         assert np.array_equal(s.blurry[~s.mask], s.sharp[~s.mask])
 
 
+@pytest.mark.parametrize("kind", ["local", "sharp"])
+def test_defocus_is_static_and_outside_the_mask(kind):
+    photo = synth.load_photo("astronaut")
+    plain = synth.make_sample(photo, np.random.default_rng(3), CROP, kind=kind)
+    again = synth.make_sample(photo, np.random.default_rng(3), CROP, kind=kind, p_defocus=0.0)
+    assert _same(plain, again)                         # p_defocus=0 draws nothing: old samples unchanged
+    soft = synth.make_sample(photo, np.random.default_rng(3), CROP, kind=kind, p_defocus=1.0)
+    assert np.array_equal(soft.blurry[~soft.mask], soft.sharp[~soft.mask])   # defocus is in the target too
+    # the background (same crop: drawn before the defocus) loses detail where neither sample has an object
+    static = ~(soft.mask | plain.mask)
+    pairs = static[:, 1:] & static[:, :-1]
+    detail = lambda img: np.abs(np.diff(img, axis=1))[pairs].mean()   # noqa: E731
+    assert detail(soft.sharp) < detail(plain.sharp)
+
+
 def test_validation_set_uses_training_photos_only(monkeypatch):
     asked = []
     real = synth._cached_photo

@@ -221,6 +221,20 @@ def _segment(rng: np.random.Generator, src: np.ndarray, nd) -> np.ndarray:
     return nd.binary_fill_holes(labels == cand[rng.integers(cand.size)])
 
 
+def _defocus(bg: np.ndarray, rng: np.random.Generator, nd) -> np.ndarray:
+    """``bg`` with a static, *defocused* region (Gaussian blur, sigma 1-4 px, soft edge over a large blob, or
+    the whole crop): blur that is not motion. It stays in the sharp target and outside the mask, so the mask
+    head learns that smooth or out-of-focus content is not to be restored (real photos have bokeh)."""
+    n = bg.shape[0]
+    sigma = float(rng.uniform(1.0, 4.0))
+    soft = np.stack([nd.gaussian_filter(bg[..., c], sigma, mode="reflect") for c in range(3)], axis=2)
+    if rng.random() < 0.3:
+        return soft.astype(np.float32)
+    region = _blob(rng, n, nd) | _ellipse(rng, n)
+    alpha = nd.gaussian_filter(region.astype(np.float32), sigma=2.0)[..., None]
+    return (alpha * soft + (1.0 - alpha) * bg).astype(np.float32)
+
+
 def _object_layer(rng: np.random.Generator, src: np.ndarray, nd) -> np.ndarray:
     """Premultiplied linear RGB + soft alpha ``[n, n, 4]`` of one object cut from ``src`` (linear)."""
     n = src.shape[0]
@@ -291,11 +305,13 @@ def _as_rgb(photo: np.ndarray) -> np.ndarray:
 def make_sample(photo: np.ndarray, rng: np.random.Generator, crop: int = 128, *,
                 object_photos: Sequence[np.ndarray] | None = None, p_local: float = 0.8,
                 p_sharp: float = 0.1, kind: str | None = None, max_regions: int = 2,
-                points: int = TRAJ_POINTS) -> Sample:
+                points: int = TRAJ_POINTS, p_defocus: float = 0.0) -> Sample:
     """One sample from a random ``crop x crop`` window of ``photo`` (float ``[H, W, 3]`` in ``[0, 1]``).
 
     ``kind`` is drawn as local / sharp / global with ``p_local`` / ``p_sharp`` / the rest unless given.
     Object content is cut from a random crop of a random photo of ``object_photos`` (default: ``photo``).
+    With probability ``p_defocus`` a local or sharp sample's static background gets a defocused region
+    (:func:`_defocus`); at the default 0 no random number is drawn for it, so samples stay as they were.
     """
     nd = _ndimage()
     bg = _random_crop(_as_rgb(photo), crop, rng)
@@ -304,6 +320,8 @@ def make_sample(photo: np.ndarray, rng: np.random.Generator, crop: int = 128, *,
         kind = "local" if r < p_local else "sharp" if r < p_local + p_sharp else "global"
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if p_defocus > 0 and kind != "global" and rng.random() < p_defocus:
+        bg = _defocus(bg, rng, nd)
     if kind == "sharp":
         empty = np.zeros((0, points, 2), np.float32)
         return Sample(bg, bg.copy(), np.zeros((crop, crop), bool), np.zeros((points, 2), np.float32),
