@@ -20,7 +20,6 @@ from .tiling import Tiling, receptive_field, run_tiled
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "m2ae_default.safetensors"
 BACKENDS = ("auto", "torch", "triton", "onnxruntime", "tensorrt")
-FUTURE_BACKENDS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,6 @@ class Deblurrer:
                  backend: str = "auto", execution: str = "auto", threshold: float = 0.5, dilation: int = 0,
                  config=None, key_map=None, dense_above: float | None = None, tile: int | str | None = "auto",
                  tile_overlap: int | None = None):
-        if backend in FUTURE_BACKENDS:
-            raise ValueError(f"backend {backend!r} is not available in this version; use backend='torch'")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if execution not in EXECUTIONS:
