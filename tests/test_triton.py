@@ -13,7 +13,6 @@ os.environ["TRITON_INTERPRET"] = "1"   # before anything imports the kernel modu
 
 import subprocess   # noqa: E402
 import sys   # noqa: E402
-import time   # noqa: E402
 
 import numpy as np   # noqa: E402
 import pytest   # noqa: E402
@@ -263,6 +262,12 @@ def test_without_triton_package_one_line_error(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def _python_without_interpret(args: list[str], cwd, timeout: int) -> subprocess.CompletedProcess:
+    """A fresh ``python ARGS`` whose environment lacks TRITON_INTERPRET (set in this process above)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_kernels_work_when_torch_imported_triton_before_interpret_was_set(tmp_path):
     """torch.utils.flop_counter imports triton.language (decorating its own @jit helpers in compiled mode);
     kernels defined afterwards under TRITON_INTERPRET=1 must not depend on those helpers."""
@@ -270,9 +275,7 @@ def test_kernels_work_when_torch_imported_triton_before_interpret_was_set(tmp_pa
             "os.environ['TRITON_INTERPRET'] = '1'\n"
             "from m2ae_infer.kernels.triton_check import _main\n"
             "raise SystemExit(_main(['--size', '4', '5', '--channels', '16']))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = _python_without_interpret(["-c", code], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
@@ -281,18 +284,15 @@ def test_kernels_imported_before_interpret_was_set_give_one_line_error(tmp_path)
             "from m2ae_infer import Deblurrer, M2AENet, M2AEConfig\n"
             "try:\n    Deblurrer(M2AENet(M2AEConfig.from_name('tiny')), backend='triton', device='cpu')\n"
             "except ValueError as e:\n    print('ERR', e)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = _python_without_interpret(["-c", code], tmp_path, timeout=120)
     assert proc.stdout.startswith("ERR") and "before TRITON_INTERPRET=1 was set" in proc.stdout, proc.stderr[-800:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: compiled kernels cannot run here")
 def test_compiled_kernels_on_the_gpu(tmp_path):
     """Where CUDA exists, the same checks run compiled (a subprocess without TRITON_INTERPRET)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "m2ae_infer.kernels.triton_check", "--device", "cuda"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = _python_without_interpret(["-m", "m2ae_infer.kernels.triton_check", "--device", "cuda"], tmp_path,
+                                     timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -303,11 +303,10 @@ def test_gpu_stage_timings_needs_cuda():
 
 def test_stage_timing_loop_runs_through_the_interpreter():
     """The measurement loop behind gpu_stage_timings, with a CPU timer: every case also checks correctness."""
-    start = time.perf_counter()
     rows = triton_bench.stage_timing_cases((16, 48), ((6, 9),), (0.2, 1.0), dtype=torch.float32, act="gelu",
                                            ffn_expand=1, mask_kind="blobs", device="cpu",
                                            bench=triton_bench.cpu_timer)
-    assert len(rows) == 4 and time.perf_counter() - start < 30
+    assert len(rows) == 4
     for row in rows:
         assert row["max_abs_err"] <= 1e-4 and row["triton_stage_ms"] > 0 and row["active"] > 0
     assert {r["active"] for r in rows if r["density"] == 1.0} == {54}
