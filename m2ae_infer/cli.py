@@ -11,11 +11,12 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from .atomic import TEMP_PREFIX
 from .checkpoint import CheckpointError
-from .imgio import ImageError, mask_to_image, save_image
+from .imgio import ImageError, ImageWarning, mask_to_image, save_image
 from .messages import one_line
 
 PROG = "m2ae-deblur"
@@ -226,7 +227,14 @@ def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> Non
             raise ValueError(f"output {path} is {what}; choose another output")
         if path.exists() and not args.force:
             raise ValueError(f"{path} exists; pass --force to overwrite it")
-    restored, info = deblurrer.run(source, mask="full" if args.full else None, return_info=True)
+    with warnings.catch_warnings(record=True) as caught:   # one line each, not Python's two-line warning
+        warnings.simplefilter("always", ImageWarning)
+        restored, info = deblurrer.run(source, mask="full" if args.full else None, return_info=True)
+    for w in caught:
+        if issubclass(w.category, ImageWarning):
+            _write_line(f"{PROG}: warning: {one_line(w.message)}", sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     save_image(restored, target, overwrite=args.force)
     if args.save_mask:
         import torch
@@ -244,9 +252,9 @@ def _progress(total: int):
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
 
 
-def _write_line(text: str) -> None:
+def _write_line(text: str, file=None) -> None:
     from tqdm import tqdm
-    tqdm.write(text)   # keeps the progress bar intact below the line
+    tqdm.write(text, file=file)   # keeps the progress bar intact below the line
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .atomic import atomic_write
 from .messages import one_line
 
-__all__ = ["ImageError", "PreparedImage", "load_image", "prepare_image", "save_image", "mask_to_image"]
+__all__ = ["ImageError", "ImageWarning", "PreparedImage", "load_image", "prepare_image", "save_image", "mask_to_image"]
 
 class ImageError(ValueError):
     """A bad image or path; the message is one line naming the problem and the fix."""
 
 
+class ImageWarning(UserWarning):
+    """An image that runs, but not entirely as given (e.g. only the first frame of an animation)."""
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -52,6 +54,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as opened:
                 opened.load()
+                frames = getattr(opened, "n_frames", 1)
                 img = ImageOps.exif_transpose(opened)  # a decoded copy: the file can close
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{p}: refused, too many pixels ({one_line(e)}); if you trust the file, "
@@ -69,6 +72,9 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                          "re-export or re-download it") from e
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{p}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
+    if frames > 1:   # animated GIF/PNG/WebP, multi-page TIFF: the output is the first frame alone
+        warnings.warn(f"{p}: {frames} frames (animated or multi-page); only the first frame is "
+                      "deblurred", ImageWarning, stacklevel=2)
     return img
 
 

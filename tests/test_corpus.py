@@ -79,6 +79,12 @@ def _palette(transparency: bool) -> Image.Image:
     return img
 
 
+def _frames(fmt: str) -> Callable[[Path], None]:
+    """An animated PNG or multi-page TIFF of 3 frames, the photo first."""
+    frames = [Image.fromarray(PHOTO), Image.fromarray(255 - PHOTO), Image.fromarray(PHOTO[::-1].copy())]
+    return lambda path: frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
+
+
 def _u16_gray() -> np.ndarray:
     return (PHOTO.mean(axis=2) * 257).astype(np.uint16)
 
@@ -180,6 +186,7 @@ class Case:
     extra: tuple[str, ...] = ()
     output: str = "out"
     after: Callable[[Path], None] | None = None       # extra assertions, given the case folder
+    warning: str = ""                                 # ok cases: text of the one-line warning they must print
 
     @property
     def ok(self) -> bool:
@@ -310,6 +317,11 @@ CASES: dict[str, Case] = {
     "bmp": Case(GOOD, "photo.bmp", code=0, check=_expect_image((W, H), "RGB", PHOTO)),
     "webp-lossless": Case(_save(Image.fromarray(PHOTO), lossless=True), "photo.webp", code=0,
                           check=_expect_image((W, H), "RGB", PHOTO)),
+    # several frames: the first is deblurred and written, and a one-line warning says so
+    "animated-png": Case(_frames("PNG"), code=0, check=_expect_image((W, H), "RGB", PHOTO),
+                         warning="3 frames (animated or multi-page); only the first frame is deblurred"),
+    "multi-page-tiff": Case(_frames("TIFF"), "photo.tif", code=0, check=_expect_image((W, H), "RGB", PHOTO),
+                            warning="3 frames (animated or multi-page); only the first frame is deblurred"),
     # Pillow decodes 16-bit colour PNGs at 8 bits: the output is a correct 8-bit image (README: limits)
     "16-bit-rgb-png": Case(lambda p: _write_png16_rgb(p), code=0, check=_expect_image((W, H), "RGB")),
 }
@@ -369,7 +381,9 @@ def test_corpus(name, tmp_path, capsys):
     assert code == case.code, err
     assert not [p for p in root.rglob("*") if p.name.startswith(TEMP_PREFIX)], "temp file left behind"
     if case.ok:
-        assert err == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == bool(case.warning), err
+        assert all(line.startswith("m2ae-deblur: warning: ") and case.warning in line for line in lines), err
         outputs = _outputs(root / "out")
         stem = Path(case.name).stem
         assert [p.name for p in outputs] == sorted([case.name, f"{stem}_mask.png"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -276,6 +277,24 @@ def test_exif_orientation_is_applied(tmp_path: Path, ext: str) -> None:
         np.testing.assert_array_equal(got, upright)
     else:  # JPEG is lossy: the bright corner must still be top-right
         assert got[0, -1].mean() > 150 and got[-1, 0].mean() < 100
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "TIFF", "WEBP"])
+def test_several_frames_warn_and_load_the_first(tmp_path: Path, fmt: str) -> None:
+    frames = [Image.new("RGB", (5, 4), (value, 255 - value, 0)) for value in (0, 128, 255)]
+    path = tmp_path / f"frames.{fmt.lower()}"
+    lossless = {"lossless": True} if fmt == "WEBP" else {}
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:], **lossless)
+    with pytest.warns(imgio.ImageWarning, match="3 frames .* only the first frame"):
+        img = load_image(path)
+    np.testing.assert_array_equal(np.asarray(img.convert("RGB")), np.asarray(frames[0]))
+
+
+def test_a_single_frame_does_not_warn(tmp_path: Path) -> None:
+    Image.new("RGB", (5, 4)).save(tmp_path / "one.gif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(tmp_path / "one.gif")
 
 
 # ------------------------------------------------------------------------------------ bad inputs
