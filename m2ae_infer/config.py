@@ -63,6 +63,18 @@ class M2AEConfig:
         except KeyError:
             raise ValueError(f"unknown config name {name!r}; choose one of {sorted(VARIANTS)}") from None
 
+    @classmethod
+    def from_spec(cls, spec: str) -> "M2AEConfig":
+        """A named variant with field overrides: ``"default"``, ``"default,mask_channels=32,mask_layers=4"``."""
+        name, *overrides = (part.strip() for part in spec.split(","))
+        fields = cls.from_name(name).to_dict()
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"config override {item!r} is not KEY=VALUE (e.g. mask_channels=32)")
+            fields[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        return cls.from_dict(fields)
+
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(channels=8, num_blocks=2, mask_channels=8, mask_layers=2, motion_channels=8, motion_points=5),

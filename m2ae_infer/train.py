@@ -42,7 +42,8 @@ from .messages import one_line
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
                     clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
-                    gate="annotated", init=None, defocus=0.0)
+                    gate="annotated", init=None, defocus=0.0, train="all")
+TRAINABLE = ("all", "mask")   # --train: the whole network, or the blur-mask head alone (everything else frozen)
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
 
@@ -76,8 +77,15 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 2.
 
 def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, mask: torch.Tensor,
                    settings: dict) -> dict[str, torch.Tensor]:
-    """Forward pass (body gated by the annotated working mask) and the three losses plus their total."""
+    """Forward pass (body gated by the annotated working mask) and the three losses plus their total.
+    With ``train="mask"`` only the mask loss, unweighted (reconstruction and reblur are reported as 0)."""
     work = working_mask(mask).to(blurry.dtype)
+    if settings.get("train") == "mask":   # the frozen rest need not run: stem features -> mask head only
+        with torch.no_grad():
+            features = model.stem_features(blurry)
+        mk = mask_loss(model.mask_head(features), work, settings["pos_weight"])
+        zero = mk.new_zeros(())
+        return {"loss": mk, "rec": zero, "reblur": zero, "mask": mk}
     out = model.forward_train(blurry, work, gate_predicted=settings.get("gate") == "union")
     rec = charbonnier(out.restored, sharp)
     source = sharp if settings["reblur_source"] == "sharp" else out.restored
@@ -85,6 +93,43 @@ def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, ma
     mk = mask_loss(out.mask_logits, work, settings["pos_weight"])
     total = rec + settings["w_reblur"] * rb + settings["w_mask"] * mk
     return {"loss": total, "rec": rec, "reblur": rb, "mask": mk}
+
+
+def build_model(settings: dict) -> M2AENet:
+    """The network a run starts from: fresh (``init_for_training``), or ``--init`` weights.
+
+    ``train="all"`` needs ``--init`` in training form and of the run's architecture. ``train="mask"`` freezes
+    everything but the mask head, so it may start from a deploy checkpoint (the shipped one) and the run's
+    config may give the mask head another size: the head then starts fresh, the rest is copied."""
+    config = M2AEConfig.from_spec(settings["config"])
+    if not settings["init"]:
+        _check(settings["train"] == "all", "--train mask needs --init: the weights of the frozen network")
+        return init_for_training(M2AENet(config))
+    start = load_checkpoint(settings["init"])
+    if settings["train"] == "all":
+        _check(not start.inference_mode, f"--init {settings['init']} is a deploy (re-parameterized) checkpoint; "
+               "fine-tuning the whole network needs the training form (a run's last.pth)")
+        _check(start.config == config, f"--init {settings['init']} has another architecture ({start.config}) "
+               f"than --config {settings['config']}")
+        return start
+    frozen = {k: v for k, v in config.to_dict().items() if not k.startswith("mask_")}
+    _check(frozen == {k: v for k, v in start.config.to_dict().items() if not k.startswith("mask_")},
+           f"--init {settings['init']} ({start.config}) differs from --config {settings['config']} outside the "
+           "mask head, which --train mask keeps frozen")
+    model = M2AENet(config, inference_mode=start.inference_mode)
+    keep = {k: v for k, v in start.state_dict().items()
+            if not k.startswith("mask_head.") or start.config == config}
+    model.load_state_dict(keep, strict=False)   # only the mask head is missing when its size changed
+    return model
+
+
+def trainable_parameters(model: M2AENet, settings: dict) -> list[torch.nn.Parameter]:
+    """``train="mask"``: the mask head's parameters; everything else gets ``requires_grad=False``."""
+    if settings.get("train", "all") == "all":
+        return list(model.parameters())
+    model.requires_grad_(False)
+    model.mask_head.requires_grad_(True)
+    return list(model.mask_head.parameters())
 
 
 def init_for_training(model: M2AENet) -> M2AENet:
@@ -136,8 +181,9 @@ def make_loader(settings: dict, start: int, stop: int, workers: int = 0) -> Data
 
 # ------------------------------------------------------------------------------------ optimizer, state
 def build_optimizer(model: M2AENet, settings: dict):
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    params = trainable_parameters(model, settings)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=settings["lr"], betas=(0.9, 0.99))
 
@@ -209,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "(scikit-image photos; the held-out photos are never used for training).")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, log, deploy weights")
     p.add_argument("--resume", action="store_true", help="continue exactly from DIR/last.pth + last_state.pt")
-    p.add_argument("--config", help=f"architecture: tiny | default | large (default {d['config']})")
+    p.add_argument("--config", help="architecture: tiny | default | large, optionally with field overrides, e.g. "
+                                    f"'default,mask_channels=32,mask_layers=4' (default {d['config']})")
+    p.add_argument("--train", choices=TRAINABLE, help="what is trained: the whole network, or the blur-mask head "
+                                                      "alone with everything else frozen (needs --init; default all)")
     p.add_argument("--steps", type=int, help=f"total optimizer steps, sets the schedule (default {d['steps']})")
     p.add_argument("--batch", type=int, help=f"batch size (default {d['batch']})")
     p.add_argument("--crop", type=int, help=f"training crop in pixels, even (default {d['crop']})")
@@ -229,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "body learns to leave wrongly flagged sharp pixels alone (default annotated)")
     p.add_argument("--defocus", type=float, help="share of local/sharp samples whose static background gets a "
                                                  "defocused region, kept out of the mask (default 0)")
-    p.add_argument("--init", metavar="CKPT", help="start from these training-form weights (fine-tuning); "
-                                                   "the optimizer and schedule start fresh")
+    p.add_argument("--init", metavar="CKPT", help="start from these weights (fine-tuning): training form, or with "
+                                                   "--train mask any form; the optimizer and schedule start fresh")
     p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
                    help="stop cleanly (saving everything) after MIN minutes of this run (default 55)")
     p.add_argument("--stop-after", type=int, metavar="STEP", help="stop cleanly at this step (chunked runs)")
@@ -261,9 +310,10 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
                f"resumed run's {old}")
     s = {**RUN_DEFAULTS, **(stored or {}), **given}
     try:
-        M2AEConfig.from_name(s["config"])
+        M2AEConfig.from_spec(s["config"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _check(s["train"] in TRAINABLE, f"--train must be one of {', '.join(TRAINABLE)}, got {s['train']}")
     _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
     for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
               "weight_decay"):
@@ -297,12 +347,7 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seed = settings["seed"]
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
-    model = init_for_training(M2AENet(M2AEConfig.from_name(settings["config"])))
-    if settings["init"] and state is None:
-        start = load_checkpoint(settings["init"], config=model.config)
-        _check(not start.inference_mode, f"--init {settings['init']} is a deploy (re-parameterized) checkpoint; "
-               "fine-tuning needs the training form (a run's last.pth)")
-        model.load_state_dict(start.state_dict())
+    model = build_model(settings) if state is None else load_checkpoint(out / "last.pth")
     opt, sched = build_optimizer(model, settings)
     step, prev_wall = 0, 0.0
     if state is not None:
@@ -310,7 +355,6 @@ def train(args: argparse.Namespace) -> dict:
         if saved.get("step") != state["step"]:
             raise RuntimeError(f"{out}: last.pth (step {saved.get('step')}) and last_state.pt "
                                f"(step {state['step']}) do not belong together")
-        model.load_state_dict(load_checkpoint(out / "last.pth", config=model.config).state_dict())
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])

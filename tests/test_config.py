@@ -22,3 +22,18 @@ def test_unknown_names_and_keys_are_errors():
         M2AEConfig.from_name("huge")
     with pytest.raises(ValueError, match="widht"):
         M2AEConfig.from_dict({"widht": 3})
+
+
+def test_spec_is_a_variant_with_field_overrides():
+    spec = M2AEConfig.from_spec("tiny, mask_channels=12 ,act=relu")
+    assert spec == M2AEConfig(**{**M2AEConfig.from_name("tiny").to_dict(), "mask_channels": 12, "act": "relu"})
+    assert M2AEConfig.from_spec("large") == M2AEConfig.from_name("large")
+
+
+@pytest.mark.parametrize("spec, needle", [("huge", "unknown config name"), ("default,widht=3", "widht"),
+                                          ("default,mask_channels", "KEY=VALUE"), ("default,=3", "KEY=VALUE"),
+                                          ("default,mask_channels=x", "mask_channels"),
+                                          ("default,mask_layers=0", "mask_layers")])
+def test_bad_specs_are_errors(spec, needle):
+    with pytest.raises(ValueError, match=needle):
+        M2AEConfig.from_spec(spec)

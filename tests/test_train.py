@@ -149,6 +149,7 @@ def test_cli_time_limit_stops_cleanly(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["--steps", "0"], ["--crop", "33"], ["--lr", "-1"], ["--config", "huge"], ["--bogus"], ["--batch", "x"],
     ["--time-limit", "0"], ["--w-mask", "nan"], ["--resume"], ["--defocus", "1.5"], ["--gate", "mask"],
+    ["--train", "body"], ["--train", "mask"], ["--config", "default,mask_channels=0"],
 ])
 def test_cli_bad_options_one_line_exit_2(tmp_path, capsys, argv):
     assert main(["--out", str(tmp_path / "run"), *argv]) == 2
@@ -194,3 +195,47 @@ def test_init_fine_tunes_from_a_training_checkpoint(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "c"), "--steps", "1", "--init", str(first / "final_deploy.safetensors"),
                  *TINY]) != 0
     assert "deploy" in capsys.readouterr().err
+
+
+def test_train_mask_changes_the_mask_head_only(tmp_path):
+    """--train mask from a deploy checkpoint: every tensor outside the mask head comes back bit-identical, the
+    head moves; a resized head (config override) starts fresh and the rest is still copied."""
+    first = tmp_path / "a"
+    assert main(["--out", str(first), "--steps", "1", *TINY]) == 0
+    init = first / "final_deploy.safetensors"
+    start = load_checkpoint(init).state_dict()
+    for out, config in ((tmp_path / "same", "tiny"), (tmp_path / "wider", "tiny,mask_channels=12")):
+        assert main(["--out", str(out), "--steps", "3", "--lr", "1e-2", "--train", "mask", "--init", str(init),
+                     *TINY, "--config", config]) == 0
+        trained = load_checkpoint(out / "final_deploy.safetensors")
+        assert trained.config == M2AEConfig.from_spec(config) and trained.inference_mode
+        state = trained.state_dict()
+        assert set(state) == set(start)
+        body = [k for k in start if not k.startswith("mask_head.")]
+        assert body and all(torch.equal(state[k], start[k]) for k in body)
+        head = [k for k in start if k.startswith("mask_head.")]
+        assert any(state[k].shape != start[k].shape or not torch.equal(state[k], start[k]) for k in head)
+        meta = read_checkpoint(out / "last.pth").meta
+        assert meta["settings"]["train"] == "mask" and meta["losses"]["rec"] == 0.0 < meta["losses"]["mask"]
+
+
+def test_train_mask_refuses_another_body(tmp_path, capsys):
+    first = tmp_path / "a"
+    assert main(["--out", str(first), "--steps", "1", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path / "b"), "--steps", "1", "--train", "mask", "--init",
+                 str(first / "last.pth"), *TINY, "--config", "tiny,channels=12"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "outside the mask head" in err and "\n" not in err
+
+
+def test_train_mask_resume_is_exact(tmp_path):
+    first = tmp_path / "a"
+    assert main(["--out", str(first), "--steps", "1", *TINY]) == 0
+    common = ["--train", "mask", "--init", str(first / "last.pth"), *TINY, "--val-samples", "0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["--out", str(whole), "--steps", "4", *common]) == 0
+    assert main(["--out", str(split), "--steps", "4", "--stop-after", "2", *common]) == 0
+    assert main(["--out", str(split), "--resume", "-q", "--val-samples", "0"]) == 0
+    a, b = load_checkpoint(whole / "last.pth").state_dict(), load_checkpoint(split / "last.pth").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
