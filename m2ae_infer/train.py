@@ -105,13 +105,12 @@ def build_model(settings: dict) -> M2AENet:
     if not settings["init"]:
         _check(settings["train"] == "all", "--train mask needs --init: the weights of the frozen network")
         return init_for_training(M2AENet(config))
-    start = load_checkpoint(settings["init"])
-    if settings["train"] == "all":
+    if settings["train"] == "all":   # config=: bare state dicts load too, a stored config must agree
+        start = load_checkpoint(settings["init"], config=config)
         _check(not start.inference_mode, f"--init {settings['init']} is a deploy (re-parameterized) checkpoint; "
                "fine-tuning the whole network needs the training form (a run's last.pth)")
-        _check(start.config == config, f"--init {settings['init']} has another architecture ({start.config}) "
-               f"than --config {settings['config']}")
         return start
+    start = load_checkpoint(settings["init"])   # its own config: the mask head may differ from the run's
     frozen = {k: v for k, v in config.to_dict().items() if not k.startswith("mask_")}
     _check(frozen == {k: v for k, v in start.config.to_dict().items() if not k.startswith("mask_")},
            f"--init {settings['init']} ({start.config}) differs from --config {settings['config']} outside the "
