@@ -111,8 +111,8 @@ def build_model(settings: dict) -> M2AENet:
                "fine-tuning the whole network needs the training form (a run's last.pth)")
         return start
     start = load_checkpoint(settings["init"])   # its own config: the mask head may differ from the run's
-    frozen = {k: v for k, v in config.to_dict().items() if not k.startswith("mask_")}
-    _check(frozen == {k: v for k, v in start.config.to_dict().items() if not k.startswith("mask_")},
+    outside_head = lambda cfg: {k: v for k, v in cfg.to_dict().items() if not k.startswith("mask_")}  # noqa: E731
+    _check(outside_head(config) == outside_head(start.config),
            f"--init {settings['init']} ({start.config}) differs from --config {settings['config']} outside the "
            "mask head, which --train mask keeps frozen")
     model = M2AENet(config, inference_mode=start.inference_mode)
