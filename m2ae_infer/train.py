@@ -42,7 +42,7 @@ from .messages import one_line
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
                     clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
-                    gate="annotated", init=None, defocus=0.0, train="all")
+                    gate="annotated", init=None, defocus=0.0, train="all", fresh_head=False)
 TRAINABLE = ("all", "mask")   # --train: the whole network, or the blur-mask head alone (everything else frozen)
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
@@ -100,7 +100,8 @@ def build_model(settings: dict) -> M2AENet:
 
     ``train="all"`` needs ``--init`` in training form and of the run's architecture. ``train="mask"`` freezes
     everything but the mask head, so it may start from a deploy checkpoint (the shipped one) and the run's
-    config may give the mask head another size: the head then starts fresh, the rest is copied."""
+    config may give the mask head another size: the head then starts fresh (as with ``fresh_head``), the rest is
+    copied."""
     config = M2AEConfig.from_spec(settings["config"])
     if not settings["init"]:
         _check(settings["train"] == "all", "--train mask needs --init: the weights of the frozen network")
@@ -110,15 +111,16 @@ def build_model(settings: dict) -> M2AENet:
         _check(not start.inference_mode, f"--init {settings['init']} is a deploy (re-parameterized) checkpoint; "
                "fine-tuning the whole network needs the training form (a run's last.pth)")
         return start
-    start = load_checkpoint(settings["init"])   # its own config: the mask head may differ from the run's
+    with torch.random.fork_rng():   # loading builds a network too: keep the seeded draws for the fresh head
+        start = load_checkpoint(settings["init"])   # its own config: the mask head may differ from the run's
     outside_head = lambda cfg: {k: v for k, v in cfg.to_dict().items() if not k.startswith("mask_")}  # noqa: E731
     _check(outside_head(config) == outside_head(start.config),
            f"--init {settings['init']} ({start.config}) differs from --config {settings['config']} outside the "
            "mask head, which --train mask keeps frozen")
     model = M2AENet(config, inference_mode=start.inference_mode)
-    keep = {k: v for k, v in start.state_dict().items()
-            if not k.startswith("mask_head.") or start.config == config}
-    model.load_state_dict(keep, strict=False)   # only the mask head is missing when its size changed
+    copy_head = start.config == config and not settings["fresh_head"]
+    keep = {k: v for k, v in start.state_dict().items() if not k.startswith("mask_head.") or copy_head}
+    model.load_state_dict(keep, strict=False)   # only the mask head is missing, when it starts fresh
     return model
 
 
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"'default,mask_channels=32,mask_layers=4' (default {d['config']})")
     p.add_argument("--train", choices=TRAINABLE, help="what is trained: the whole network, or the blur-mask head "
                                                       "alone with everything else frozen (needs --init; default all)")
+    p.add_argument("--fresh-head", action="store_const", const=True,
+                   help="with --train mask: start the mask head from random weights instead of --init's")
     p.add_argument("--steps", type=int, help=f"total optimizer steps, sets the schedule (default {d['steps']})")
     p.add_argument("--batch", type=int, help=f"batch size (default {d['batch']})")
     p.add_argument("--crop", type=int, help=f"training crop in pixels, even (default {d['crop']})")
@@ -313,6 +317,7 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _check(s["train"] in TRAINABLE, f"--train must be one of {', '.join(TRAINABLE)}, got {s['train']}")
+    _check(s["train"] == "mask" or not s["fresh_head"], "--fresh-head needs --train mask")
     _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
     for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
               "weight_decay"):

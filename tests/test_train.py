@@ -219,6 +219,27 @@ def test_train_mask_changes_the_mask_head_only(tmp_path):
         assert meta["settings"]["train"] == "mask" and meta["losses"]["rec"] == 0.0 < meta["losses"]["mask"]
 
 
+def test_train_mask_fresh_head(tmp_path, capsys):
+    """--fresh-head: the same config, but the head starts from the seeded random init (an independently built
+    M2AENet under the same seed) instead of --init's head; the body is still copied."""
+    first = tmp_path / "a"
+    assert main(["--out", str(first), "--steps", "1", *TINY]) == 0
+    init = first / "final_deploy.safetensors"
+    out = tmp_path / "fresh"
+    assert main(["--out", str(out), "--steps", "1", "--lr", "1e-12", "--train", "mask", "--fresh-head",
+                 "--init", str(init), "--seed", "5", *TINY]) == 0
+    state, start = load_checkpoint(out / "last.pth").state_dict(), load_checkpoint(init).state_dict()
+    torch.manual_seed(5)
+    reference = M2AENet(M2AEConfig.from_spec("tiny"), inference_mode=True).state_dict()
+    head = [k for k in start if k.startswith("mask_head.")]
+    assert head and all(torch.allclose(state[k], reference[k], atol=1e-6) for k in head)
+    assert not all(torch.allclose(state[k], start[k], atol=1e-3) for k in head)
+    assert all(torch.equal(state[k], start[k]) for k in start if k not in head)
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path / "b"), "--steps", "1", "--fresh-head", *TINY]) == 2
+    assert "--fresh-head needs --train mask" in capsys.readouterr().err
+
+
 def test_train_mask_refuses_another_body(tmp_path, capsys):
     first = tmp_path / "a"
     assert main(["--out", str(first), "--steps", "1", *TINY]) == 0
