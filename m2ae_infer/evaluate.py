@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("heldout", "validation"), default="heldout",
                    help="heldout: the held-out photos (report these); validation: new samples on the training "
                         "photos, for choosing settings such as --threshold (default heldout)")
+    p.add_argument("--photos", metavar="A,B", help="with --split validation: only these training photos, e.g. the "
+                                                  "dev photos a run was trained without (m2ae-train --exclude-photos)")
     p.add_argument("--out", metavar="DIR", default="m2ae_eval", help="output folder (default m2ae_eval)")
     p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
@@ -161,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --samples >= 1, --crop >= 16, --seed >= 0, --threads >= 0, --rl-iterations >= 1")
     if args.split == "validation" and args.seed < 1000:
         parser.error("--split validation needs --seed >= 1000 (training runs use small seeds)")
+    photos = None if args.photos is None else [n.strip() for n in args.photos.split(",") if n.strip()]
+    if photos is not None and args.split != "validation":
+        parser.error("--photos picks training photos: it needs --split validation")
+    if photos == []:
+        parser.error("--photos needs at least one photo name")
     try:
         import scipy  # noqa: F401
         import skimage
@@ -169,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from .api import DEFAULT_CHECKPOINT, Deblurrer
     from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-    from .data.synth import heldout_set, validation_set
+    from .data.synth import check_training_photos, heldout_set, validation_set
+    try:
+        check_training_photos(photos or (), "validation photos")
+    except ValueError as exc:
+        return _error(f"--photos: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
@@ -184,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, OSError) as exc:
         return _error(exc)
     if not args.quiet:
-        print(f"m2ae-eval: generating {args.samples} {args.split} samples ({args.crop} px)", file=sys.stderr)
-    make_set = heldout_set if args.split == "heldout" else validation_set
-    samples = make_set(args.samples, seed=args.seed, crop=args.crop)
+        on = f" on {', '.join(photos)}" if photos else ""
+        print(f"m2ae-eval: generating {args.samples} {args.split} samples ({args.crop} px){on}", file=sys.stderr)
+    samples = (heldout_set(args.samples, seed=args.seed, crop=args.crop) if args.split == "heldout" else
+               validation_set(args.samples, seed=args.seed, crop=args.crop, photos=photos))
     for r in runners.values():   # warm-up: the first call pays for allocations, not the images
         r.run(samples[0].blurry)
     per_sample, grid = [], []

@@ -42,7 +42,8 @@ from .messages import one_line
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
                     clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
-                    gate="annotated", init=None, defocus=0.0, train="all", fresh_head=False)
+                    gate="annotated", init=None, defocus=0.0, train="all", fresh_head=False,
+                    exclude_photos="")
 TRAINABLE = ("all", "mask")   # --train: the whole network, or the blur-mask head alone (everything else frozen)
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
@@ -146,9 +147,10 @@ def init_for_training(model: M2AENet) -> M2AENet:
 class TrainStream(Dataset):
     """Stream index n -> sample: pool entry ``perm_epoch[n % pool]`` under dihedral transform ``t(n)``."""
 
-    def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0):
-        from .data.synth import TRAIN_PHOTOS, SyntheticBlurDataset
-        self.base = SyntheticBlurDataset(TRAIN_PHOTOS, size=pool, seed=seed, crop=crop, p_defocus=defocus)
+    def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0, exclude_photos: str = ""):
+        from .data.synth import SyntheticBlurDataset, training_photos
+        photos = training_photos(_names(exclude_photos))
+        self.base = SyntheticBlurDataset(photos, size=pool, seed=seed, crop=crop, p_defocus=defocus)
         self.pool, self.seed, self.cache = pool, seed, {}
 
     def __len__(self) -> int:
@@ -168,6 +170,11 @@ class TrainStream(Dataset):
         return tuple(_dihedral(x.float(), t) for x in self.cache[idx])
 
 
+def _names(csv_names: str) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]`` (how --exclude-photos is given and stored)."""
+    return [n.strip() for n in csv_names.split(",") if n.strip()]
+
+
 def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
     x = torch.rot90(x, t % 4, dims=(1, 2))
     return (x.flip(2) if t >= 4 else x).contiguous()
@@ -176,7 +183,8 @@ def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
 def make_loader(settings: dict, start: int, stop: int, workers: int = 0) -> DataLoader:
     """Batches of steps ``start .. stop - 1`` (step s = stream indices ``s*B .. s*B + B - 1``)."""
     b = settings["batch"]
-    stream = TrainStream(settings["crop"], settings["pool"], settings["seed"], settings.get("defocus", 0.0))
+    stream = TrainStream(settings["crop"], settings["pool"], settings["seed"], settings.get("defocus", 0.0),
+                         settings.get("exclude_photos", ""))
     return DataLoader(stream, batch_size=b, sampler=range(start * b, stop * b), num_workers=workers)
 
 
@@ -281,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "body learns to leave wrongly flagged sharp pixels alone (default annotated)")
     p.add_argument("--defocus", type=float, help="share of local/sharp samples whose static background gets a "
                                                  "defocused region, kept out of the mask (default 0)")
+    p.add_argument("--exclude-photos", metavar="A,B",
+                   help="training photos to keep out of this run, as dev photos for m2ae-eval --split validation "
+                        "--photos A,B: a score on photos the run never saw (default none)")
     p.add_argument("--init", metavar="CKPT", help="start from these weights (fine-tuning): training form, or with "
                                                    "--train mask any form; the optimizer and schedule start fresh")
     p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
@@ -318,6 +329,11 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
         raise UsageError(str(exc)) from None
     _check(s["train"] in TRAINABLE, f"--train must be one of {', '.join(TRAINABLE)}, got {s['train']}")
     _check(s["train"] == "mask" or not s["fresh_head"], "--fresh-head needs --train mask")
+    from .data.synth import training_photos
+    try:
+        training_photos(_names(s["exclude_photos"]))
+    except ValueError as exc:
+        raise UsageError(f"--exclude-photos: {exc}") from None
     _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
     for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
               "weight_decay"):
@@ -372,9 +388,10 @@ def train(args: argparse.Namespace) -> dict:
     with atomic_write(log_path, "w", overwrite=True, newline="") as f:  # drop rows past the resumed step
         csv.DictWriter(f, LOG_FIELDS).writeheader()
         csv.DictWriter(f, LOG_FIELDS).writerows(r for r in csv.DictReader(old) if int(r["step"]) <= step)
-    from .data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS
-    data = {"generator": "m2ae_infer.data.synth", "photos": list(TRAIN_PHOTOS), "heldout_never_used":
-            list(HELDOUT_PHOTOS), "crop": settings["crop"], "pool": settings["pool"], "seed": seed,
+    from .data.synth import HELDOUT_PHOTOS, training_photos
+    excluded = _names(settings["exclude_photos"])
+    data = {"generator": "m2ae_infer.data.synth", "photos": list(training_photos(excluded)),
+            "excluded_photos": excluded, "heldout_never_used": list(HELDOUT_PHOTOS), "crop": settings["crop"], "pool": settings["pool"], "seed": seed,
             "augment": "8 dihedral transforms", "defocus": settings["defocus"]}
     recent: dict[str, list[float]] = {k: [] for k in ("loss", "rec", "reblur", "mask")}
 

@@ -176,6 +176,21 @@ def test_validation_split_runs(tiny_ckpt, tmp_path, capsys):
     assert "1000" in capsys.readouterr().err
 
 
+def test_validation_on_dev_photos(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "dev"
+    assert ev.main(["--checkpoint", str(tiny_ckpt), "--split", "validation", "--photos", "camera", "--samples", "1",
+                    "--crop", "32", "--rl-iterations", "2", "--out", str(out), "-q"]) == 0
+    assert json.loads((out / "eval.json").read_text())["settings"]["photos"] == "camera"
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert ev.main(["--split", "validation", "--photos", "chelsea", "--out", str(bad), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "held out" in err and "\n" not in err and not bad.exists()
+    with pytest.raises(SystemExit):      # the held-out split has no photo choice
+        ev.main(["--photos", "camera", "--out", str(bad)])
+    assert "--split validation" in capsys.readouterr().err
+
+
 def test_usage_error_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         ev.main(["--samples", "0"])

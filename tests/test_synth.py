@@ -207,6 +207,24 @@ def test_validation_set_uses_training_photos_only(monkeypatch):
         synth.validation_set(1, seed=0)          # would collide with training seeds
 
 
+def test_training_photos_and_dev_validation(monkeypatch):
+    assert synth.training_photos() == synth.TRAIN_PHOTOS
+    assert set(synth.training_photos(["coffee", "camera"])) == set(synth.TRAIN_PHOTOS) - {"coffee", "camera"}
+    for bad, match in ((["lena"], "unknown"), (["chelsea"], "held out"), (list(synth.TRAIN_PHOTOS), "every")):
+        with pytest.raises(ValueError, match=match):
+            synth.training_photos(bad)
+    asked = []
+    real = synth._cached_photo
+    monkeypatch.setattr(synth, "_cached_photo", lambda name: asked.append(name) or real(name))
+    dev = synth.validation_set(4, crop=CROP, photos=["camera"])
+    assert set(asked) == {"camera"}
+    # camera is a gray photo and objects are cut from the same photos: every pixel has R == G == B
+    assert all(np.array_equal(s.blurry[..., 0], s.blurry[..., 2]) for s in dev)
+    assert not all(np.array_equal(s.blurry[..., 0], s.blurry[..., 2]) for s in synth.validation_set(4, crop=CROP))
+    with pytest.raises(ValueError, match="held out"):
+        synth.validation_set(1, crop=CROP, photos=["coins"])
+
+
 @pytest.mark.parametrize("kind", ["local", "sharp", "global"])
 def test_region_labels_cover_exactly_the_mask(kind):
     rng = np.random.default_rng(7)

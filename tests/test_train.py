@@ -12,7 +12,7 @@ pytest.importorskip("skimage", reason="the synthetic training data needs scikit-
 
 from m2ae_infer import M2AEConfig, M2AENet, load_checkpoint  # noqa: E402
 from m2ae_infer.checkpoint import read_checkpoint  # noqa: E402
-from m2ae_infer.data.synth import HELDOUT_PHOTOS  # noqa: E402
+from m2ae_infer.data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
 from m2ae_infer.train import (RUN_DEFAULTS, TrainStream, build_optimizer, charbonnier,  # noqa: E402
                               compute_losses, init_for_training, main, mask_loss, reblur_loss)
 
@@ -65,6 +65,20 @@ def test_training_data_never_uses_heldout_photos():
     assert not set(stream.base.photos) & set(HELDOUT_PHOTOS)
     first, again = stream[5], TrainStream(crop=32, pool=4, seed=0)[5]
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # a pure function of (seed, index)
+
+
+def test_exclude_photos_keeps_dev_photos_out(tmp_path, capsys):
+    stream = TrainStream(crop=32, pool=4, seed=0, exclude_photos="coffee, camera")
+    assert set(stream.base.photos) == set(TRAIN_PHOTOS) - {"coffee", "camera"}
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--steps", "1", "--exclude-photos", "coffee,camera", *TINY]) == 0
+    data = read_checkpoint(out / "last.pth").meta["data"]
+    assert data["excluded_photos"] == ["coffee", "camera"] and not {"coffee", "camera"} & set(data["photos"])
+    capsys.readouterr()
+    for bad in ("lena", "chelsea"):
+        assert main(["--out", str(tmp_path / bad), "--steps", "1", "--exclude-photos", bad, *TINY]) == 2
+        err = capsys.readouterr().err.strip()
+        assert bad in err and "\n" not in err and not (tmp_path / bad).exists()
 
 
 def test_overfit_one_batch_decreases_loss():
