@@ -163,11 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --samples >= 1, --crop >= 16, --seed >= 0, --threads >= 0, --rl-iterations >= 1")
     if args.split == "validation" and args.seed < 1000:
         parser.error("--split validation needs --seed >= 1000 (training runs use small seeds)")
-    photos = None if args.photos is None else [n.strip() for n in args.photos.split(",") if n.strip()]
-    if photos is not None and args.split != "validation":
+    if args.photos is not None and args.split != "validation":
         parser.error("--photos picks training photos: it needs --split validation")
-    if photos == []:
-        parser.error("--photos needs at least one photo name")
     try:
         import scipy  # noqa: F401
         import skimage
@@ -176,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from .api import DEFAULT_CHECKPOINT, Deblurrer
     from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-    from .data.synth import check_training_photos, heldout_set, validation_set
+    from .data.synth import check_training_photos, heldout_set, photo_names, validation_set
+    photos = None if args.photos is None else photo_names(args.photos)
+    if photos == []:
+        parser.error("--photos needs at least one photo name")
     try:
         check_training_photos(photos or (), "validation photos")
     except ValueError as exc:

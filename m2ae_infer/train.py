@@ -148,8 +148,8 @@ class TrainStream(Dataset):
     """Stream index n -> sample: pool entry ``perm_epoch[n % pool]`` under dihedral transform ``t(n)``."""
 
     def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0, exclude_photos: str = ""):
-        from .data.synth import SyntheticBlurDataset, training_photos
-        photos = training_photos(_names(exclude_photos))
+        from .data.synth import SyntheticBlurDataset, photo_names, training_photos
+        photos = training_photos(photo_names(exclude_photos))
         self.base = SyntheticBlurDataset(photos, size=pool, seed=seed, crop=crop, p_defocus=defocus)
         self.pool, self.seed, self.cache = pool, seed, {}
 
@@ -168,11 +168,6 @@ class TrainStream(Dataset):
             self.cache[idx] = (s.blurry.half(), s.sharp.half(), s.mask.bool())
         t = int(np.random.default_rng([self.seed, 2, n]).integers(8))
         return tuple(_dihedral(x.float(), t) for x in self.cache[idx])
-
-
-def _names(csv_names: str) -> list[str]:
-    """``"a, b"`` -> ``["a", "b"]`` (how --exclude-photos is given and stored)."""
-    return [n.strip() for n in csv_names.split(",") if n.strip()]
 
 
 def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -329,9 +324,9 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
         raise UsageError(str(exc)) from None
     _check(s["train"] in TRAINABLE, f"--train must be one of {', '.join(TRAINABLE)}, got {s['train']}")
     _check(s["train"] == "mask" or not s["fresh_head"], "--fresh-head needs --train mask")
-    from .data.synth import training_photos
+    from .data.synth import photo_names, training_photos
     try:
-        training_photos(_names(s["exclude_photos"]))
+        training_photos(photo_names(s["exclude_photos"]))
     except ValueError as exc:
         raise UsageError(f"--exclude-photos: {exc}") from None
     _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
@@ -388,11 +383,11 @@ def train(args: argparse.Namespace) -> dict:
     with atomic_write(log_path, "w", overwrite=True, newline="") as f:  # drop rows past the resumed step
         csv.DictWriter(f, LOG_FIELDS).writeheader()
         csv.DictWriter(f, LOG_FIELDS).writerows(r for r in csv.DictReader(old) if int(r["step"]) <= step)
-    from .data.synth import HELDOUT_PHOTOS, training_photos
-    excluded = _names(settings["exclude_photos"])
+    from .data.synth import HELDOUT_PHOTOS, photo_names, training_photos
+    excluded = photo_names(settings["exclude_photos"])
     data = {"generator": "m2ae_infer.data.synth", "photos": list(training_photos(excluded)),
-            "excluded_photos": excluded, "heldout_never_used": list(HELDOUT_PHOTOS), "crop": settings["crop"], "pool": settings["pool"], "seed": seed,
-            "augment": "8 dihedral transforms", "defocus": settings["defocus"]}
+            "excluded_photos": excluded, "heldout_never_used": list(HELDOUT_PHOTOS), "crop": settings["crop"],
+            "pool": settings["pool"], "seed": seed, "augment": "8 dihedral transforms", "defocus": settings["defocus"]}
     recent: dict[str, list[float]] = {k: [] for k in ("loss", "rec", "reblur", "mask")}
 
     def meta(stopped: str) -> dict:

@@ -425,10 +425,16 @@ def training_photos(exclude: Sequence[str] = ()) -> tuple[str, ...]:
     aside as *dev* photos (see :func:`validation_set`). Unknown or held-out names, or excluding every
     training photo, are a ``ValueError``."""
     check_training_photos(exclude, "excluded")
-    kept = tuple(p for p in TRAIN_PHOTOS if p not in set(exclude))
+    excluded = set(exclude)
+    kept = tuple(p for p in TRAIN_PHOTOS if p not in excluded)
     if not kept:
         raise ValueError("cannot exclude every training photo")
     return kept
+
+
+def photo_names(text: str) -> list[str]:
+    """A comma-separated option value (``"coffee, camera"``) -> ``["coffee", "camera"]``."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def check_training_photos(names: Sequence[str], what: str) -> None:
