@@ -1,7 +1,9 @@
 """``m2ae-eval``: held-out quality and exactness: blurry input vs our model vs a classical oracle.
 
 Rows: ``blurry`` (the input), ``ours_dense`` / ``ours_sparse`` (public ``Deblurrer.run``, *predicted* mask),
-``classical`` (Richardson-Lucy given the TRUE kernel and TRUE mask: an oracle reference). Exit codes: 0 done;
+``ours_true_mask`` (the same network given the TRUE mask: what the body does when the mask head is perfect, so
+the two sources of error can be told apart), ``classical`` (Richardson-Lucy given the TRUE kernel and TRUE mask:
+an oracle reference). Exit codes: 0 done;
 1 an exactness contract failed (sparse != dense, or a pixel outside the mask changed); 2 usage error, bad
 checkpoint or missing scikit-image.
 
@@ -25,7 +27,7 @@ from .atomic import atomic_write
 from .messages import one_line
 
 PSNR_CAP = 100.0
-ROWS = ("blurry", "ours_dense", "ours_sparse", "classical")
+ROWS = ("blurry", "ours_dense", "ours_sparse", "ours_true_mask", "classical")
 GAMMA = 2.2
 _INSTALL_HINT = 'm2ae-eval needs scikit-image (and scipy): pip install "m2ae-infer[train]"'
 
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         outs, infos = {"blurry": s.blurry}, {}
         for e, r in runners.items():
             outs[f"ours_{e}"], infos[e] = r.run(s.blurry, return_info=True)
+        outs["ours_true_mask"], infos["true_mask"] = runners["sparse"].run(s.blurry, mask=s.mask, return_info=True)
         start = time.perf_counter()
         outs["classical"], how = classical_restore(s, args.rl_iterations)
         t_classical = time.perf_counter() - start
@@ -215,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                "mask": mask_scores(pred, s.mask), "masks_agree": bool(np.array_equal(pred, infos["dense"].mask)),
                "active_fraction": infos["sparse"].active_fraction, "flops_saved": infos["sparse"].flops_saved,
                "seconds": {"ours_dense": infos["dense"].seconds, "ours_sparse": infos["sparse"].seconds,
-                           "classical": t_classical},
+                           "ours_true_mask": infos["true_mask"].seconds, "classical": t_classical},
                "sparse_dense_max_abs": float(np.abs(outs["ours_sparse"] - outs["ours_dense"]).max()),
                "changed_outside_mask": {e: _changed_outside(s.blurry, outs[f"ours_{e}"], np.asarray(infos[e].mask))
-                                        for e in runners}}
+                                        for e in (*runners, "true_mask")}}
         for name, img in outs.items():
             row[name] = {"psnr": masked_psnr(img, s.sharp), "ssim": masked_ssim(img, s.sharp),
                          "psnr_mask": masked_psnr(img, s.sharp, s.mask), "ssim_mask": masked_ssim(img, s.sharp, s.mask)}
@@ -283,10 +286,10 @@ def summarize(per_sample: list[dict]) -> dict:
 
 def format_table(summary: dict) -> str:
     fmt = lambda v, p=2: "    -" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = [f"{'row':<12} {'PSNR':>7} {'SSIM':>6} {'PSNR@mask':>10} {'SSIM@mask':>10} {'s/img':>7}"]
+    lines = [f"{'row':<14} {'PSNR':>7} {'SSIM':>6} {'PSNR@mask':>10} {'SSIM@mask':>10} {'s/img':>7}"]
     for name, r in summary["rows"].items():
         a = r["all"]
-        lines.append(f"{name:<12} {fmt(a['psnr']):>7} {fmt(a['ssim'], 4):>6} {fmt(a['psnr_mask']):>10} "
+        lines.append(f"{name:<14} {fmt(a['psnr']):>7} {fmt(a['ssim'], 4):>6} {fmt(a['psnr_mask']):>10} "
                      f"{fmt(a['ssim_mask'], 4):>10} {fmt(r.get('seconds_per_image'), 3):>7}")
     m, c, t = summary["mask"], summary["contracts"], summary["targets"]
     lines += [f"mask (pooled): IoU {m['pooled']['iou']:.3f}  precision {m['pooled']['precision']:.3f}  "

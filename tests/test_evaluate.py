@@ -135,8 +135,12 @@ def test_cli_end_to_end(tiny_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "ours_sparse" in proc.stdout and "IoU" in proc.stdout
     report = json.loads((out / "eval.json").read_text())
-    assert set(report["rows"]) == {"blurry", "ours_dense", "ours_sparse", "classical"}
+    assert set(report["rows"]) == {"blurry", "ours_dense", "ours_sparse", "ours_true_mask", "classical"}
     assert report["contracts"]["changed_outside_mask"] == 0 and report["contracts"]["pass"]
+    local = [r for r in report["per_sample"] if r["kind"] == "local"]
+    assert local and all(set(r["changed_outside_mask"]) == {"dense", "sparse", "true_mask"} for r in local)
+    # the true-mask row really ran the network inside the true mask
+    assert all(r["ours_true_mask"]["psnr_mask"] != r["blurry"]["psnr_mask"] for r in local)
     assert report["contracts"]["sparse_dense_max_abs"] <= 1e-5
     assert 0.0 < report["mask"]["mean_active_fraction"] < 1.0               # the sparse path really ran
     assert report["checkpoint"]["path"].endswith("tiny.pth") and len(report["per_sample"]) == 3
