@@ -219,10 +219,11 @@ def _sniff(path: Path) -> str:
         raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
     if size == 0:
         raise CheckpointError(path, "is empty", "the file was not written completely; save it again")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive / legacy pickle
-        kind = "torch"
-    elif len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+    # safetensors first: its header length (u64 little-endian) may start with 0x80, a pickle's first byte
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         kind = "safetensors"
+    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive / legacy pickle
+        kind = "torch"
     else:
         raise CheckpointError(path, "unrecognized content (neither a torch checkpoint nor safetensors)",
                               "check that this is the right file and that it was copied completely")

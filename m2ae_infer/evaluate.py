@@ -131,7 +131,8 @@ def classical_restore(sample, iterations: int = 30) -> tuple[np.ndarray, str]:
 # ------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m2ae-eval", description=(
-        "Held-out evaluation: blurry input vs our model (dense and sparse) vs Richardson-Lucy with the true kernel."))
+        "Held-out evaluation: blurry input vs our model (dense and sparse with the predicted mask; sparse with the true "
+        "mask) vs Richardson-Lucy with the true kernel."))
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors); default: the shipped one")
     p.add_argument("--samples", type=int, default=40, help="held-out samples (default 40)")
     p.add_argument("--crop", type=int, default=256, help="sample size in pixels (default 256)")

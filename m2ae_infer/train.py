@@ -9,7 +9,8 @@ batch of step s is a pure function of (settings, s), which is what makes ``--res
 
 Files in DIR: ``last.pth`` (training form, our checkpoint format), ``last_state.pt`` (optimizer, scheduler,
 step, RNG, settings; plain tensors, ``weights_only=True`` loads it), ``train_log.csv``, and at the end
-``final_deploy.safetensors`` (re-parameterized) plus a held-out validation (in the meta of both).
+``final_deploy.safetensors`` (re-parameterized) plus a validation score (in the meta of both) on the dev photos
+(``--exclude-photos``) or on new samples of the training photos; the held-out photos are for ``m2ae-eval`` only.
 Exit codes: 0 done (or stopped cleanly by --time-limit/--stop-after), 1 a run-time failure, 2 bad options,
 130 interrupted (state saved).
 """
@@ -24,6 +25,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -222,13 +224,17 @@ def _save_state(out: Path, model, opt, sched, settings: dict, step: int, meta: d
 
 # ------------------------------------------------------------------------------------------ validation
 @torch.no_grad()
-def validate(model: M2AENet, n: int = 8, crop: int = 128, seed: int = 1234) -> dict:
-    """Held-out photos only: PSNR inside the annotated mask of blurry and of restored (predicted mask,
-    deploy form, eval mode; mean over samples with a mask) and the IoU of the predicted working mask."""
-    from .data.synth import heldout_set
+def validate(model: M2AENet, n: int = 8, crop: int = 128, photos: Sequence[str] = ()) -> dict:
+    """End-of-run score on validation samples (``synth.validation_set``), never on the held-out photos: those
+    are for ``m2ae-eval`` alone, so a run's printout cannot become a loop that tunes on them. ``photos``: the
+    run's dev photos (``--exclude-photos``), scored as unseen photos; empty: new samples on all training photos.
+
+    PSNR inside the annotated mask of blurry and of restored (predicted mask, deploy form, eval mode; mean over
+    samples with a mask) and the IoU of the predicted working mask."""
+    from .data.synth import validation_set
     net = reparameterize_model(model)  # a deep copy in eval mode; ``model`` is untouched
     psnr_in, psnr_out, inter, union = [], [], 0, 0
-    for s in heldout_set(n, seed=seed, crop=crop):
+    for s in validation_set(n, crop=crop, photos=list(photos) or None):
         x, y = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in (s.blurry, s.sharp))
         full, features = torch.from_numpy(s.mask)[None, None], net.stem_features(x)
         pred, target = net.predict_mask(features), working_mask(full)
@@ -239,7 +245,8 @@ def validate(model: M2AENet, n: int = 8, crop: int = 128, seed: int = 1234) -> d
             psnr_in.append(_psnr(x[sel], y[sel]))
             psnr_out.append(_psnr(restored[sel], y[sel]))
     mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
-    return {"samples": n, "crop": crop, "psnr_blurry_in_mask": mean(psnr_in),
+    return {"samples": n, "crop": crop, "photos": list(photos) or "training photos",
+            "psnr_blurry_in_mask": mean(psnr_in),
             "psnr_restored_in_mask": mean(psnr_out), "mask_iou": inter / union if union else 1.0}
 
 
@@ -295,8 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=500, help="save last.pth every N steps (default 500)")
     p.add_argument("--threads", type=int, default=_cores(), help="torch threads (default: all cores)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--val-samples", type=int, default=8, help="held-out validation samples (default 8, 0: none)")
-    p.add_argument("--val-crop", type=int, default=128, help="held-out validation size (default 128)")
+    p.add_argument("--val-samples", type=int, default=8,
+                   help="end-of-run validation samples: on the --exclude-photos dev photos if given, else new "
+                        "samples on the training photos; never the held-out photos (default 8, 0: none)")
+    p.add_argument("--val-crop", type=int, default=128, help="validation sample size in pixels (default 128)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -438,7 +447,7 @@ def train(args: argparse.Namespace) -> dict:
     finally:
         bar.close()
     final = meta(stopped)
-    final["validation"] = validate(model, args.val_samples, args.val_crop) if args.val_samples else None
+    final["validation"] = validate(model, args.val_samples, args.val_crop, excluded) if args.val_samples else None
     final["wall_time_s"] = prev_wall + time.perf_counter() - t0
     _save_state(out, model, opt, sched, settings, step, final)
     save_checkpoint(reparameterize_model(model), out / "final_deploy.safetensors", meta=final, overwrite=True)
@@ -464,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{final['wall_time_s'] / 60:.1f} min; mean of the last 100 steps: "
           + ", ".join(f"{k} {f4(v)}" for k, v in final["losses"].items()))
     if val:
-        print(f"m2ae-train: held-out ({val['samples']} x {val['crop']} px): PSNR in mask blurry "
+        where = ("dev photos " + ",".join(val["photos"]) if isinstance(val["photos"], list)
+                 else "new samples on the training photos")
+        print(f"m2ae-train: validation, {where} ({val['samples']} x {val['crop']} px): PSNR in mask blurry "
               f"{f4(val['psnr_blurry_in_mask'], 2)} dB -> restored {f4(val['psnr_restored_in_mask'], 2)} dB, "
               f"mask IoU {val['mask_iou']:.3f}")
     print(f"m2ae-train: wrote {Path(args.out) / 'last.pth'} and {Path(args.out) / 'final_deploy.safetensors'}")

@@ -89,6 +89,21 @@ def test_safetensors_metadata(tmp_path):
     assert metadata["meta"] == '{"k": 1}'
 
 
+@pytest.mark.parametrize("low_byte", [0x80, 0x50])  # a pickle's first byte; "P" as in a zip's "PK"
+def test_safetensors_whose_header_length_looks_like_torch(tmp_path, image, low_byte):
+    """The header length (u64 little-endian) is the file's first bytes: one in 256 files starts with 0x80.
+    Padding the meta walks the length until its low byte is ``low_byte``; the file must still load."""
+    net = make_net("deploy")
+    path = tmp_path / "net.safetensors"
+    for pad in range(300):
+        save_checkpoint(net, path, meta={"pad": "x" * pad}, overwrite=True)
+        if path.read_bytes()[0] == low_byte:
+            break
+    assert path.read_bytes()[0] == low_byte
+    assert_same(load_checkpoint(path), net, image)
+    assert read_checkpoint(path).meta == {"pad": "x" * pad}
+
+
 def test_deploy_checkpoint_loads_without_training_branches(tmp_path):
     path = tmp_path / "deploy.pth"
     save_checkpoint(make_net("deploy"), path)

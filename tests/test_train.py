@@ -72,8 +72,11 @@ def test_exclude_photos_keeps_dev_photos_out(tmp_path, capsys):
     assert set(stream.base.photos) == set(TRAIN_PHOTOS) - {"coffee", "camera"}
     out = tmp_path / "run"
     assert main(["--out", str(out), "--steps", "1", "--exclude-photos", "coffee,camera", *TINY]) == 0
-    data = read_checkpoint(out / "last.pth").meta["data"]
+    meta = read_checkpoint(out / "final_deploy.safetensors").meta
+    data = meta["data"]
     assert data["excluded_photos"] == ["coffee", "camera"] and not {"coffee", "camera"} & set(data["photos"])
+    assert meta["validation"]["photos"] == ["coffee", "camera"]        # scored on the unseen dev photos
+    assert "validation, dev photos coffee,camera" in capsys.readouterr().out
     capsys.readouterr()
     for bad in ("lena", "chelsea"):
         assert main(["--out", str(tmp_path / bad), "--steps", "1", "--exclude-photos", bad, *TINY]) == 2
@@ -133,10 +136,14 @@ def test_resume_is_exact(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def test_cli_writes_loadable_checkpoints(tmp_path, capsys):
+def test_cli_writes_loadable_checkpoints(tmp_path, capsys, monkeypatch):
+    from m2ae_infer.data import synth
+    loaded, load = [], synth._cached_photo
+    monkeypatch.setattr(synth, "_cached_photo", lambda name: (loaded.append(name), load(name))[1])
     out = tmp_path / "run"
     assert main(["--out", str(out), "--steps", "3", *TINY]) == 0
-    assert "held-out" in capsys.readouterr().out
+    assert loaded and not set(loaded) & set(HELDOUT_PHOTOS)   # the end-of-run score too: no held-out photo
+    assert "validation, new samples on the training photos" in capsys.readouterr().out
     model = load_checkpoint(out / "last.pth")
     deploy = load_checkpoint(out / "final_deploy.safetensors")
     assert not model.inference_mode and deploy.inference_mode
