@@ -5,11 +5,13 @@ Writes a terminal table, ``results.json``, ``results.csv``, ``baselines.csv`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..messages import one_line
+from ..atomic import prepare_folder
+from ..messages import OneLineArgumentParser, one_line
 from .baselines import BASELINES
 from .grid import BACKENDS, MASK_SOURCES, QUICK, RESOLUTIONS, BenchSettings, run_grid
 
@@ -27,7 +29,7 @@ def _densities(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="m2ae-bench", description=__doc__.split("\n")[0],
         epilog="Ratios are taken within one run (same process, same threads); absolute CPU times drift between "
                "runs on shared machines. Defaults: 480p,720p,1080p x 8 densities x blobs,scattered,real x every "
@@ -89,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         print(f"m2ae-bench: error: --out {args.out} is a file, not a folder", file=sys.stderr)
         return 2
+    created = not args.out.exists()
+    try:   # before the benchmark, not after it: a long run must not end in "cannot write"
+        prepare_folder(args.out)
+    except OSError as exc:
+        print(f"m2ae-bench: error: cannot write to --out {args.out} ({one_line(exc.strerror or exc)}); choose a "
+              "writable folder", file=sys.stderr)
+        return 2
+
+    def drop_empty_out() -> None:   # a failed run leaves no empty folder of ours behind
+        if created:
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
 
     import torch
 
@@ -100,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         net = Deblurrer(args.checkpoint, device=settings.device).network
         result = run_grid(net, settings, machine(), threads=args.threads, progress=True)
     except KeyboardInterrupt:
+        drop_empty_out()
         print("m2ae-bench: interrupted; nothing written", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
+        drop_empty_out()
         print(f"m2ae-bench: error: {one_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
     print(report.table(result))

@@ -16,7 +16,8 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from ..messages import one_line
+from ..atomic import prepare_folder
+from ..messages import OneLineArgumentParser, one_line
 
 PROG = "m2ae-export"
 
@@ -29,7 +30,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=(
+    p = OneLineArgumentParser(prog=PROG, description=(
         "Export an M2AENet checkpoint to ONNX (and a TensorRT engine), verified against torch."))
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors), training or deploy form")
     p.add_argument("-o", "--output", metavar="OUT",
@@ -47,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="convolutions everywhere, gated by the mask (default with --trt)")
     graph.add_argument("--mask-input", action="store_true",
                        help="the graph takes mask [1,1,H,W] bool instead of predicting it")
-    graph.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
-    graph.add_argument("--dilation", type=int, default=0, help="grow the predicted mask by N working pixels")
+    graph.add_argument("--threshold", type=float, help="blur probability threshold (default 0.5; not with "
+                                                            "--mask-input)")
+    graph.add_argument("--dilation", type=int, help="grow the predicted mask by N working pixels (default 0; not "
+                                                    "with --mask-input)")
     graph.add_argument("--fp16", action="store_true", help="compute in float16 (inputs/outputs stay float32)")
     graph.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..24 (default 18)")
     trt = p.add_argument_group("TensorRT optimization profile (image H x W)")
@@ -76,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     shapes = {k: getattr(args, f"{k}_shape") for k in ("min", "opt", "max")}
     if not args.trt and any(shapes.values()):
         parser.error("--min-shape/--opt-shape/--max-shape describe the TensorRT engine: add --trt")
+    if args.mask_input and (args.threshold is not None or args.dilation is not None):
+        parser.error("--threshold/--dilation shape the predicted mask; a --mask-input graph takes your mask as it "
+                     "is: drop them")
+    args.threshold = 0.5 if args.threshold is None else args.threshold
+    args.dilation = 0 if args.dilation is None else args.dilation
     if not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     if args.dilation < 0:
@@ -92,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{path} exists; pass --force to overwrite it")
             if path is not None and not path.parent.is_dir():
                 raise ValueError(f"{path}: folder {path.parent} does not exist; create it first")
+            if path is not None:
+                try:   # before the export and its checks, not after them
+                    prepare_folder(path.parent)
+                except OSError as exc:
+                    raise ValueError(f"cannot write to {path.parent} ({exc.strerror or exc}); choose a writable "
+                                     "folder with -o") from None
         profile = None
         if args.trt:
             from .trt import Profile

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_path", "atomic_write", "TEMP_PREFIX"]
+__all__ = ["atomic_path", "atomic_write", "prepare_folder", "TEMP_PREFIX"]
 
 TEMP_PREFIX = ".tmp-"
 
@@ -65,6 +65,18 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, overwrite: b
         with open(tmp, mode, encoding=encoding, newline=newline) as f:
             yield f
             f.flush()
+
+
+def prepare_folder(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` (and its parents) and check that a file can be created in it, by creating and removing
+    a probe file: run before long work, so that an hour of computing does not end in "cannot write".
+    Raises OSError (a read-only or full filesystem, no permission, a file in the way)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "probe-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+    return folder
 
 
 def _publish(tmp: str, target: Path, overwrite: bool, shown: object) -> None:

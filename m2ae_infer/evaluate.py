@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
-from .messages import one_line
+from .atomic import atomic_write, prepare_folder
+from .messages import OneLineArgumentParser, one_line
 
 PSNR_CAP = 100.0
+MAX_CROP = 1536   # the largest photo is 1411 px; a larger crop would be mostly mirror padding
 ROWS = ("blurry", "ours_dense", "ours_sparse", "ours_true_mask", "classical")
 GAMMA = 2.2
 _INSTALL_HINT = 'm2ae-eval needs scikit-image (and scipy): pip install "m2ae-infer[train]"'
@@ -130,7 +131,7 @@ def classical_restore(sample, iterations: int = 30) -> tuple[np.ndarray, str]:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="m2ae-eval", description=(
+    p = OneLineArgumentParser(prog="m2ae-eval", description=(
         "Held-out evaluation: blurry input vs our model (dense and sparse with the predicted mask; sparse with the true "
         "mask) vs Richardson-Lucy with the true kernel."))
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors); default: the shipped one")
@@ -142,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "photos, for choosing settings such as --threshold (default heldout)")
     p.add_argument("--photos", metavar="A,B", help="with --split validation: only these training photos, e.g. the "
                                                   "dev photos a run was trained without (m2ae-train --exclude-photos)")
-    p.add_argument("--out", metavar="DIR", default="m2ae_eval", help="output folder (default m2ae_eval)")
+    p.add_argument("--out", metavar="DIR", default="m2ae_eval",
+                   help="output folder for eval.json and eval_grid.png (default m2ae_eval)")
+    p.add_argument("--force", action="store_true", help="replace eval.json and eval_grid.png already in --out")
     p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
@@ -162,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = 1234 if args.split == "heldout" else 4242
-    if args.samples < 1 or args.crop < 16 or args.seed < 0 or args.threads < 0 or args.rl_iterations < 1:
-        parser.error("need --samples >= 1, --crop >= 16, --seed >= 0, --threads >= 0, --rl-iterations >= 1")
+    for flag, value, low, high in (("--samples", args.samples, 1, 100_000), ("--crop", args.crop, 16, MAX_CROP),
+                                   ("--seed", args.seed, 0, 2**63 - 1), ("--threads", args.threads, 0, 1024),
+                                   ("--rl-iterations", args.rl_iterations, 1, 10_000)):
+        if not low <= value <= high:
+            parser.error(f"{flag} must lie in {low}..{high}, got {value}"
+                         + (" (larger crops than the photos would only mirror-pad them)" if flag == "--crop" else ""))
     if args.split == "validation" and args.seed < 1000:
         parser.error("--split validation needs --seed >= 1000 (training runs use small seeds)")
     if args.photos is not None and args.split != "validation":
@@ -193,10 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         net, meta = load_checkpoint(ckpt), read_checkpoint(ckpt).meta
         runners = {e: Deblurrer(net, device=args.device, execution=e, threshold=args.threshold,
                                 dilation=args.dilation) for e in ("dense", "sparse")}
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
     except (CheckpointError, ValueError, OSError) as exc:
         return _error(exc)
+    out_dir = Path(args.out)
+    outputs = (out_dir / "eval.json", out_dir / "eval_grid.png")
+    if out_dir.exists() and not out_dir.is_dir():
+        return _error(f"--out {out_dir} is a file, not a folder; give a folder name")
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.force:
+        return _error(f"{', '.join(existing)} already exist(s); pass --force to replace, or choose another --out")
+    try:
+        prepare_folder(out_dir)   # before the work, not after it
+    except OSError as exc:
+        return _error(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder")
     if not args.quiet:
         on = f" on {', '.join(photos)}" if photos else ""
         print(f"m2ae-eval: generating {args.samples} {args.split} samples ({args.crop} px){on}", file=sys.stderr)
@@ -238,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                           "device": str(runners["sparse"].device)},
               **summary, "per_sample": per_sample}
     try:
-        _write_json(report, out_dir / "eval.json")
-        _write_grid(grid, out_dir / "eval_grid.png")
+        _write_json(report, outputs[0], overwrite=args.force)
+        _write_grid(grid, outputs[1], overwrite=args.force)
     except (OSError, ValueError) as exc:
         return _error(exc)
     print(format_table(summary))
@@ -303,8 +319,8 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(report: dict, path: Path) -> None:
-    with atomic_write(path, "w", overwrite=True) as f:
+def _write_json(report: dict, path: Path, overwrite: bool = False) -> None:
+    with atomic_write(path, "w", overwrite=overwrite) as f:
         json.dump(_finite(report), f, indent=2, allow_nan=False)
 
 
@@ -317,7 +333,7 @@ def _finite(obj):
     return None if isinstance(obj, float) and not np.isfinite(obj) else obj
 
 
-def _write_grid(grid: list[list[np.ndarray]], path: Path) -> None:
+def _write_grid(grid: list[list[np.ndarray]], path: Path, overwrite: bool = False) -> None:
     from PIL import Image, ImageDraw
     from .imgio import save_image
     labels, gap, head = ("blurry", "predicted mask", "ours (sparse)", "classical (RL)", "sharp"), 4, 16
@@ -331,7 +347,7 @@ def _write_grid(grid: list[list[np.ndarray]], path: Path) -> None:
     draw = ImageDraw.Draw(img)
     for j, label in enumerate(labels):
         draw.text((j * (w + gap) + 2, 2), label, fill=(0, 0, 0))
-    save_image(img, path, overwrite=True)
+    save_image(img, path, overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .atomic import atomic_path, atomic_write
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .atomic import atomic_path, atomic_write, prepare_folder
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import M2AEConfig
 from .model.mask import working_mask
 from .model.motion import reblur
@@ -48,6 +48,7 @@ RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, we
                     exclude_photos="")
 TRAINABLE = ("all", "mask")   # --train: the whole network, or the blur-mask head alone (everything else frozen)
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
+RUN_FILES = ("last.pth", "last_state.pt", "train_log.csv", "final_deploy.safetensors")   # what a run writes
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
 
 
@@ -365,13 +366,21 @@ def train(args: argparse.Namespace) -> dict:
                f"--resume: {out} holds no last.pth + last_state.pt to resume from")
         state = torch.load(out / "last_state.pt", weights_only=True)
     else:
-        _check(not (out / "last.pth").exists(), f"{out} already holds a run: pass --resume or pick a new --out")
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        _check(not held, f"{out} already holds {', '.join(held)}: pass --resume to continue that run, or pick a "
+               "new --out (a new run would replace those files)")
     settings = parse_settings(args, state and state["settings"])
+    if state is not None:
+        _check(settings["steps"] >= state["step"], f"--steps {settings['steps']} is below the step the resumed "
+               f"run already reached ({state['step']}); give --steps {state['step'] + 1} or more")
     torch.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
     seed = settings["seed"]
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
     model = build_model(settings) if state is None else load_checkpoint(out / "last.pth")
+    try:   # only now: a run refused above (bad --init, bad options) leaves no empty folder behind
+        prepare_folder(out)
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from None
     opt, sched = build_optimizer(model, settings)
     step, prev_wall = 0, 0.0
     if state is not None:
@@ -461,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (UsageError, ImportError) as exc:  # bad options, or scikit-image missing
-        print(f"m2ae-train: error: {exc}", file=sys.stderr)
+        print(f"m2ae-train: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:  # --init (or a resumed last.pth) cannot be used; the message names the file
+        print(f"m2ae-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

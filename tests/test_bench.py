@@ -180,8 +180,18 @@ def test_cli_rejects_bad_options_in_one_line(bad, tmp_path, capsys):
         main([*bad, "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("m2ae-bench: error:")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("m2ae-bench: error:")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_unwritable_out_is_refused_before_the_benchmark(tmp_path, capsys, monkeypatch):
+    import m2ae_infer.benchmarks.cli as cli
+    monkeypatch.setattr(cli, "run_grid", lambda *a, **k: pytest.fail("benchmarked before checking --out"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--quick", "--out", str(blocker / "b")]) == 2     # a file where a folder must be created
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2ae-bench: error: cannot write to --out") and "\n" not in err
 
 
 def test_onnxruntime_cells_agree_with_torch(deploy_net):

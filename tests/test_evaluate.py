@@ -199,3 +199,35 @@ def test_usage_error_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         ev.main(["--samples", "0"])
     assert exc.value.code == 2
+
+
+def test_existing_results_need_force_and_bad_out_is_refused_before_work(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text("mine")
+    # refused before any sample is generated: the sample generator must not even be called
+    import m2ae_infer.data.synth as synth
+    monkeypatch.setattr(synth, "heldout_set", lambda *a, **k: pytest.fail("ran before checking --out"))
+    base = ["--checkpoint", str(tiny_ckpt), "--samples", "1", "--crop", "32", "-q"]
+    assert ev.main([*base, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval.json" in err and "--force" in err and "\n" not in err
+    assert (out / "eval.json").read_text() == "mine"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    assert ev.main([*base, "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
+    monkeypatch.undo()
+    assert ev.main([*base, "--out", str(out), "--force", "--rl-iterations", "2", "--threads", "1"]) == 0
+    assert json.loads((out / "eval.json").read_text())["settings"]["samples"] == 1
+
+
+@pytest.mark.parametrize("flag,value", [("--crop", "100000"), ("--crop", "8"), ("--samples", "0"), ("--seed", "-5"),
+                                        ("--rl-iterations", "0")])
+def test_out_of_range_options_name_the_flag(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        ev.main([flag, value, "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2ae-eval: error:") and flag in err and value in err and "\n" not in err
+    assert not (tmp_path / "o").exists()

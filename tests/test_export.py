@@ -255,6 +255,8 @@ def test_cli_trt_without_tensorrt_writes_onnx_and_fails(checkpoint, tmp_path, ca
     (["{ckpt}", "-o", "m.onnx", "--trt", "--min-shape", "64"], "HxW"),
     (["{ckpt}", "-o", "m.onnx", "--trt", "--opt-shape", "16x16"], "min <= opt"),
     (["{ckpt}", "-o", "m.onnx", "--threshold", "1.5"], "--threshold"),
+    (["{ckpt}", "-o", "m.onnx", "--mask-input", "--threshold", "0.3"], "drop them"),
+    (["{ckpt}", "-o", "m.onnx", "--mask-input", "--dilation", "1"], "drop them"),
 ])
 def test_cli_usage_errors_exit_2_in_one_line(checkpoint, tmp_path, capsys, argv, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -266,8 +268,21 @@ def test_cli_usage_errors_exit_2_in_one_line(checkpoint, tmp_path, capsys, argv,
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
-    assert [line for line in err.splitlines() if "error" in line] and len(err.strip().splitlines()) <= 6
+    assert len(err.strip().splitlines()) == 1 and err.startswith("m2ae-export: error:")
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_cli_unwritable_folder_is_refused_before_exporting(checkpoint, tmp_path, capsys, monkeypatch):
+    import m2ae_infer.export.cli as cli
+
+    def read_only(folder):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(cli, "prepare_folder", read_only)
+    monkeypatch.setattr(cli, "_export", lambda *a, **k: pytest.fail("exported before checking the folder"))
+    assert export_main([str(checkpoint), "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"m2ae-export: error: cannot write to {tmp_path} (Read-only file system); choose a writable " \
+                  "folder with -o"
 
 
 # ----------------------------------------------------------------------------------- TensorRT

@@ -3,6 +3,7 @@ resume, the CLI's files and its one-line errors. Tiny config, 32 px crops, a few
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 import torch
@@ -176,6 +177,30 @@ def test_cli_bad_options_one_line_exit_2(tmp_path, capsys, argv):
     assert main(["--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("m2ae-train: error:") and "\n" not in err, err
+    assert not (tmp_path / "run").exists()   # a refused run leaves no folder behind
+
+
+def test_cli_bad_init_is_exit_2_and_leaves_no_folder(tmp_path, capsys):
+    bad = tmp_path / "random.pth"
+    bad.write_bytes(b"\x00" * 100)
+    assert main(["--out", str(tmp_path / "run"), "--init", str(bad), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2ae-train: error:") and str(bad) in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_folder_holding_run_files_and_an_unwritable_out(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "train_log.csv").write_text("my own log")
+    assert main(["--out", str(out), "--steps", "1", *TINY]) == 2
+    assert "train_log.csv" in capsys.readouterr().err
+    assert (out / "train_log.csv").read_text() == "my own log" and sorted(os.listdir(out)) == ["train_log.csv"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--out", str(blocker / "run"), "--steps", "1", *TINY]) == 2   # a file where a folder must be
+    err = capsys.readouterr().err.strip()
+    assert "cannot write to --out" in err and "\n" not in err
 
 
 def test_cli_refuses_to_clobber_or_change_a_run(tmp_path, capsys):
@@ -184,9 +209,12 @@ def test_cli_refuses_to_clobber_or_change_a_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["--out", str(out), "--steps", "2", *TINY]) == 2  # exists, no --resume
     assert main(["--out", str(out), "--resume", "--batch", "3", "-q"]) == 2  # run settings are fixed
+    before = (out / "last.pth").read_bytes()
+    assert main(["--out", str(out), "--resume", "--steps", "1", "-q"]) == 2  # below the step reached (2)
     assert main([]) == 2  # --out is required
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("m2ae-train: error:") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("m2ae-train: error:") for line in lines)
+    assert "--steps 1 is below" in lines[2] and (out / "last.pth").read_bytes() == before
 
 
 def test_union_gate_lets_the_body_see_wrongly_flagged_pixels():
