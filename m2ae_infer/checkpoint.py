@@ -17,14 +17,21 @@ trace there). ``config=`` contradicting a stored config is an error. The stored 
 form; for bare state dicts the keys do (``blocks.N.spatial.*`` deploy, ``.rbr_*``/``motion.trajectory.*``
 training), and a deploy checkpoint loads into a deploy-form network, unmerged. Missing BatchNorm
 ``num_batches_tracked`` buffers are tolerated, as ``torch`` does for old checkpoints.
+
+The check runs against the network built on the ``meta`` device (shapes and dtypes, no storage), so a config
+that does not match the stored tensors, however large it claims to be, is refused before any weight memory
+is allocated. When ``torch.load`` fails, the file's main pickle is read with :mod:`pickletools` (which
+parses opcodes, never executes them) to tell code, a pickle that weights-only loading cannot read
+(``pickle.dump`` files, protocol >= 4) and a truncated or corrupt file apart. Messages name the Python
+argument and the CLI option together: of the CLIs only ``m2ae-train`` takes an architecture (``--config``).
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -33,8 +40,9 @@ import torch
 
 from .atomic import atomic_path
 from .config import M2AEConfig
-from .model.network import M2AENet
 from .messages import one_line
+from .model.network import M2AENet
+from .pickle_scan import scan_main_pickle
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
@@ -44,6 +52,11 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "ema", "net")  # preference order
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 SHOWN = 8  # keys listed per category in an error message
+GIVE_CONFIG = "Python: config=...; m2ae-train: --config ..."  # how an architecture is given (m2ae-deblur cannot)
+TRUST_TORCH = ("if you trust it, torch.load it with weights_only=False in a trusted environment and "
+               "re-save model.state_dict() with torch.save or m2ae_infer.save_checkpoint")
+TRUST_PICKLE = ("if you trust it, pickle.load it in a trusted environment and re-save the weights with "
+                "torch.save(state_dict, path) or m2ae_infer.save_checkpoint")
 
 PathLike = Union[str, "os.PathLike[str]"]
 KeyMap = Union[Sequence[tuple[str, str]], Mapping[str, str]]
@@ -184,21 +197,28 @@ def load_checkpoint(path: PathLike, *, config: M2AEConfig | Mapping[str, Any] | 
         try:
             config = M2AEConfig.from_dict(config)
         except (ValueError, TypeError) as exc:
-            raise CheckpointError(path, f"invalid config= ({exc})") from exc
+            raise CheckpointError(path, f"the architecture config given is invalid ({exc})",
+                                  f"fix it ({GIVE_CONFIG})") from exc
     if config is not None and ckpt.config is not None and config != ckpt.config:
-        differ = [k for k, v in config.to_dict().items() if ckpt.config.to_dict()[k] != v]
-        raise CheckpointError(path, f"config= disagrees with the stored config on {differ}",
-                              "drop config= (the stored one is used) or fix it")
-    cfg = config or ckpt.config
+        stored = ckpt.config.to_dict()
+        differ = ", ".join(f"{k} (stored {stored[k]!r}, given {v!r})" for k, v in config.to_dict().items()
+                           if stored[k] != v)
+        raise CheckpointError(path, f"the architecture config given disagrees with the one stored in the file on "
+                              f"{differ}", f"give the stored values ({GIVE_CONFIG}) or, in Python, leave config= "
+                              "out to use the stored config")
+    cfg = ckpt.config or config or M2AEConfig()
     deploy = ckpt.deploy if ckpt.deploy is not None else _looks_deployed(ckpt.state_dict)
-    hint = "" if cfg is not None else "no architecture config stored or given: pass config="
-    model = M2AENet(cfg or M2AEConfig(), inference_mode=deploy)
-    _check_fit(path, ckpt.state_dict, model.state_dict(), hint)
+    _check_fit(path, ckpt.state_dict, _network_state(cfg, deploy), _fit_advice(ckpt.config, config, key_map))
     _check_values(path, ckpt.state_dict)
+    try:  # the shapes fit, so the network is no larger than the tensors already read
+        model = M2AENet(cfg, inference_mode=deploy)
+    except (MemoryError, RuntimeError) as exc:
+        raise CheckpointError(path, f"could not build the network of {cfg} ({type(exc).__name__}: "
+                              f"{one_line(exc, 160)})", "free memory or load it on a larger machine") from exc
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
-    except RuntimeError as exc:  # pre-checked above; kept so nothing half-loaded escapes
-        raise CheckpointError(path, f"state dict does not fit ({exc})") from exc
+    except (MemoryError, RuntimeError) as exc:  # pre-checked above; kept so nothing half-loaded escapes
+        raise CheckpointError(path, f"state dict does not fit ({type(exc).__name__}: {one_line(exc, 160)})") from exc
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval()
@@ -236,19 +256,11 @@ def _sniff(path: Path) -> str:
 
 def _read_torch(path: Path, map_location: Any) -> Checkpoint:
     try:  # weights_only=True always: a file that needs code is refused, never retried unsafely
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # WeightsUnpickler names the global it refused; "Unsupported operand" is mere garbage, not code
-        found, text = re.search(r"GLOBAL (\S+)", str(exc)), str(exc)
-        if found or ("Weights only load failed" in text and "Unsupported operand" not in text):
-            needs = found.group(1) if found else "a non-tensor object"
-            raise CheckpointError(
-                path, f"refusing to unpickle code (the file needs {needs})",
-                "if you trust it, torch.load it with weights_only=False in a trusted environment and "
-                "re-save model.state_dict() with torch.save or m2ae_infer.save_checkpoint") from exc
-        raise _corrupt(path, exc) from exc
-    except Exception as exc:  # zip/EOF/runtime errors of a truncated or damaged file
-        raise _corrupt(path, exc) from exc
+        with warnings.catch_warnings():  # torch's two-line protocol warning; a failure is explained below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # refused code, a pickle weights-only cannot read, or a truncated/damaged file
+        raise _load_failure(path, exc) from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict or a dict of them")
     if obj.get("format") == FORMAT:
@@ -276,6 +288,32 @@ def _read_safetensors(path: Path, map_location: Any) -> Checkpoint:
         raise CheckpointError(path, f"damaged m2ae metadata ({exc})", "re-save the checkpoint") from exc
     deploy = {"true": True, "false": False}.get(metadata.get("deploy", ""))
     return _ours(path, state, metadata.get("version"), config, deploy, meta)
+
+
+def _load_failure(path: Path, exc: Exception) -> CheckpointError:
+    """Why ``torch.load(weights_only=True)`` failed, from the file's main pickle (see :func:`m2ae_infer.pickle_scan.scan_main_pickle`)."""
+    scan = scan_main_pickle(path)
+    text = str(exc)
+    if scan is None:  # not even the container opens (a zip cut short, ...)
+        return _corrupt(path, exc)
+    if scan.damage:
+        return CheckpointError(path, scan.damage, "download or copy the file again")
+    fix = TRUST_PICKLE if scan.ordinary else TRUST_TORCH
+    refused = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    needs = scan.needs or ([refused.group(1)] if refused else [])
+    if needs:
+        shown = ", ".join(needs[:3]) + (f" and {len(needs) - 3} more" if len(needs) > 3 else "")
+        return CheckpointError(path, f"refusing to unpickle code (the file needs {shown})", fix)
+    if scan.ordinary:
+        return CheckpointError(path, f"not a weights-only checkpoint (an ordinary pickle, protocol {scan.protocol}, "
+                               "not a torch.save file): refusing to unpickle it", fix)
+    if "Weights only load failed" in text:  # a clean pickle the weights-only unpickler cannot read
+        detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
+        why = (f"saved with pickle protocol {scan.protocol}, which torch.load(weights_only=True) cannot read"
+               if scan.protocol >= 4 else f"torch.load(weights_only=True) cannot read it: "
+               f"{one_line(detail.group(1) if detail else text, 160)}")
+        return CheckpointError(path, f"not a weights-only checkpoint ({why}): refusing to unpickle it", fix)
+    return _corrupt(path, exc)
 
 
 def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
@@ -356,8 +394,27 @@ def _looks_deployed(state: Mapping[str, torch.Tensor]) -> bool:
     return any(re.match(r"blocks\.\d+\.spatial\.", k) for k in state)
 
 
+def _network_state(cfg: M2AEConfig, deploy: bool) -> dict[str, torch.Tensor]:
+    """The network's state dict on the ``meta`` device: every key, shape and dtype, no storage allocated."""
+    with torch.device("meta"):
+        return M2AENet(cfg, inference_mode=deploy).state_dict()
+
+
+def _fit_advice(stored: M2AEConfig | None, given: M2AEConfig | None, key_map: KeyMap | None) -> str:
+    """What to do when the tensors do not fit the network built from the stored, given or default config."""
+    rename = "check key_map" if key_map else ("for a checkpoint trained elsewhere rename its keys "
+                                              "(Python: key_map=[(regex, replacement), ...])")
+    if stored is not None:
+        return ("the config stored in the file does not match its weights: re-save the checkpoint from its model "
+                f"with m2ae_infer.save_checkpoint, or {rename}")
+    if given is not None:
+        return f"check the architecture config given ({GIVE_CONFIG}); {rename}"
+    return (f"the file stores no architecture config and the default one does not fit: give it ({GIVE_CONFIG}) "
+            "or re-save the checkpoint with m2ae_infer.save_checkpoint, which stores it")
+
+
 def _check_fit(path: Path, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-               hint: str) -> None:
+               fix: str) -> None:
     """Keys, shapes and dtype kinds against the network's own state dict: one error listing all misfits."""
     common = [(k, state[k], v) for k, v in expected.items() if k in state]
     misfits = {
@@ -370,8 +427,6 @@ def _check_fit(path: Path, state: Mapping[str, torch.Tensor], expected: Mapping[
     }
     problems = [f"{what} {_listing(keys)}" for what, keys in misfits.items() if keys]
     if problems:
-        fix = hint or ("check config= (stored or given); for a checkpoint trained elsewhere pass "
-                       "key_map=[(regex, replacement), ...]")
         raise CheckpointError(path, "does not fit M2AENet: " + "; ".join(problems), fix)
 
 

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 ACTIVATIONS = ("relu", "gelu", "silu")
+# Upper bounds, far above every variant (``large``: 48 channels, 10 blocks) and low enough that a typo or a
+# damaged checkpoint cannot ask for terabytes (channels=10**6) or a billion modules (num_blocks=10**9).
+# mask_layers: the i-th mask conv is dilated 2**i, so the 8th is dilated 128 (quarter-resolution pixels).
+LIMITS = dict(channels=1024, num_blocks=256, ffn_expand=16, mask_channels=1024, mask_layers=8,
+              motion_channels=1024, motion_points=256)
 
 
 @dataclass(frozen=True)
@@ -15,6 +20,7 @@ class M2AEConfig:
 
     The network works at half resolution: ``channels`` is the width C of the feature map
     ``[N, C, H/2, W/2]`` that the body blocks update at the masked pixels only.
+    Every int field is at least 1 (``motion_points`` at least 2) and at most its :data:`LIMITS` entry.
     """
 
     channels: int = 32          # C: body width
@@ -31,6 +37,8 @@ class M2AEConfig:
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"M2AEConfig.{f.name} must be a positive int, got {value!r}")
+            if f.name in LIMITS and value > LIMITS[f.name]:
+                raise ValueError(f"M2AEConfig.{f.name} must be at most {LIMITS[f.name]}, got {value}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"M2AEConfig.act must be one of {ACTIVATIONS}, got {self.act!r}")
         if self.motion_points < 2:

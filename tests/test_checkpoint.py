@@ -5,8 +5,11 @@ and its output on a fixed input.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from safetensors.torch import save_file
 
 from m2ae_infer import M2AEConfig, M2AENet, reparameterize_model
 from m2ae_infer.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from m2ae_infer.config import LIMITS
 
 TINY = M2AEConfig.from_name("tiny")
 SUFFIXES = [".pth", ".safetensors"]
@@ -167,12 +171,18 @@ def test_bare_state_dict_with_config(tmp_path, image, suffix, form):
     assert_same(load_checkpoint(path, config=TINY.to_dict()), net, image)  # a dict config works too
 
 
+# The fix must work for API users and for the CLIs: only m2ae-train takes an architecture (--config).
+GIVE_CONFIG = "(Python: config=...; m2ae-train: --config ...)"
+
+
 def test_bare_state_dict_without_config_names_the_fix(tmp_path):
     path = tmp_path / "bare.pth"
     torch.save(make_net("train").state_dict(), path)
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path)
-    assert_one_line_error(exc, path, "shape mismatches", "stem.weight", "config=")
+    message = assert_one_line_error(exc, path, "shape mismatches", "stem.weight", "stores no architecture config",
+                                    GIVE_CONFIG, "m2ae_infer.save_checkpoint")
+    assert "pass config=" not in message
 
 
 def test_config_that_contradicts_the_stored_one(tmp_path):
@@ -180,7 +190,17 @@ def test_config_that_contradicts_the_stored_one(tmp_path):
     save_checkpoint(make_net("train"), path)
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, config=M2AEConfig(**{**TINY.to_dict(), "act": "relu"}))
-    assert_one_line_error(exc, path, "disagrees", "act")
+    message = assert_one_line_error(exc, path, "disagrees", "act (stored 'gelu', given 'relu')", GIVE_CONFIG,
+                                    "leave config= out")
+    assert "drop config=" not in message
+
+
+def test_given_config_that_does_not_fit_names_both_ways_to_give_it(tmp_path):
+    path = tmp_path / "bare.pth"
+    torch.save(make_net("train").state_dict(), path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config={**TINY.to_dict(), "num_blocks": 3})
+    assert_one_line_error(exc, path, "missing keys", "blocks.2.", "config given", GIVE_CONFIG, "key_map=")
 
 
 # ----------------------------------------------------------------------------------------- safety
@@ -194,16 +214,81 @@ class Payload:
         return (pathlib.Path.touch, (self.marker,))
 
 
-@pytest.mark.parametrize("zipfile", [True, False])
-def test_pickled_code_is_refused_not_run(tmp_path, zipfile):
+def _write_pickle(path: pathlib.Path, obj: object, writer: str) -> str:
+    """``obj`` as ``writer`` stores it: torch.save (zip or legacy, any pickle protocol) or a plain pickle.dump;
+    returns the loading advice a refusal must give (pickle.dump files are not torch.load-able at all)."""
+    kind, _, protocol = writer.partition("-")
+    if kind == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump(obj, f, protocol=int(protocol))
+        return "pickle.load"
+    torch.save(obj, path, _use_new_zipfile_serialization=kind == "zip", pickle_protocol=int(protocol or 2))
+    return "weights_only=False"
+
+
+def _load_quietly(path: pathlib.Path, **kwargs) -> list[str]:
+    """load_checkpoint, which must raise; returns the warnings it let through (torch's protocol warning)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(path, **kwargs)
+    return [str(w.message) for w in caught]
+
+
+WRITERS = ["zip", "legacy", "zip-4", "legacy-5", "pickle-2", "pickle-3", "pickle-4", "pickle-5"]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_pickled_code_is_refused_not_run(tmp_path, writer):
     marker = tmp_path / "MARKER"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": make_net("train").state_dict(), "extra": Payload(marker)}, path,
-               _use_new_zipfile_serialization=zipfile)
+    advice = _write_pickle(path, {"state_dict": make_net("train").state_dict(), "extra": Payload(marker)}, writer)
+    with pytest.raises(CheckpointError) as exc:
+        assert _load_quietly(path, config=TINY) == []
+    message = assert_one_line_error(exc, path, "refusing to unpickle code", "pathlib", advice, "state_dict")
+    assert "truncated" not in message and "corrupt" not in message
+    assert not marker.exists()
+    # the reference: an unsafe load of the same file does run the code, so the test can fail
+    if writer.startswith("pickle"):
+        with open(path, "rb") as f:
+            pickle.load(f)
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("writer", ["pickle-2", "pickle-3", "pickle-4", "pickle-5", "zip-4", "zip-5", "legacy-4"])
+def test_pickle_that_weights_only_cannot_read_is_refused_not_called_corrupt(tmp_path, writer):
+    """No code inside, yet not loadable with weights_only=True: a plain pickle.dump file (any protocol) or a
+    torch.save with pickle protocol >= 4. The message says so, with the advice for that kind of file."""
+    path = tmp_path / "plain.pth"
+    obj = {"weights": [1.0, 2.0], "name": "net"} if writer.startswith("pickle") else make_net("train").state_dict()
+    advice = _write_pickle(path, obj, writer)
+    with pytest.raises(CheckpointError) as exc:
+        assert _load_quietly(path, config=TINY) == []
+    message = assert_one_line_error(exc, path, "not a weights-only checkpoint", "refusing to unpickle",
+                                    f"protocol {writer[-1]}", advice)
+    assert "truncated" not in message and "corrupt" not in message and "Re-running" not in message
+
+
+@pytest.mark.parametrize("writer", ["zip-3", "legacy-3"])
+def test_protocol_3_torch_file_loads_without_a_warning(tmp_path, image, writer):
+    net = make_net("train")
+    path = tmp_path / "p3.pth"
+    _write_pickle(path, net.state_dict(), writer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_checkpoint(path, config=TINY)
+    assert [str(w.message) for w in caught] == []
+    assert_same(loaded, net, image)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_truncated_plain_pickle_is_called_truncated(tmp_path, protocol):
+    path = tmp_path / "cut.pth"
+    path.write_bytes(pickle.dumps({"weights": [1.0] * 64}, protocol=protocol)[:-40])
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, config=TINY)
-    assert_one_line_error(exc, path, "refusing to unpickle code", "weights_only=False", "state_dict")
-    assert not marker.exists()
+    assert_one_line_error(exc, path, "truncated", "copy the file again")
 
 
 # ---------------------------------------------------------------------------------- damaged files
@@ -295,6 +380,111 @@ def test_integer_tensor_where_float_expected(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, config=TINY)
     assert_one_line_error(exc, path, "dtype mismatches", "stem.bias")
+
+
+# ---------------------------------------------------------------------- configs the weights cannot back
+HUGE = [("channels", 10**6), ("num_blocks", 10**9), ("mask_channels", 10**6), ("motion_channels", 10**6),
+        ("ffn_expand", 10**6), ("mask_layers", 10**3), ("motion_points", 10**9)]
+
+
+def _with_stored_config(tmp_path: pathlib.Path, suffix: str, config: dict) -> pathlib.Path:
+    """A good tiny checkpoint whose stored config is replaced by ``config`` (as a hand edit or damage would)."""
+    net = make_net("train")
+    path = tmp_path / f"edited{suffix}"
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if suffix == ".safetensors":
+        save_file(state, path, metadata={"format": "m2ae", "version": "1", "config": json.dumps(config),
+                                         "deploy": "false", "meta": "{}"})
+    else:
+        torch.save({"format": "m2ae", "version": 1, "config": config, "deploy": False, "state_dict": state,
+                    "meta": {}}, path)
+    return path
+
+
+def forbid_real_networks(monkeypatch) -> None:
+    """From now on M2AENet may be built on the meta device (no storage) only: a real build fails the test,
+    before it allocates anything."""
+    original = M2AENet.__init__
+
+    def meta_only(self, *args, **kwargs):
+        if torch.empty(0).device.type != "meta":
+            raise AssertionError("a network with real storage was built for a checkpoint that does not fit it")
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(M2AENet, "__init__", meta_only)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("field, value", HUGE)
+@pytest.mark.parametrize("source", ["stored", "given"])
+def test_absurd_config_is_refused_before_any_network_exists(tmp_path, monkeypatch, suffix, field, value, source):
+    config = {**TINY.to_dict(), field: value}
+    if source == "stored":
+        path = _with_stored_config(tmp_path, suffix, config)
+        kwargs = {}
+    else:
+        path = tmp_path / f"bare{suffix}"
+        state = {k: v.contiguous() for k, v in make_net("train").state_dict().items()}
+        save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+        kwargs = {"config": config}
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("M2AENet built for an invalid config")
+
+    monkeypatch.setattr(M2AENet, "__init__", never)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, **kwargs)
+    assert_one_line_error(exc, path, "invalid", f"M2AEConfig.{field} must be at most {LIMITS[field]}", str(value))
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("source", ["stored", "given"])
+@pytest.mark.parametrize("sizes, needle", [
+    (dict(channels=1024, num_blocks=64, ffn_expand=16), "shape mismatches"),  # ~15 GB of fp32 weights if built
+    # 198 blocks too many x 18 keys each: conv+BN 3x3 (1+4), conv+BN 1x1 (1+4), identity BN (4), mix_in (2),
+    # mix_out (2); num_batches_tracked may be missing, as torch allows for old checkpoints
+    (dict(num_blocks=200), "missing keys (3564)"),
+    (dict(num_blocks=1), "unexpected keys"),
+])
+def test_config_that_does_not_match_the_tensors_is_refused_without_allocating(tmp_path, monkeypatch, suffix,
+                                                                             source, sizes, needle):
+    config = {**TINY.to_dict(), **sizes}
+    if source == "stored":
+        path = _with_stored_config(tmp_path, suffix, config)
+        kwargs, fix = {}, "config stored in the file does not match its weights"
+    else:
+        path = tmp_path / f"bare{suffix}"
+        state = {k: v.contiguous() for k, v in make_net("train").state_dict().items()}
+        save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+        kwargs, fix = {"config": M2AEConfig(**config)}, "check the architecture config given"
+    forbid_real_networks(monkeypatch)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, **kwargs)
+    assert_one_line_error(exc, path, "does not fit M2AENet", needle, fix)
+
+
+def test_the_matching_config_still_loads_with_the_meta_check(tmp_path, image):
+    # the reference for the test above: the same file with its true config loads, bit for bit
+    path = _with_stored_config(tmp_path, ".pth", TINY.to_dict())
+    assert_same(load_checkpoint(path), make_net("train"), image)
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] data.\n"
+                                                                "DefaultCPUAllocator: not enough memory")])
+def test_out_of_memory_while_building_is_a_checkpoint_error(tmp_path, monkeypatch, error):
+    path = tmp_path / "net.safetensors"
+    save_checkpoint(make_net("train"), path)
+    original = M2AENet.__init__
+
+    def out_of_memory(self, *args, **kwargs):
+        if torch.empty(0).device.type != "meta":
+            raise error
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(M2AENet, "__init__", out_of_memory)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "could not build the network", type(error).__name__, "free memory")
 
 
 # ----------------------------------------------------------------------------------------- saving

@@ -9,6 +9,7 @@ writes the good files, skips and names the bad ones and exits 1. A few cases als
 from __future__ import annotations
 
 import io
+import json
 import os
 import pathlib
 import struct
@@ -131,6 +132,24 @@ def _ckpt_nonfinite_st(path: Path) -> None:
     save_file(_state(float("inf")), str(path), metadata={"format": "m2ae", "version": "1", "deploy": "false",
                                                          "config": __import__("json").dumps(TINY.to_dict()),
                                                          "meta": "{}"})
+
+
+def _ckpt_stored_config_st(**sizes: int) -> Callable[[Path], None]:
+    """Tiny weights in our safetensors format whose stored config says ``sizes`` (a hand edit or damage)."""
+    def write(path: Path) -> None:
+        from safetensors.torch import save_file
+        save_file(_state(), str(path), metadata={"format": "m2ae", "version": "1", "deploy": "false", "meta": "{}",
+                                                 "config": json.dumps({**TINY.to_dict(), **sizes})})
+    return write
+
+
+def _plain_pickle(obj: Callable[[Path], object]) -> Callable[[Path], None]:
+    """``pickle.dump`` with Python's default protocol (4 or 5), as a user might save weights."""
+    def write(path: Path) -> None:
+        import pickle
+        with open(path, "wb") as f:
+            pickle.dump(obj(path), f)
+    return write
 
 
 def _good_ckpt_bytes(suffix: str) -> Callable[[Path], bytes]:
@@ -275,6 +294,16 @@ CASES: dict[str, Case] = {
     "ckpt-pickled-code-legacy": Case(GOOD, code=2, needle="refusing to unpickle code", after=_marker_not_created,
                                      ckpt=("evil.pt", lambda p: torch.save(
                                          {"x": Payload(p.parent / "MARKER")}, p, _use_new_zipfile_serialization=False))),
+    "ckpt-plain-pickle-code": Case(GOOD, code=2, needle="refusing to unpickle code", after=_marker_not_created,
+                                   ckpt=("evil.pth", _plain_pickle(lambda p: {"x": Payload(p.parent / "MARKER")}))),
+    "ckpt-plain-pickle-no-code": Case(GOOD, code=2, needle="not a weights-only checkpoint",
+                                      ckpt=("plain.pth", _plain_pickle(lambda p: {"weights": [1.0, 2.0]}))),
+    "ckpt-absurd-num-blocks": Case(GOOD, code=2, needle="num_blocks must be at most",
+                                   ckpt=("huge.safetensors", _ckpt_stored_config_st(num_blocks=10**9))),
+    "ckpt-absurd-channels": Case(GOOD, code=2, needle="channels must be at most", ckpt=(
+        "huge.pth", lambda p: torch.save({**_ours(_state()), "config": {**TINY.to_dict(), "channels": 10**6}}, p))),
+    "ckpt-stored-config-does-not-fit": Case(GOOD, code=2, needle="does not fit M2AENet",
+                                            ckpt=("wide.safetensors", _ckpt_stored_config_st(channels=1024))),
     "ckpt-nan-weights": Case(GOOD, code=2, needle="NaN", ckpt=("nan.pth", lambda p: torch.save(_ours(_state(float("nan"))), p))),
     "ckpt-inf-weights-safetensors": Case(GOOD, code=2, needle="non-finite",
                                          ckpt=("inf.safetensors", _ckpt_nonfinite_st)),
@@ -427,7 +456,8 @@ def test_batch_of_the_whole_image_corpus(tmp_path, capsys):
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
 
-@pytest.mark.parametrize("name", ["decompression-bomb", "ckpt-pickled-code", "negative-tile", "truncated-jpeg"])
+@pytest.mark.parametrize("name", ["decompression-bomb", "ckpt-pickled-code", "negative-tile", "truncated-jpeg",
+                                  "ckpt-plain-pickle-code", "ckpt-absurd-num-blocks"])
 def test_corpus_as_a_real_process(name, tmp_path):
     """The console script as users run it: exit code and one-line stderr from a separate process."""
     case = CASES[name]
