@@ -37,6 +37,9 @@ class RunInfo:
             took different paths (``auto`` decides per tile) and ``"none"`` when no tile held blur.
         backend: the engine that ran it.
         tiles: how many tiles the image was cut into (1: run whole); FLOPs are summed over tiles.
+        flops_untiled: FLOPs of the same call run whole and densely: the cost pixel pruning is measured
+            against (:attr:`flops_saved_untiled`). Equals ``flops_dense`` for an untiled run; for a tiled
+            run ``flops_dense`` also counts the overlaps each tile computes.
     """
 
     mask: Any
@@ -47,11 +50,18 @@ class RunInfo:
     execution: str
     backend: str
     tiles: int = 1
+    flops_untiled: int = 0
 
     @property
     def flops_saved(self) -> float:
-        """Fraction of the dense FLOPs that pixel pruning did not have to execute."""
+        """Fraction of the dense FLOPs (of the same tiles) that pixel pruning did not have to execute."""
         return 1.0 - self.flops_executed / self.flops_dense if self.flops_dense else 0.0
+
+    @property
+    def flops_saved_untiled(self) -> float:
+        """Fraction of :attr:`flops_untiled` not executed; negative when tile overlaps cost more than
+        pruning saved."""
+        return 1.0 - self.flops_executed / self.flops_untiled if self.flops_untiled else 0.0
 
 
 class Deblurrer:
@@ -126,6 +136,13 @@ class Deblurrer:
         Returns:
             The restored image as the same kind, dtype and size as ``img`` (a PIL image for a path), and
             the :class:`RunInfo` when ``return_info`` is true. Pixels outside the mask are bit-identical.
+
+        A path is read with its EXIF orientation applied (the result is upright, without the tag). A PIL
+        image is used as stored, so the result keeps its stored orientation and carries the input's EXIF,
+        orientation tag included, in ``result.info["exif"]`` (and ``result.getexif()``): it displays like the
+        input, and :func:`~m2ae_infer.save_image` writes that EXIF (``Image.save`` does when given
+        ``exif=result.info["exif"]``). A multi-frame image (path or PIL) warns with an ImageWarning: only
+        its first frame is deblurred.
         """
         prepared = prepare_image(img)
         batch, _, height, width = prepared.shape
@@ -145,13 +162,14 @@ class Deblurrer:
         if not return_info:
             return restored
         predicted = user_mask is None
+        dense = self.executor.count_flops(batch, height, width, 0, "dense", predicted)
         info = RunInfo(
             mask=self._user_mask_view(changed, img),
             active_fraction=result.active_pixels / result.mask.numel(),
-            flops_dense=self.executor.count_flops(batch, height, width, 0, "dense", predicted),
+            flops_dense=dense,
             flops_executed=self.executor.count_flops(batch, height, width, result.active_pixels,
                                                      result.execution, predicted),
-            seconds=seconds, execution=result.execution, backend=self.backend)
+            seconds=seconds, execution=result.execution, backend=self.backend, flops_untiled=dense)
         return restored, info
 
     def _run_tiled(self, img, prepared, tiles, user_mask, return_info: bool):
@@ -166,9 +184,12 @@ class Deblurrer:
         if not return_info:
             return restored
         changed = full_resolution(run.mask, prepared.shape[-2:]).cpu()
+        batch, _, height, width = prepared.shape
+        # Counted on meta tensors: no untiled run happens.
+        untiled = self.executor.count_flops(batch, height, width, 0, "dense", user_mask is None)
         info = RunInfo(mask=self._user_mask_view(changed, img), active_fraction=run.active_pixels / run.mask.numel(),
                        flops_dense=run.flops_dense, flops_executed=run.flops_executed, seconds=run.seconds,
-                       execution=run.execution, backend=self.backend, tiles=run.tiles)
+                       execution=run.execution, backend=self.backend, tiles=run.tiles, flops_untiled=untiled)
         return restored, info
 
     def _mask_tensor(self, mask, batch: int, height: int, width: int) -> torch.Tensor | None:
@@ -228,7 +249,9 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from exc
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if resolved.type not in ("cpu", "cuda"):   # meta, mps, ...: the executors run on CPU and CUDA only
+        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
     return resolved

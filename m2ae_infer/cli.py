@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -16,30 +17,30 @@ from pathlib import Path
 
 from .atomic import TEMP_PREFIX
 from .checkpoint import CheckpointError
-from .imgio import ImageError, ImageWarning, mask_to_image, save_image
-from .messages import one_line
+from .imgio import ImageError, ImageWarning
+from .imgsave import FORMATS, mask_to_image, save_images, writable_suffixes
+from .messages import OneLineArgumentParser, one_line
 
 PROG = "m2ae-deblur"
 SHOWN = 10  # failed files named in the closing summary line
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+IMAGE_SUFFIXES = set(FORMATS)   # read from folders; the writable ones are imgsave.writable_suffixes()
 EXAMPLE_PHOTO = Path(__file__).parent / "assets" / "example_blurry.png"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (exit code 2), like every other error of this tool."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+EXAMPLE_OUTPUT = "m2ae_out"      # -o default with --example
+MIN_TILE_OVERLAPS = 2            # --tile must be at least this many overlaps (see check_tiling)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=(
+    p = OneLineArgumentParser(prog=PROG, description=(
         "Deblur locally motion-blurred photos, computing only the pixels the blur mask selects."))
     p.add_argument("inputs", nargs="*", metavar="IN", help="image files or folders (folders: their images, sorted)")
-    p.add_argument("-o", "--output", metavar="OUT", help="output folder, or a file name for a single input")
-    p.add_argument("--example", action="store_true", help="deblur the example photo shipped with the package")
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="output folder, or a file name for a single input (a trailing / makes it a folder); "
+                        f"writes {' '.join(writable_suffixes())}")
+    p.add_argument("--example", action="store_true",
+                   help="also deblur the example photo shipped with the package, written as "
+                        f"example_deblurred.png (default -o: {EXAMPLE_OUTPUT})")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors); default: the shipped one")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    p.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--execution", default="auto", choices=("auto", "sparse", "dense"),
                    help="sparse: masked pixels only; dense: everything; auto: by mask density (default)")
     p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
@@ -87,16 +88,38 @@ def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def plan_outputs(files: list[Path], output: str, example: bool, masks: bool = False) -> dict[Path, Path]:
-    """Map each input to its output path. A single input with an image suffix on OUT writes that file."""
+    """Map each input to its output path.
+
+    OUT is a file when it has an image suffix (imgsave.FORMATS, or any other Pillow knows), does not end
+    with a slash and is not an existing folder; there must then be one input and a suffix we write. Otherwise
+    OUT is a folder: each input keeps its name, with ``.png`` for formats we do not write (GIF, ICO), and
+    the ``--example`` photo is ``example_deblurred.png``.
+    """
     out = Path(output)
-    if len(files) == 1 and out.suffix.lower() in IMAGE_SUFFIXES and not out.is_dir():
+    as_folder = output.endswith(("/", os.sep)) or out.is_dir()
+    suffix = out.suffix.lower()
+    if not as_folder and (suffix in FORMATS or suffix in _pillow_suffixes()):
+        fmt = FORMATS.get(suffix)
+        if fmt is None or fmt.refused:
+            why = f": {fmt.refused}" if fmt else ""
+            raise ValueError(f"{output}: cannot write {suffix} images{why}; use "
+                             f"{', '.join(writable_suffixes())} (or end OUT with / for a folder)")
+        if not files:   # every input failed already; they are reported, nothing to write
+            return {}
+        if len(files) != 1:
+            raise ValueError(f"{output}: a file name takes one input, got {len(files)}; give a folder for "
+                             "several inputs")
         return {files[0]: out}
     if out.exists() and not out.is_dir():
         raise ValueError(f"{output}: exists and is not a folder; give a folder for several inputs")
     names: dict[Path, Path] = {}
     taken: set[Path] = set()
     for f in files:
-        name = "example_deblurred.png" if example else f.name
+        if example and f == EXAMPLE_PHOTO:
+            name = "example_deblurred.png"
+        else:   # a format we read but do not write (GIF, ICO) comes out as PNG, as -o NAME.gif would tell
+            fmt = FORMATS.get(f.suffix.lower())
+            name = f.name if fmt is not None and fmt.refused is None else f.stem + ".png"
         target = out / name
         written = {target, mask_path(target)} if masks else {target}
         if written & taken:
@@ -126,16 +149,64 @@ def prepare_folders(targets) -> None:
                              "choose a writable folder with -o") from None
 
 
+def _pillow_suffixes() -> dict[str, str]:
+    """Every file suffix Pillow knows (``.ppm``, ``.pcx``, ...): OUT with one of them means a file."""
+    from PIL import Image
+    return Image.registered_extensions()
+
+
+def check_tiling(deblurrer, args) -> None:
+    """--tile and --tile-overlap against the loaded network, with errors that name the flags (the API's
+    own checks name its parameters). Sets ``deblurrer.tiling``; raises ValueError (one line)."""
+    from .tiling import Tiling, receptive_field
+    minimum = deblurrer.tiling.overlap   # built with the default overlap: this network's minimum
+    overlap = minimum if args.tile_overlap is None else args.tile_overlap
+    if overlap < minimum:
+        raise ValueError(f"--tile-overlap {overlap} is smaller than this network's receptive field: tiles need "
+                         f"at least {minimum} pixels of overlap to match the untiled result; leave "
+                         "--tile-overlap out for the minimum")
+    deblurrer.tiling = Tiling.resolve(args.tile, args.tile_overlap, receptive_field(deblurrer.network))
+    least = MIN_TILE_OVERLAPS * deblurrer.tiling.overlap
+    if isinstance(args.tile, int) and 0 < args.tile < least:
+        # Each tile also computes --tile-overlap pixels of context on every side: below 2x the overlap a
+        # tile computes over 4x its own pixels (--tile 1 ran 2145 tiles on a 257x131 image).
+        raise ValueError(f"--tile {args.tile} is too small: tiles must be at least {least} pixels "
+                         f"({MIN_TILE_OVERLAPS} x the {deblurrer.tiling.overlap}-pixel overlap each tile also "
+                         "computes on every side); use --tile 0 (no tiles), auto, or a larger size")
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device that this machine does not have: one line naming --device."""
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu "
+                             "(or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
 def describe(info) -> str:
-    """One line on what ran: the mask share, the FLOPs executed vs dense, the time (and the tiles)."""
+    """One line on what ran: the mask share, the FLOPs executed vs the untiled dense run, the time (and the
+    tiles). Savings are against running the whole image densely, so tile overlaps count as cost."""
+    saved = info.flops_saved_untiled
+    saving = f"{saved:.1%} saved" if saved >= 0 else f"{-saved:.1%} more, tile overlaps"
     if info.execution == "dense":   # every pixel computed, then gated by the mask
         work = (f"mask {info.active_fraction:.1%} of pixels, computed densely: {info.flops_executed / 1e9:.2f} "
-                f"GFLOP ({info.flops_saved:.1%} saved)")
+                f"GFLOP ({saving})")
     else:   # sparse, or tiles that chose differently ("mixed"), or nothing to restore ("none")
         work = (f"computed {info.active_fraction:.1%} of pixels, {info.flops_executed / 1e9:.2f} of "
-                f"{info.flops_dense / 1e9:.2f} GFLOP ({info.flops_saved:.1%} saved)")
+                f"{info.flops_untiled / 1e9:.2f} GFLOP ({saving})")
     tiles = f", {info.tiles} tiles" if getattr(info, "tiles", 1) > 1 else ""
     return f"{work}, {info.seconds:.2f} s [{info.execution}{tiles}]"
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _tile_size(text: str):
@@ -156,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.example:
             args.inputs = [str(EXAMPLE_PHOTO), *args.inputs]
-            args.output = args.output or "m2ae_out"
+            args.output = args.output or EXAMPLE_OUTPUT
         if not args.inputs:
             parser.error("give at least one input image or folder (or --example)")
         if not args.output:
@@ -167,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     files, problems = collect_inputs(args.inputs)
     try:
         outputs = plan_outputs(files, args.output, args.example, args.save_mask)
+        _check_device(args.device)
         from .api import Deblurrer   # after argument checks: importing torch takes a second
+        # tile_overlap is checked by check_tiling, whose errors name the CLI flags.
         deblurrer = Deblurrer(args.checkpoint, device=args.device, execution=args.execution,
-                              threshold=args.threshold, dilation=args.dilation, tile=args.tile,
-                              tile_overlap=args.tile_overlap)
+                              threshold=args.threshold, dilation=args.dilation, tile=args.tile)
+        check_tiling(deblurrer, args)
         prepare_folders(outputs.values())
     except (ValueError, OSError, RuntimeError, CheckpointError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
@@ -225,6 +298,8 @@ def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> Non
         if _file_id(path) in inputs:   # the same file as an input (also through links), whatever --force says
             what = "the input itself" if os.path.samefile(source, path) else "one of the inputs"
             raise ValueError(f"output {path} is {what}; choose another output")
+        if path.is_dir():
+            raise ValueError(f"output {path} is a folder; move it or choose another output")
         if path.exists() and not args.force:
             raise ValueError(f"{path} exists; pass --force to overwrite it")
     with warnings.catch_warnings(record=True) as caught:   # one line each, not Python's two-line warning
@@ -235,14 +310,13 @@ def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> Non
             _write_line(f"{PROG}: warning: {one_line(w.message)}", sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    save_image(restored, target, overwrite=args.force)
+    items = [(restored, target)]
     if args.save_mask:
         import torch
-        try:
-            save_image(mask_to_image(torch.from_numpy(info.mask)), mask_target, overwrite=args.force)
-        except BaseException:
-            target.unlink(missing_ok=True)   # an image without its mask would be a half-done pair
-            raise
+        items.append((mask_to_image(torch.from_numpy(info.mask)), mask_target))
+    # Both files are checked and encoded before either is published: a failure leaves the user's files as
+    # they were (an image without its mask would be a half-done pair).
+    save_images(items, overwrite=args.force)
     if not args.quiet:
         _write_line(f"{source} -> {target}: {describe(info)}")
 
@@ -254,7 +328,16 @@ def _progress(total: int):
 
 def _write_line(text: str, file=None) -> None:
     from tqdm import tqdm
-    tqdm.write(text, file=file)   # keeps the progress bar intact below the line
+    try:
+        tqdm.write(text, file=file)   # keeps the progress bar intact below the line
+        (file or sys.stdout).flush()  # a closed pipe shows up here, not at exit
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): the report is lost, not the work, so the batch goes on.
+        # As Python's docs advise (signal module, note on SIGPIPE), point the stream at devnull so that
+        # later writes and the flush at exit do not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, (file or sys.stdout).fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -335,7 +335,7 @@ def _finite(obj):
 
 def _write_grid(grid: list[list[np.ndarray]], path: Path, overwrite: bool = False) -> None:
     from PIL import Image, ImageDraw
-    from .imgio import save_image
+    from .imgsave import save_image
     labels, gap, head = ("blurry", "predicted mask", "ours (sparse)", "classical (RL)", "sharp"), 4, 16
     h, w = grid[0][0].shape[:2]
     canvas = np.full((head + len(grid) * (h + gap), len(labels) * (w + gap) - gap, 3), 255, np.uint8)

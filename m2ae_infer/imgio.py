@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .atomic import atomic_write
 from .messages import one_line
 
-__all__ = ["ImageError", "ImageWarning", "PreparedImage", "load_image", "prepare_image", "save_image", "mask_to_image"]
+__all__ = ["ImageError", "ImageWarning", "DEEP_GRAY", "PreparedImage", "load_image", "prepare_image"]
+
+DEEP_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # Pillow's 16-bit gray modes ("I": 0..65535 here)
 
 class ImageError(ValueError):
     """A bad image or path; the message is one line naming the problem and the fix."""
@@ -72,10 +72,14 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                          "re-export or re-download it") from e
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{p}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
-    if frames > 1:   # animated GIF/PNG/WebP, multi-page TIFF: the output is the first frame alone
-        warnings.warn(f"{p}: {frames} frames (animated or multi-page); only the first frame is "
-                      "deblurred", ImageWarning, stacklevel=2)
+    _warn_frames(p, frames)
     return img
+
+
+def _warn_frames(source: str, frames: int) -> None:
+    if frames > 1:   # animated GIF/PNG/WebP, multi-page TIFF: the output is the first frame alone
+        warnings.warn(f"{source}: {frames} frames (animated or multi-page); only the first frame is "
+                      "deblurred", ImageWarning, stacklevel=3)
 
 
 def _png_declared_size(path: str) -> tuple[int, int] | None:
@@ -186,11 +190,15 @@ def prepare_image(img: Any) -> PreparedImage:
     """Turn a path, PIL image, numpy array or torch tensor into a :class:`PreparedImage`.
 
     - path / PIL image: mode kept when Pillow can write it back (L, LA, RGB, RGBA, I;16*, I, F);
-      P/PA become RGB or RGBA (alpha kept when the palette has transparency), "1" becomes L,
+      P/PA become RGB or RGBA (alpha kept when the palette has transparency), L/RGB with a single
+      transparent colour (PNG tRNS) become LA/RGBA, "1" becomes L,
       CMYK/YCbCr/LAB/HSV/RGBX become RGB. I and I;16* are 16-bit gray (0..65535); F must lie in 0..1.
-      ``restore`` returns a PIL image in that (converted) mode.
-    - numpy ``[H, W]`` or ``[H, W, C]``, C in {1, 3, 4} (4 = RGBA); uint8, uint16 or float in 0..1.
-    - torch ``[C, H, W]`` or ``[B, C, H, W]``, C in {1, 3, 4}; uint8 or float16/bfloat16/float32/float64
+      ``restore`` returns a PIL image in that (converted) mode, with the input's ICC profile, dpi and EXIF
+      (orientation included) in its ``info``: the pixels are the stored ones, so it displays like the input.
+      A multi-frame image warns (ImageWarning): only its first frame is used.
+    - numpy ``[H, W]`` or ``[H, W, C]``, C in {1, 2, 3, 4} (2 = gray+alpha, 4 = RGBA); uint8, uint16 or
+      float in 0..1. A read-only array is used as is, not copied.
+    - torch ``[C, H, W]`` or ``[B, C, H, W]``, C in {1, 2, 3, 4}; uint8 or float16/bfloat16/float32/float64
       in 0..1, any device. ``restore`` returns the same shape, dtype and device.
     """
     if isinstance(img, (str, os.PathLike)):
@@ -240,10 +248,18 @@ def _prepare_pil(img: Image.Image, source: str) -> PreparedImage:
         raise ImageError(f"{source}: cannot decode ({one_line(e)}); re-export or re-download it") from e
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{source}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
+    _warn_frames(source, getattr(img, "n_frames", 1))   # as load_image does for a path
     mode = img.mode
     if mode == "P":
         mode = "RGBA" if "transparency" in img.info else "RGB"
     mode = _PIL_CONVERT.get(mode, mode)
+    if "transparency" in img.info and mode in ("L", "RGB"):
+        # A PNG's single transparent colour (tRNS) becomes an alpha channel, as for palette images: the
+        # network may move pixels onto or off that colour, and the output must stay transparent where it was.
+        mode += "A"
+    elif "transparency" in img.info and mode in DEEP_GRAY:
+        warnings.warn(f"{source}: its transparent gray value is dropped (16-bit gray with alpha has no "
+                      "Pillow mode); pass a numpy HxWx2 uint16 array to keep alpha", ImageWarning, stacklevel=3)
     if mode not in _PIL_KEEP:
         raise ImageError(f"{source}: unsupported Pillow mode {img.mode!r}; convert it to RGB first")
     if mode != img.mode:
@@ -259,8 +275,13 @@ def _prepare_pil(img: Image.Image, source: str) -> PreparedImage:
     scale = None if mode == "F" else 255.0 if arr.dtype == np.uint8 else 65535.0
     hwc = arr[:, :, None] if arr.ndim == 2 else arr
     orig = torch.from_numpy(hwc).permute(2, 0, 1)[None]
-    # Carry colour metadata so a saved result looks the same as its input.
+    # Carry colour metadata and EXIF so a saved result looks the same as its input. The EXIF keeps its
+    # orientation: the pixels come back as stored, so the tag must stay to display them the same way
+    # (a path's image was already turned upright by load_image, which removed the tag).
     info = {k: img.info[k] for k in ("icc_profile", "dpi") if k in img.info}
+    exif = img.info.get("exif") or (img.getexif().tobytes() if len(img.getexif()) else None)
+    if exif:
+        info["exif"] = exif
 
     size = img.size  # not img itself: the closure must not keep the decoded input alive
 
@@ -280,18 +301,23 @@ def _prepare_numpy(arr: np.ndarray) -> PreparedImage:
     scale = None if arr.dtype.kind == "f" else 255.0 if arr.itemsize == 1 else 65535.0
     if arr.ndim == 2:
         hwc = arr[:, :, None]
-    elif arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+    elif arr.ndim == 3 and arr.shape[2] in (1, 2, 3, 4):
         hwc = arr
     else:
-        raise ImageError(f"unsupported array shape {arr.shape}; expected HxW or HxWxC with C in 1, 3, 4")
+        raise ImageError(f"unsupported array shape {arr.shape}; expected HxW or HxWxC with C in 1, 2, 3, 4 "
+                         "(gray, gray+alpha, RGB, RGBA)")
     shape, dtype = arr.shape, arr.dtype
     native = np.ascontiguousarray(hwc, dtype=dtype.newbyteorder("="))
-    orig = torch.from_numpy(native).permute(2, 0, 1)[None]
+    with warnings.catch_warnings():
+        # A read-only array (np.asarray of a PIL image) is shared, not copied: nothing ever writes through
+        # ``orig`` (new_output clones it), so torch's warning about non-writable arrays does not apply.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        orig = torch.from_numpy(native).permute(2, 0, 1)[None]
 
     def finish(out: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy().reshape(shape).astype(dtype, copy=False))
 
-    return _make(orig, 1 if hwc.shape[2] == 1 else 3, scale, finish, what)
+    return _make(orig, 1 if hwc.shape[2] <= 2 else 3, scale, finish, what)
 
 
 _TENSOR_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -302,107 +328,13 @@ def _prepare_tensor(t: torch.Tensor) -> PreparedImage:
     if t.dtype != torch.uint8 and t.dtype not in _TENSOR_FLOATS:
         raise ImageError(f"unsupported tensor dtype {t.dtype}; use uint8 or float16/bfloat16/float32 in 0..1")
     scale = 255.0 if t.dtype == torch.uint8 else None
-    if t.ndim not in (3, 4) or t.shape[-3] not in (1, 3, 4):
+    if t.ndim not in (3, 4) or t.shape[-3] not in (1, 2, 3, 4):
         raise ImageError(f"unsupported tensor shape {tuple(t.shape)}; "
-                         "expected CxHxW or BxCxHxW with C in 1, 3, 4")
+                         "expected CxHxW or BxCxHxW with C in 1, 2, 3, 4 (gray, gray+alpha, RGB, RGBA)")
     batched = t.ndim == 4
     orig = t.detach() if batched else t.detach()[None]
 
     def finish(out: torch.Tensor) -> torch.Tensor:
         return out.contiguous() if batched else out[0].contiguous()
 
-    return _make(orig, 1 if orig.shape[1] == 1 else 3, scale, finish, what)
-
-
-# --------------------------------------------------------------------------------------------- save
-# JPEG: quality 95 (Pillow's 75 visibly softens). WebP: lossless, so pixels the network did not change stay
-# bit-identical in the file too (a lossless WebP input must not come back re-compressed); JPEG has no such mode.
-_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
-
-
-def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
-               overwrite: bool = False) -> None:
-    """Write ``obj`` to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
-
-    ``obj`` is a PIL image or a numpy ``[H, W]`` / ``[H, W, C]`` array (C in 1..4: L, LA, RGB, RGBA)
-    of dtype uint8 or uint16. The format comes from the extension. Decisions:
-
-    - An existing ``path`` is refused unless ``overwrite=True``; the target is never half-written.
-    - Alpha to JPEG raises ImageError suggesting ``.png``: silently dropping transparency is data
-      loss a user would not expect. Other formats that cannot hold a mode fail in Pillow -> ImageError.
-    - uint16 gray is saved as Pillow mode I;16 (PNG, TIFF). uint16 with 2-4 channels has no Pillow
-      mode, so it is written as 16-bit PNG by this module and requires a ``.png`` path.
-    - JPEG is written with quality 95; WebP losslessly (unchanged pixels stay bit-identical).
-    """
-    target = os.path.abspath(os.fspath(path))
-    folder, ext = os.path.dirname(target), os.path.splitext(target)[1].lower()
-    fmt = Image.registered_extensions().get(ext)
-    if fmt is None or fmt not in Image.SAVE:
-        raise ImageError(f"{path}: cannot tell an image format from extension {ext or '(none)'!r}; "
-                         "use .png, .jpg, .tif, .bmp or .webp")
-    if not os.path.isdir(folder):
-        raise ImageError(f"{path}: folder {folder} does not exist; create it first")
-    if os.path.isdir(target):
-        raise ImageError(f"{path}: is a directory; pass a file name")
-    if os.path.lexists(target) and not overwrite:
-        raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it")
-    write = _writer(obj, fmt, path)
-    try:
-        with atomic_write(target, overwrite=overwrite) as f:
-            write(f)
-    except FileExistsError:
-        raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it") from None
-    except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"{path}: cannot write ({one_line(e)}); "
-                         "check the folder is writable and the format suits the image") from e
-
-
-def _writer(obj: Image.Image | np.ndarray, fmt: str, path: object) -> Callable[[Any], None]:
-    """Validate ``obj`` for ``fmt`` and return a function writing it to a binary file object."""
-    if isinstance(obj, np.ndarray):
-        if obj.dtype not in (np.uint8, np.uint16) or obj.ndim not in (2, 3) or (
-                obj.ndim == 3 and not 1 <= obj.shape[2] <= 4) or 0 in obj.shape:
-            raise ImageError(f"{path}: cannot save a {obj.dtype} array of shape {obj.shape}; expected "
-                             "uint8/uint16 HxW or HxWxC (C 1..4), at least 1x1")
-        arr = obj if obj.ndim == 2 else obj[:, :, 0] if obj.shape[2] == 1 else obj
-        if arr.dtype == np.uint16 and arr.ndim == 3:
-            if fmt != "PNG":
-                raise ImageError(f"{path}: 16-bit colour can only be saved as .png here; "
-                                 "use .png or convert to uint8")
-            return lambda f: _write_png16(arr, f)
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
-        img = Image.fromarray(arr)  # L, LA, RGB, RGBA or I;16 from dtype and shape
-    elif isinstance(obj, Image.Image):
-        img = obj
-    else:
-        raise ImageError(f"{path}: cannot save a {type(obj).__name__}; pass a PIL image or a numpy array")
-    if fmt == "JPEG" and ("A" in img.mode or "transparency" in img.info):
-        raise ImageError(f"{path}: {fmt} cannot store the alpha channel of this {img.mode} image; "
-                         "save as .png (or drop alpha yourself)")
-    return lambda f: img.save(f, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
-
-
-def _write_png16(arr: np.ndarray, f: Any) -> None:
-    """Write uint16 ``[H, W, C]`` (C = 2 gray+alpha, 3 RGB, 4 RGBA) as a 16-bit PNG: Pillow has no
-    such mode. Filter 0 on every row keeps this short; zlib still compresses smooth images well."""
-    h, w, c = arr.shape
-    rows = np.zeros((h, 1 + w * c * 2), np.uint8)  # each row: filter byte 0 ("none"), then big-endian samples
-    rows[:, 1:] = arr.astype(">u2").reshape(h, w * c).view(np.uint8)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    colour_type = {2: 4, 3: 2, 4: 6}[c]
-    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
-
-
-# --------------------------------------------------------------------------------------------- mask
-def mask_to_image(mask: torch.Tensor) -> Image.Image:
-    """Bool mask ``[H, W]``, ``[1, H, W]`` or ``[1, 1, H, W]`` -> 8-bit L image, 255 where True."""
-    if mask.dtype != torch.bool or mask.ndim < 2 or any(s != 1 for s in mask.shape[:-2]):
-        raise ImageError(f"expected a bool mask HxW or 1x1xHxW, got {mask.dtype} {tuple(mask.shape)}")
-    m = mask.detach().reshape(mask.shape[-2:]).to("cpu", torch.uint8) * 255
-    return Image.fromarray(m.numpy())
+    return _make(orig, 1 if orig.shape[1] <= 2 else 3, scale, finish, what)

@@ -1,8 +1,10 @@
 """Deblurrer: every input kind comes back as the same kind, exact outside the mask, equal to the network."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from m2ae_infer import Deblurrer, reparameterize_model
 from m2ae_infer.api import RunInfo
@@ -132,3 +134,89 @@ def test_deblurrer_accepts_deploy_network_and_does_not_modify_callers_net(net):
     Deblurrer(net)
     Deblurrer(reparameterize_model(net))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ PIL metadata, edges
+def _oriented_photo(tmp_path, ext):
+    """An RGB file with EXIF Orientation=6 (stored pixels must turn 90 degrees clockwise to display)."""
+    stored = np.random.default_rng(6).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"rot{ext}"
+    Image.fromarray(stored).save(path, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("out_ext", [".png", ".tif", ".webp", ".bmp", ".tga"])
+def test_pil_input_with_exif_orientation_displays_like_the_input(deblurrer, tmp_path, out_ext):
+    from m2ae_infer import save_image
+    src = Image.open(_oriented_photo(tmp_path, ".png"))
+    upright = np.array(ImageOps.exif_transpose(src))            # what a viewer shows for the input
+    out = deblurrer.run(src, mask=np.zeros((6, 10), bool))
+    np.testing.assert_array_equal(np.array(ImageOps.exif_transpose(out)), upright)
+    save_image(out, tmp_path / f"out{out_ext}")
+    with Image.open(tmp_path / f"out{out_ext}") as saved:
+        np.testing.assert_array_equal(np.array(ImageOps.exif_transpose(saved).convert("RGB")), upright)
+    # Pillow's own save keeps it too, when given the EXIF the result carries.
+    out.save(tmp_path / "pil.png", exif=out.getexif())
+    with Image.open(tmp_path / "pil.png") as saved:
+        np.testing.assert_array_equal(np.array(ImageOps.exif_transpose(saved)), upright)
+
+
+def test_read_only_array_runs_without_warnings(deblurrer, tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(path)
+    arr = np.asarray(Image.open(path))
+    assert not arr.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = deblurrer.run(arr, mask=np.zeros((9, 11), bool))
+    assert np.array_equal(out, arr)
+
+
+def test_multi_frame_pil_image_warns_like_a_path(deblurrer, tmp_path):
+    from m2ae_infer import ImageWarning
+    frames = [Image.new("RGB", (5, 4), (v, 0, 0)) for v in (10, 200)]
+    frames[0].save(tmp_path / "two.png", save_all=True, append_images=frames[1:])
+    for source in (tmp_path / "two.png", Image.open(tmp_path / "two.png")):
+        with pytest.warns(ImageWarning, match="2 frames"):
+            deblurrer.run(source, mask=np.zeros((4, 5), bool))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_gray_alpha_array_is_accepted_like_a_pil_LA_image(net, dtype):
+    d = Deblurrer(net, device="cpu")
+    rng = np.random.default_rng(8)
+    la = (rng.random((10, 13, 2)) * (1 if dtype == np.float32 else np.iinfo(dtype).max)).astype(dtype)
+    mask = make_mask("blobs", 10, 13)[0, 0].numpy()
+    out, info = d.run(la, mask=mask, return_info=True)
+    assert out.dtype == la.dtype and out.shape == la.shape
+    assert np.array_equal(out[..., 1], la[..., 1])                       # alpha untouched
+    assert np.array_equal(out[~info.mask], la[~info.mask])
+    gray, _ = d.run(np.ascontiguousarray(la[..., 0]), mask=mask, return_info=True)
+    assert np.array_equal(out[..., 0], gray)                              # gray channel = gray image
+
+
+def test_tiled_info_reports_the_untiled_dense_cost(net):
+    img = np.random.default_rng(9).random((40, 52, 3), dtype=np.float32)
+    _, whole = Deblurrer(net, tile=None).run(img, mask="full", return_info=True)
+    _, tiled = Deblurrer(net, tile=16).run(img, mask="full", return_info=True)
+    assert tiled.tiles > 1 and whole.tiles == 1
+    assert tiled.flops_untiled == whole.flops_dense == whole.flops_untiled
+    assert tiled.flops_executed > tiled.flops_untiled and tiled.flops_saved_untiled < 0
+
+
+def test_package_exports_what_the_readme_uses():
+    import m2ae_infer
+    from m2ae_infer import ImageWarning, save_image
+    from m2ae_infer.imgio import ImageWarning as Iw
+    from m2ae_infer.imgsave import save_image as si
+    assert ImageWarning is Iw and save_image is si
+    assert {"save_image", "ImageWarning"} <= set(m2ae_infer.__all__)
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "tpu"])
+def test_unsupported_devices_are_refused_up_front(net, device):
+    with pytest.raises(ValueError, match="cuda:N") as err:
+        Deblurrer(net, device=device)
+    assert "\n" not in str(err.value)

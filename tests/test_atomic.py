@@ -17,7 +17,7 @@ from m2ae_infer.atomic import TEMP_PREFIX, atomic_path, atomic_write
 
 
 def _image(path: Path) -> None:
-    from m2ae_infer.imgio import save_image
+    from m2ae_infer.imgsave import save_image
     save_image(np.zeros((4, 5, 3), np.uint8), path, overwrite=True)
 
 
@@ -36,12 +36,12 @@ def _train_state(path: Path) -> None:
 
 def _eval_json(path: Path) -> None:
     from m2ae_infer import evaluate
-    evaluate._write_json({"psnr": 30.0, "bad": float("nan")}, path)
+    evaluate._write_json({"psnr": 30.0, "bad": float("nan")}, path, overwrite=True)
 
 
 def _eval_grid(path: Path) -> None:
     from m2ae_infer import evaluate
-    evaluate._write_grid([[np.zeros((8, 8, 3), np.float32)] * 5], path)
+    evaluate._write_grid([[np.zeros((8, 8, 3), np.float32)] * 5], path, overwrite=True)
 
 
 def _onnx(path: Path) -> None:
@@ -51,7 +51,7 @@ def _onnx(path: Path) -> None:
 
 
 def _mask(path: Path) -> None:
-    from m2ae_infer.imgio import mask_to_image, save_image
+    from m2ae_infer.imgsave import mask_to_image, save_image
     save_image(mask_to_image(torch.ones(3, 3, dtype=torch.bool)), path, overwrite=True)
 
 

@@ -16,7 +16,7 @@ import struct
 import subprocess
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -357,7 +357,7 @@ CASES: dict[str, Case] = {
 
 
 def _write_png16_rgb(path: Path) -> None:
-    from m2ae_infer.imgio import save_image
+    from m2ae_infer.imgsave import save_image
     save_image(PHOTO.astype(np.uint16) * 257, path)
 
 

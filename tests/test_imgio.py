@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from m2ae_infer import imgio
-from m2ae_infer.imgio import ImageError, load_image, mask_to_image, prepare_image, save_image
+from m2ae_infer.imgio import ImageError, load_image, prepare_image
+from m2ae_infer.imgsave import mask_to_image, save_image
 
 RNG = np.random.default_rng(1234)
 
@@ -303,7 +304,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "None": (lambda: None, ("NoneType",)),
     "np-ndim1": (lambda: _u8(5), ("shape",)),
     "np-ndim4": (lambda: _u8(1, 2, 3, 3), ("shape",)),
-    "np-C2": (lambda: _u8(2, 3, 2), ("shape",)),
+    "np-C5": (lambda: _u8(2, 3, 5), ("shape",)),
     "np-int32": (lambda: np.zeros((2, 3), np.int32), ("int32",)),
     "np-bool": (lambda: np.zeros((2, 3), bool), ("bool",)),
     "np-complex": (lambda: np.zeros((2, 3), np.complex64), ("complex64",)),
@@ -315,7 +316,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "np-zero-W": (lambda: np.zeros((4, 0, 3), np.float32), ("4x0",)),
     "torch-ndim2": (lambda: torch.zeros(2, 3), ("shape",)),
     "torch-ndim5": (lambda: torch.zeros(1, 1, 3, 2, 2), ("shape",)),
-    "torch-C2": (lambda: torch.zeros(2, 4, 4), ("shape",)),
+    "torch-C5": (lambda: torch.zeros(5, 4, 4), ("shape",)),
     "torch-int32": (lambda: torch.zeros(3, 2, 2, dtype=torch.int32), ("int32",)),
     "torch-bool": (lambda: torch.zeros(3, 2, 2, dtype=torch.bool), ("bool",)),
     "torch-complex": (lambda: torch.zeros(3, 2, 2, dtype=torch.complex64), ("complex64",)),
@@ -455,7 +456,9 @@ SAVE_FAILURES: dict[str, tuple[Callable[[Path], tuple[Any, Path]], tuple[str, ..
     "missing-folder": (lambda t: (_u8(3, 2), t / "no" / "x.png"), ("does not exist",)),
     "jpeg-alpha": (lambda t: (_u8(3, 2, 4), t / "x.jpg"), ("alpha", ".png")),
     "jpeg-LA": (lambda t: (Image.fromarray(_u8(3, 2, 2)), t / "x.jpeg"), ("alpha",)),
-    "jpeg-I16": (lambda t: (Image.fromarray(_u16(3, 2)), t / "x.jpg"), ("cannot write",)),  # fails in Pillow
+    "jpeg-I16": (lambda t: (Image.fromarray(_u16(3, 2)), t / "x.jpg"), ("16-bit", ".png")),
+    "webp-F": (lambda t: (Image.fromarray(_f(np.float32, 3, 2)), t / "x.webp"), ("float", ".tif")),
+    "gif": (lambda t: (_u8(3, 2, 3), t / "x.gif"), ("palette", ".png")),
     "float-array": (lambda t: (_f(np.float32, 3, 2), t / "x.png"), ("float32",)),
     "tensor": (lambda t: (torch.zeros(3, 2, 2), t / "x.png"), ("Tensor",)),
 }
