@@ -11,11 +11,10 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-from .atomic import TEMP_PREFIX
+from .atomic import prepare_folder
 from .checkpoint import CheckpointError
 from .imgio import ImageError, ImageWarning
 from .imgsave import FORMATS, mask_to_image, save_images, writable_suffixes
@@ -140,10 +139,7 @@ def prepare_folders(targets) -> None:
     a batch must not compute for an hour and then fail to write). Raises ValueError, one line."""
     for folder in sorted({Path(t).parent for t in targets}):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "probe-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
+            prepare_folder(folder)
         except OSError as exc:
             raise ValueError(f"cannot write to output folder {folder} ({one_line(exc.strerror or exc)}); "
                              "choose a writable folder with -o") from None
