@@ -267,8 +267,9 @@ def test_cli_tile_option_gives_the_untiled_output(tmp_path, capsys):
     from m2ae_infer.cli import main
     photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:150, :131]
     Image.fromarray(photo).save(tmp_path / "in.png")
-    assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "tiled.png"), "--tile", "48", "--save-mask"]) == 0
-    assert "12 tiles]" in capsys.readouterr().out
+    # 56 = the smallest tile the CLI takes (2 x the 28-pixel overlap): ceil(150/56) x ceil(131/56) = 3 x 3 tiles
+    assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "tiled.png"), "--tile", "56", "--save-mask"]) == 0
+    assert "9 tiles]" in capsys.readouterr().out
     assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "whole.png"), "--tile", "0", "--save-mask"]) == 0
     tiled, whole = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("tiled", "whole"))
     assert np.abs(tiled - whole).max() <= 1
