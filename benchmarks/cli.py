@@ -11,7 +11,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from ..atomic import prepare_folder
-from ..messages import OneLineArgumentParser, one_line
+from ..cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, say
+from ..messages import one_line
 from .baselines import BASELINES
 from .grid import BACKENDS, MASK_SOURCES, QUICK, RESOLUTIONS, BenchSettings, run_grid
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"small grid ({','.join(QUICK.resolutions)}, densities "
                         f"{','.join(map(str, QUICK.densities))}, masks {','.join(QUICK.masks)}): under 2 minutes "
                         "on 2 CPU cores; options given explicitly still apply")
-    p.add_argument("--out", type=Path, default=Path("m2ae_bench"), help="output folder (default: ./m2ae_bench)")
+    p.add_argument("--out", type=lambda text: Path(path_arg(text)), default=Path("m2ae_bench"), help="output folder (default: ./m2ae_bench)")
     p.add_argument("--force", action="store_true", help="replace result files already in --out")
     g = p.add_argument_group("grid")
     g.add_argument("--resolutions", type=_list, help=f"names ({', '.join(RESOLUTIONS)}) or HxW, comma-separated")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int, help="timed calls per measurement (default 5)")
     m.add_argument("--warmup", type=int, help="untimed calls first (default 1)")
     m.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's choice)")
-    m.add_argument("--device", help="cpu (default) or cuda")
+    m.add_argument("--device", type=device_arg, help="cpu (default), cuda or cuda:N")
     m.add_argument("--checkpoint", help="checkpoint to benchmark (default: the shipped one)")
     m.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     m.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -85,18 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
     existing = report.existing_outputs(args.out)
     if existing and not args.force:
-        print(f"m2ae-bench: error: {existing[0]} already exists; pass --force to replace it or choose another --out",
-              file=sys.stderr)
+        say(f"m2ae-bench: error: {existing[0]} already exists; pass --force to replace it or choose another --out",
+              sys.stderr)
         return 2
     if args.out.exists() and not args.out.is_dir():
-        print(f"m2ae-bench: error: --out {args.out} is a file, not a folder", file=sys.stderr)
+        say(f"m2ae-bench: error: --out {args.out} is a file, not a folder", sys.stderr)
+        return 2
+    try:
+        check_device(settings.device)
+    except ValueError as exc:
+        say(f"m2ae-bench: error: {one_line(exc)}", sys.stderr)
         return 2
     created = not args.out.exists()
     try:   # before the benchmark, not after it: a long run must not end in "cannot write"
         prepare_folder(args.out)
     except OSError as exc:
-        print(f"m2ae-bench: error: cannot write to --out {args.out} ({one_line(exc.strerror or exc)}); choose a "
-              "writable folder", file=sys.stderr)
+        say(f"m2ae-bench: error: cannot write to --out {args.out} ({one_line(exc.strerror or exc)}); choose a "
+              "writable folder", sys.stderr)
         return 2
 
     def drop_empty_out() -> None:   # a failed run leaves no empty folder of ours behind
@@ -115,19 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         result = run_grid(net, settings, machine(), threads=args.threads, progress=True)
     except KeyboardInterrupt:
         drop_empty_out()
-        print("m2ae-bench: interrupted; nothing written", file=sys.stderr)
+        say("m2ae-bench: interrupted; nothing written", sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as exc:
         drop_empty_out()
-        print(f"m2ae-bench: error: {one_line(exc)}", file=sys.stderr)
+        say(f"m2ae-bench: error: {one_line(exc)}", sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
-    print(report.table(result))
+    say(report.table(result))
     try:
         written = report.write(result, args.out, plots=not args.no_plots, overwrite=args.force)
     except OSError as exc:
-        print(f"m2ae-bench: error: cannot write results to {args.out}: {one_line(exc)}", file=sys.stderr)
+        say(f"m2ae-bench: error: cannot write results to {args.out}: {one_line(exc)}", sys.stderr)
         return 1
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    say("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
 

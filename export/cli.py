@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 from ..atomic import prepare_folder
-from ..messages import OneLineArgumentParser, one_line
+from ..cliutil import OneLineArgumentParser, path_arg, say
+from ..messages import one_line
 
 PROG = "m2ae-export"
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=(
         "Export an M2AENet checkpoint to ONNX (and a TensorRT engine), verified against torch."))
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors), training or deploy form")
-    p.add_argument("-o", "--output", metavar="OUT",
+    p.add_argument("-o", "--output", metavar="OUT", type=path_arg,
                    help="OUT.onnx (with --trt the engine goes to OUT.engine), or OUT.engine/.plan with --trt; "
                         "default: beside CKPT with its name (ckpt.pth -> ckpt.onnx, ckpt.engine)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:
             raise ValueError(str(exc)) from None
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        say(f"{PROG}: error: {exc}", sys.stderr)
         return 2
     return _export(net, spec, onnx_path, engine_path, profile, args.force)
 
@@ -136,19 +137,19 @@ def _require_onnx() -> None:
 def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force: bool) -> int:
     from .onnx import ExportError, example_inputs, export_onnx, op_counts, save_onnx, verify_onnx
 
-    print(f"exporting the {spec.kind} graph ({spec.precision}, opset {spec.opset}, "
+    say(f"exporting the {spec.kind} graph ({spec.precision}, opset {spec.opset}, "
           f"{'mask input' if spec.mask_input else f'predicted mask, threshold {spec.threshold}'}) ...")
     try:
         model = export_onnx(net, spec)
     except ExportError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        say(f"{PROG}: error: {exc}", sys.stderr)
         return 1
-    print("onnx.checker: ok; ops: " + ", ".join(f"{op} {n}" for op, n in sorted(op_counts(model).items())))
+    say("onnx.checker: ok; ops: " + ", ".join(f"{op} {n}" for op, n in sorted(op_counts(model).items())))
     try:
         results = verify_onnx(model, net, example_inputs(), spec)
     except Exception as exc:   # an ONNX Runtime failure is a failed verification, reported in one line
-        print(f"{PROG}: error: ONNX Runtime could not run the graph: {one_line(exc, 400)}",
-              file=sys.stderr)
+        say(f"{PROG}: error: ONNX Runtime could not run the graph: {one_line(exc, 400)}",
+              sys.stderr)
         return 1
     code = _write_if_verified(results, "onnxruntime", onnx_path, lambda: save_onnx(model, onnx_path, force))
     if code or engine_path is None:
@@ -159,16 +160,16 @@ def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force
 def _write_if_verified(results, backend: str, path: Path, write) -> int:
     """Print the verification lines; call ``write`` (atomic) only if every check passed. Returns the exit code."""
     for result in results:
-        print(result.line(backend))
+        say(result.line(backend))
     if not all(r.passed for r in results):
-        print(f"{PROG}: error: {backend} disagrees with torch beyond tolerance; {path} not written", file=sys.stderr)
+        say(f"{PROG}: error: {backend} disagrees with torch beyond tolerance; {path} not written", sys.stderr)
         return 1
     try:
         write()
     except OSError as exc:
-        print(f"{PROG}: error: cannot write {path}: {exc}", file=sys.stderr)
+        say(f"{PROG}: error: cannot write {path}: {exc}", sys.stderr)
         return 1
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    say(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -176,14 +177,14 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
     from .onnx import example_inputs, verify_runner, write_atomic
     from .trt import EngineRunner, TensorRTUnavailable, build_engine, trtexec_command, unavailable_reason
 
-    print("equivalent trtexec command:\n  " + trtexec_command(str(onnx_path), str(engine_path), profile, spec))
+    say("equivalent trtexec command:\n  " + trtexec_command(str(onnx_path), str(engine_path), profile, spec))
     if spec.kind == "sparse":
-        print("note: the sparse graph has data-dependent shapes (NonZero) in TensorRT: a host sync per NonZero "
+        say("note: the sparse graph has data-dependent shapes (NonZero) in TensorRT: a host sync per NonZero "
               "and no CUDA-graph capture; the dense graph is the default for TensorRT")
     reason = unavailable_reason()
     if reason:
-        print(f"{PROG}: error: no engine built: {reason}; run the trtexec command above on a GPU machine",
-              file=sys.stderr)
+        say(f"{PROG}: error: no engine built: {reason}; run the trtexec command above on a GPU machine",
+              sys.stderr)
         return 1
     import torch
 
@@ -191,7 +192,7 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
         engine = build_engine(model.SerializeToString(), profile, spec)
         runner = EngineRunner(engine, torch.device("cuda"))
     except TensorRTUnavailable as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        say(f"{PROG}: error: {exc}", sys.stderr)
         return 1
 
     def run(image, mask):
@@ -204,8 +205,8 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
     try:
         results = verify_runner(run, net, images, spec)
     except Exception as exc:   # a runtime failure of the engine is a failed verification, one line
-        print(f"{PROG}: error: the TensorRT engine failed to run: {one_line(exc, 400)}",
-              file=sys.stderr)
+        say(f"{PROG}: error: the TensorRT engine failed to run: {one_line(exc, 400)}",
+              sys.stderr)
         return 1
     return _write_if_verified(results, "tensorrt", engine_path, lambda: write_atomic(engine_path, engine, force))
 

@@ -36,7 +36,10 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     target = Path(os.path.abspath(os.fspath(path)))
     if not overwrite and os.path.lexists(target):
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent)
+    # The name is cut so that prefix + name + mkstemp's 8 random characters stay within the usual 255-byte limit
+    # for any target name that itself fits.
+    short = target.name.encode()[:200].decode(errors="ignore")
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{short}-", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +17,8 @@ from .atomic import prepare_folder
 from .checkpoint import CheckpointError
 from .imgio import ImageError, ImageWarning
 from .imgsave import FORMATS, mask_to_image, save_images, writable_suffixes
-from .messages import OneLineArgumentParser, one_line
+from .cliutil import OneLineArgumentParser, check_device, device_arg, say
+from .messages import one_line
 
 PROG = "m2ae-deblur"
 SHOWN = 10  # failed files named in the closing summary line
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also deblur the example photo shipped with the package, written as "
                         f"example_deblurred.png (default -o: {EXAMPLE_OUTPUT})")
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors); default: the shipped one")
-    p.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--execution", default="auto", choices=("auto", "sparse", "dense"),
                    help="sparse: masked pixels only; dense: everything; auto: by mask density (default)")
     p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
@@ -171,19 +171,6 @@ def check_tiling(deblurrer, args) -> None:
                          "computes on every side); use --tile 0 (no tiles), auto, or a larger size")
 
 
-def _check_device(device: str) -> None:
-    """A CUDA device that this machine does not have: one line naming --device."""
-    if device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu "
-                             "(or auto)")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                             f"use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-
-
 def describe(info) -> str:
     """One line on what ran: the mask share, the FLOPs executed vs the untiled dense run, the time (and the
     tiles). Savings are against running the whole image densely, so tile overlaps count as cost."""
@@ -197,12 +184,6 @@ def describe(info) -> str:
                 f"{info.flops_untiled / 1e9:.2f} GFLOP ({saving})")
     tiles = f", {info.tiles} tiles" if getattr(info, "tiles", 1) > 1 else ""
     return f"{work}, {info.seconds:.2f} s [{info.execution}{tiles}]"
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
 
 
 def _tile_size(text: str):
@@ -234,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     files, problems = collect_inputs(args.inputs)
     try:
         outputs = plan_outputs(files, args.output, args.example, args.save_mask)
-        _check_device(args.device)
+        check_device(args.device)
         from .api import Deblurrer   # after argument checks: importing torch takes a second
         # tile_overlap is checked by check_tiling, whose errors name the CLI flags.
         deblurrer = Deblurrer(args.checkpoint, device=args.device, execution=args.execution,
@@ -242,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         check_tiling(deblurrer, args)
         prepare_folders(outputs.values())
     except (ValueError, OSError, RuntimeError, CheckpointError) as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        say(f"{PROG}: error: {one_line(exc)}", sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        say(f"{PROG}: interrupted", sys.stderr)
         return 130
     for p in problems:
-        print(f"{PROG}: skipped {p}", file=sys.stderr)
+        say(f"{PROG}: skipped {p}", sys.stderr)
 
     inputs = {_file_id(f) for f in files} - {None}
     failed = [p.split(": ", 1)[0] for p in problems]
@@ -262,20 +243,20 @@ def main(argv: list[str] | None = None) -> int:
             except (ImageError, ValueError, OSError, RuntimeError, MemoryError) as exc:
                 # RuntimeError/MemoryError: torch ran out of memory or failed on this image; the batch goes on
                 failed.append(str(source))
-                print(f"{PROG}: failed {source}: {one_line(exc)}", file=sys.stderr)
+                say(f"{PROG}: failed {source}: {one_line(exc)}", sys.stderr)
             if bar is not None:
                 bar.update()
     except KeyboardInterrupt:   # atomic writes: nothing half-written, whatever was running
         if bar is not None:
             bar.close()
-        print(f"{PROG}: interrupted; {written} written, {len(failed)} failed, "
-              f"{len(outputs) - written - len(failed) + len(problems)} not run", file=sys.stderr)
+        say(f"{PROG}: interrupted; {written} written, {len(failed)} failed, "
+              f"{len(outputs) - written - len(failed) + len(problems)} not run", sys.stderr)
         return 130
     if bar is not None:
         bar.close()
     if failed:
         shown = ", ".join(failed[:SHOWN]) + (f", ... {len(failed) - SHOWN} more" if len(failed) > SHOWN else "")
-        print(f"{PROG}: {written} written, {len(failed)} failed: {shown}", file=sys.stderr)
+        say(f"{PROG}: {written} written, {len(failed)} failed: {shown}", sys.stderr)
         return 1
     return 0
 
@@ -303,7 +284,7 @@ def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> Non
         restored, info = deblurrer.run(source, mask="full" if args.full else None, return_info=True)
     for w in caught:
         if issubclass(w.category, ImageWarning):
-            _write_line(f"{PROG}: warning: {one_line(w.message)}", sys.stderr)
+            say(f"{PROG}: warning: {one_line(w.message)}", sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     items = [(restored, target)]
@@ -314,26 +295,12 @@ def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> Non
     # they were (an image without its mask would be a half-done pair).
     save_images(items, overwrite=args.force)
     if not args.quiet:
-        _write_line(f"{source} -> {target}: {describe(info)}")
+        say(f"{source} -> {target}: {describe(info)}")
 
 
 def _progress(total: int):
     from tqdm import tqdm
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
-
-
-def _write_line(text: str, file=None) -> None:
-    from tqdm import tqdm
-    try:
-        tqdm.write(text, file=file)   # keeps the progress bar intact below the line
-        (file or sys.stdout).flush()  # a closed pipe shows up here, not at exit
-    except BrokenPipeError:
-        # The reader went away (`| head -1`): the report is lost, not the work, so the batch goes on.
-        # As Python's docs advise (signal module, note on SIGPIPE), point the stream at devnull so that
-        # later writes and the flush at exit do not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, (file or sys.stdout).fileno())
-        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write, prepare_folder
-from .messages import OneLineArgumentParser, one_line
+from .cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, say
+from .messages import one_line
 
 PSNR_CAP = 100.0
 MAX_CROP = 1536   # the largest photo is 1411 px; a larger crop would be mostly mirror padding
@@ -143,20 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "photos, for choosing settings such as --threshold (default heldout)")
     p.add_argument("--photos", metavar="A,B", help="with --split validation: only these training photos, e.g. the "
                                                   "dev photos a run was trained without (m2ae-train --exclude-photos)")
-    p.add_argument("--out", metavar="DIR", default="m2ae_eval",
+    p.add_argument("--out", metavar="DIR", default="m2ae_eval", type=path_arg,
                    help="output folder for eval.json and eval_grid.png (default m2ae_eval)")
     p.add_argument("--force", action="store_true", help="replace eval.json and eval_grid.png already in --out")
     p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto, as Deblurrer)")
+    p.add_argument("--device", default="auto", type=device_arg,
+                   help="auto | cpu | cuda | cuda:N (default auto, as Deblurrer)")
     p.add_argument("--rl-iterations", type=int, default=30, help="Richardson-Lucy iterations (default 30)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def _error(message: str) -> int:
-    print(f"m2ae-eval: error: {one_line(message)}", file=sys.stderr)
+    say(f"m2ae-eval: error: {one_line(message)}", sys.stderr)
     return 2
 
 
@@ -171,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         if not low <= value <= high:
             parser.error(f"{flag} must lie in {low}..{high}, got {value}"
                          + (" (larger crops than the photos would only mirror-pad them)" if flag == "--crop" else ""))
+    if not 0.0 < args.threshold < 1.0:
+        parser.error(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    if args.dilation < 0:
+        parser.error(f"--dilation must be >= 0, got {args.dilation}")
     if args.split == "validation" and args.seed < 1000:
         parser.error("--split validation needs --seed >= 1000 (training runs use small seeds)")
     if args.photos is not None and args.split != "validation":
@@ -193,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"--photos: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        check_device(args.device)
+    except ValueError as exc:
+        return _error(exc)
     ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     try:
         if not ckpt.is_file():
@@ -215,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder")
     if not args.quiet:
         on = f" on {', '.join(photos)}" if photos else ""
-        print(f"m2ae-eval: generating {args.samples} {args.split} samples ({args.crop} px){on}", file=sys.stderr)
+        say(f"m2ae-eval: generating {args.samples} {args.split} samples ({args.crop} px){on}", sys.stderr)
     samples = (heldout_set(args.samples, seed=args.seed, crop=args.crop) if args.split == "heldout" else
                validation_set(args.samples, seed=args.seed, crop=args.crop, photos=photos))
     for r in runners.values():   # warm-up: the first call pays for allocations, not the images
@@ -258,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         _write_grid(grid, outputs[1], overwrite=args.force)
     except (OSError, ValueError) as exc:
         return _error(exc)
-    print(format_table(summary))
-    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval_grid.png'}")
+    say(format_table(summary))
+    say(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval_grid.png'}")
     return 0 if summary["contracts"]["pass"] else 1
 
 

@@ -68,7 +68,8 @@ def writable_suffixes() -> list[str]:
 
 # JPEG: quality 95 (Pillow's 75 visibly softens). WebP: lossless, so pixels the network did not change stay
 # bit-identical in the file too (a lossless WebP input must not come back re-compressed); JPEG has no such mode.
-_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}
+# exact: libwebp otherwise rewrites the colour of fully transparent pixels, even in lossless mode.
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True, "exact": True}}
 
 
 def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
@@ -156,6 +157,12 @@ def _writer(obj: Image.Image | np.ndarray, fmt: FileFormat, path: object) -> Cal
         depth = "float" if img.mode == "F" else "16-bit"
         raise ImageError(f"{path}: {fmt.pil} cannot store this {depth} image (mode {img.mode}) without "
                          f"losing precision; save as {keeps}, or convert it to 8-bit yourself")
+    if img.mode == "I" and fmt.pil == "PNG":   # Pillow writes no 32-bit PNG; 0..65535 (as read here) fits 16 bits
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageError(f"{path}: PNG cannot store this 32-bit image (values {values.min()}..{values.max()}, "
+                             "outside 0..65535); save as .tif")
+        img = Image.fromarray(values.astype(np.uint16))
     if not fmt.alpha and ("A" in img.mode or "transparency" in img.info):
         raise ImageError(f"{path}: {fmt.pil} cannot store the alpha channel of this {img.mode} image; "
                          "save as .png (or drop alpha yourself)")

@@ -39,6 +39,7 @@ from .model.mask import working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
 from .reparam import reparameterize_model
+from .cliutil import path_arg, say
 from .messages import one_line
 
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = RUN_DEFAULTS
     p = _Parser(prog="m2ae-train", description="Train M2AENet on synthetic local motion blur "
                 "(scikit-image photos; the held-out photos are never used for training).")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, log, deploy weights")
+    p.add_argument("--out", required=True, metavar="DIR", type=path_arg, help="run folder: checkpoints, log, deploy weights")
     p.add_argument("--resume", action="store_true", help="continue exactly from DIR/last.pth + last_state.pt")
     p.add_argument("--config", help="architecture: tiny | default | large, optionally with field overrides, e.g. "
                                     f"'default,mask_channels=32,mask_layers=4' (default {d['config']})")
@@ -340,6 +341,7 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
     except ValueError as exc:
         raise UsageError(f"--exclude-photos: {exc}") from None
     _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
+    _check(0 <= s["seed"] < 2**32, f"--seed must lie in 0..{2**32 - 1} (torch and numpy seeds), got {s['seed']}")
     for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
               "weight_decay"):
         low = 1 if k in ("steps", "batch", "pool") else None if k in ("lr", "clip", "pos_weight") else 0
@@ -451,7 +453,7 @@ def train(args: argparse.Namespace) -> dict:
             stopped = "stop-after"
     except KeyboardInterrupt:
         _save_state(out, model, opt, sched, settings, step, meta("interrupted"))
-        print(f"m2ae-train: interrupted at step {step}, saved; continue with --resume", file=sys.stderr)
+        say(f"m2ae-train: interrupted at step {step}, saved; continue with --resume", sys.stderr)
         raise
     finally:
         bar.close()
@@ -470,27 +472,27 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (UsageError, ImportError) as exc:  # bad options, or scikit-image missing
-        print(f"m2ae-train: error: {one_line(exc)}", file=sys.stderr)
+        say(f"m2ae-train: error: {one_line(exc)}", sys.stderr)
         return 2
     except CheckpointError as exc:  # --init (or a resumed last.pth) cannot be used; the message names the file
-        print(f"m2ae-train: error: {one_line(exc)}", file=sys.stderr)
+        say(f"m2ae-train: error: {one_line(exc)}", sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        print(f"m2ae-train: error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        say(f"m2ae-train: error: {type(exc).__name__}: {one_line(exc)}", sys.stderr)
         return 1
     val, f4 = final["validation"], lambda v, d=4: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-    print(f"m2ae-train: step {final['step']}/{final['steps']} ({final['stopped']}), "
+    say(f"m2ae-train: step {final['step']}/{final['steps']} ({final['stopped']}), "
           f"{final['wall_time_s'] / 60:.1f} min; mean of the last 100 steps: "
           + ", ".join(f"{k} {f4(v)}" for k, v in final["losses"].items()))
     if val:
         where = ("dev photos " + ",".join(val["photos"]) if isinstance(val["photos"], list)
                  else "new samples on the training photos")
-        print(f"m2ae-train: validation, {where} ({val['samples']} x {val['crop']} px): PSNR in mask blurry "
+        say(f"m2ae-train: validation, {where} ({val['samples']} x {val['crop']} px): PSNR in mask blurry "
               f"{f4(val['psnr_blurry_in_mask'], 2)} dB -> restored {f4(val['psnr_restored_in_mask'], 2)} dB, "
               f"mask IoU {val['mask_iou']:.3f}")
-    print(f"m2ae-train: wrote {Path(args.out) / 'last.pth'} and {Path(args.out) / 'final_deploy.safetensors'}")
+    say(f"m2ae-train: wrote {Path(args.out) / 'last.pth'} and {Path(args.out) / 'final_deploy.safetensors'}")
     return 0
 
 

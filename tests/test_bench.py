@@ -174,7 +174,7 @@ def test_cli_tiny_run_and_refusal_to_overwrite(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [["--resolutions", "huge"], ["--densities", "0.5,2"], ["--masks", "stripes"],
                                  ["--backends", "cuda"], ["--baselines", "unet"], ["--repeats", "0"],
-                                 ["--densities", "a,b"], ["--threads", "0"]])
+                                 ["--densities", "a,b"], ["--threads", "0"], ["--device", "mps"], ["--out", ""]])
 def test_cli_rejects_bad_options_in_one_line(bad, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*bad, "--out", str(tmp_path / "x")])

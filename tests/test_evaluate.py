@@ -223,7 +223,8 @@ def test_existing_results_need_force_and_bad_out_is_refused_before_work(tiny_ckp
 
 
 @pytest.mark.parametrize("flag,value", [("--crop", "100000"), ("--crop", "8"), ("--samples", "0"), ("--seed", "-5"),
-                                        ("--rl-iterations", "0")])
+                                        ("--rl-iterations", "0"), ("--threshold", "2"), ("--dilation", "-1"),
+                                        ("--out", ""), ("--device", "mps")])
 def test_out_of_range_options_name_the_flag(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         ev.main([flag, value, "--out", str(tmp_path / "o")])

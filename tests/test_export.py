@@ -256,6 +256,7 @@ def test_cli_trt_without_tensorrt_writes_onnx_and_fails(checkpoint, tmp_path, ca
     (["{ckpt}", "-o", "m.onnx", "--trt", "--opt-shape", "16x16"], "min <= opt"),
     (["{ckpt}", "-o", "m.onnx", "--threshold", "1.5"], "--threshold"),
     (["{ckpt}", "-o", "m.onnx", "--mask-input", "--threshold", "0.3"], "drop them"),
+    (["{ckpt}", "-o", ""], "empty path"),
     (["{ckpt}", "-o", "m.onnx", "--mask-input", "--dilation", "1"], "drop them"),
 ])
 def test_cli_usage_errors_exit_2_in_one_line(checkpoint, tmp_path, capsys, argv, message, monkeypatch):

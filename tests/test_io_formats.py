@@ -111,3 +111,30 @@ def test_png_single_transparent_colour_becomes_alpha(tmp_path: Path, mode: str, 
     save_image(back, tmp_path / "out.png")
     with Image.open(tmp_path / "out.png") as saved:
         np.testing.assert_array_equal(np.array(saved.convert(mode + "A")), expected)
+
+
+def test_webp_keeps_the_colour_of_transparent_pixels(tmp_path: Path) -> None:
+    """libwebp rewrites invisible pixels' RGB unless told to keep them exact; outside the mask they must not move."""
+    rgba = RNG.integers(0, 256, (9, 11, 4), dtype=np.uint8)
+    rgba[::2, ::3, 3] = 0
+    save_image(rgba, tmp_path / "t.webp")
+    with Image.open(tmp_path / "t.webp") as back:
+        assert np.array_equal(np.asarray(back.convert("RGBA")), rgba)
+
+
+def test_32bit_int_gray_to_png_is_written_as_16_bit_or_refused(tmp_path: Path) -> None:
+    values = RNG.integers(0, 65536, (6, 7)).astype(np.int32)
+    save_image(Image.fromarray(values, mode="I"), tmp_path / "i.png")
+    with Image.open(tmp_path / "i.png") as back:
+        assert np.array_equal(np.asarray(back).astype(np.int64), values)
+    values[0, 0] = 70000
+    with pytest.raises(ImageError, match=r"outside 0\.\.65535.*\.tif"):
+        save_image(Image.fromarray(values, mode="I"), tmp_path / "big.png")
+    assert not (tmp_path / "big.png").exists()
+
+
+@pytest.mark.parametrize("name", ["m" * 251 + ".png", "é" * 125 + "m.png"])   # 255 bytes each
+def test_longest_file_names_can_be_written(tmp_path: Path, name: str) -> None:
+    assert len(name.encode()) == 255
+    save_image(RNG.integers(0, 256, (3, 4, 3), dtype=np.uint8), tmp_path / name)
+    assert os.listdir(tmp_path) == [name]

@@ -171,7 +171,8 @@ def test_cli_time_limit_stops_cleanly(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["--steps", "0"], ["--crop", "33"], ["--lr", "-1"], ["--config", "huge"], ["--bogus"], ["--batch", "x"],
     ["--time-limit", "0"], ["--w-mask", "nan"], ["--resume"], ["--defocus", "1.5"], ["--gate", "mask"],
-    ["--train", "body"], ["--train", "mask"], ["--config", "default,mask_channels=0"],
+    ["--train", "body"], ["--train", "mask"], ["--config", "default,mask_channels=0"], ["--seed", "-1"],
+    ["--seed", str(2**32)], ["--out", ""],
 ])
 def test_cli_bad_options_one_line_exit_2(tmp_path, capsys, argv):
     assert main(["--out", str(tmp_path / "run"), *argv]) == 2
