@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             if path is not None and path.exists() and not args.force:
                 raise ValueError(f"{path} exists; pass --force to overwrite it")
             if path is not None and not path.parent.is_dir():
+                blocker = next((p for p in path.parents if p.exists()), None)
+                if blocker is not None and not blocker.is_dir():
+                    raise ValueError(f"{path}: {blocker} is a file, not a folder; choose another -o")
                 raise ValueError(f"{path}: folder {path.parent} does not exist; create it first")
             if path is not None:
                 try:   # before the export and its checks, not after them

@@ -244,6 +244,9 @@ def _sniff(path: Path) -> str:
         kind = "safetensors"
     elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive / legacy pickle
         kind = "torch"
+    elif len(head) == 9 and head[8:9] == b"{" and suffix in SAFETENSORS_SUFFIXES:   # the header runs past the end
+        raise CheckpointError(path, f"truncated (its safetensors header says {struct.unpack('<Q', head[:8])[0]} "
+                              f"bytes, the file has {size - 8} after the length)", "download or copy the file again")
     else:
         raise CheckpointError(path, "unrecognized content (neither a torch checkpoint nor safetensors)",
                               "check that this is the right file and that it was copied completely")

@@ -55,6 +55,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             with Image.open(p) as opened:
                 opened.load()
                 frames = getattr(opened, "n_frames", 1)
+                depth = _deep_colour_read_as_8_bit(p, opened)
                 img = ImageOps.exif_transpose(opened)  # a decoded copy: the file can close
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{p}: refused, too many pixels ({one_line(e)}); if you trust the file, "
@@ -73,7 +74,31 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{p}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
     _warn_frames(p, frames)
+    if depth:
+        warnings.warn(f"{p}: {depth}-bit colour is decoded at 8 bits per channel (a Pillow limit), so the output "
+                      "is 8-bit", ImageWarning, stacklevel=2)
     return img
+
+
+def _deep_colour_read_as_8_bit(path: str, opened: Image.Image) -> int:
+    """The file's bits per sample when Pillow decoded a colour (or gray+alpha) image of more than 8 bits into an
+    8-bit mode (16-bit RGB/RGBA/LA PNGs and TIFFs), else 0. 16-bit gray keeps its depth and gives 0."""
+    if opened.mode not in ("RGB", "RGBA", "LA", "P", "PA"):
+        return 0
+    if opened.format == "PNG":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(26)
+        except OSError:
+            return 0
+        if head[12:16] == b"IHDR" and head[24] > 8:   # IHDR: width, height, bit depth, colour type
+            return head[24]
+        return 0
+    if opened.format == "TIFF":
+        bits = getattr(opened, "tag_v2", {}).get(258, ())   # BitsPerSample
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return max(bits) if bits and max(bits) > 8 else 0
+    return 0
 
 
 def _warn_frames(source: str, frames: int) -> None:

@@ -304,6 +304,7 @@ def _write_bad(tmp_path: pathlib.Path, kind: str) -> pathlib.Path:
     name, payload = {
         "truncated_pth": ("cut.pth", pth[: len(pth) // 2]),
         "truncated_st": ("cut.safetensors", st[: len(st) // 2]),
+        "truncated_st_header": ("cut_header.safetensors", st[:40]),   # cut inside the JSON header
         "random_pth": ("random.pth", noise),
         "random_pickle_pth": ("random2.pth", b"\x80\x02" + noise),  # looks like a pickle, is not one
         "random_st": ("random.safetensors", noise),
@@ -325,6 +326,13 @@ def test_damaged_files(tmp_path, kind):
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, config=TINY)
     assert_one_line_error(exc, path)
+
+
+def test_safetensors_cut_inside_its_header_is_called_truncated(tmp_path):
+    path = _write_bad(tmp_path, "truncated_st_header")
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "truncated", "download or copy the file again")
 
 
 # ------------------------------------------------------------------------------- strict checking

@@ -257,6 +257,7 @@ def test_cli_trt_without_tensorrt_writes_onnx_and_fails(checkpoint, tmp_path, ca
     (["{ckpt}", "-o", "m.onnx", "--threshold", "1.5"], "--threshold"),
     (["{ckpt}", "-o", "m.onnx", "--mask-input", "--threshold", "0.3"], "drop them"),
     (["{ckpt}", "-o", ""], "empty path"),
+    (["{ckpt}", "-o", "bad.pth/m.onnx"], "is a file, not a folder"),
     (["{ckpt}", "-o", "m.onnx", "--mask-input", "--dilation", "1"], "drop them"),
 ])
 def test_cli_usage_errors_exit_2_in_one_line(checkpoint, tmp_path, capsys, argv, message, monkeypatch):

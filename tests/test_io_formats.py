@@ -6,6 +6,7 @@ computed by m2ae_infer.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,19 @@ def test_longest_file_names_can_be_written(tmp_path: Path, name: str) -> None:
     assert len(name.encode()) == 255
     save_image(RNG.integers(0, 256, (3, 4, 3), dtype=np.uint8), tmp_path / name)
     assert os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_16_bit_colour_read_at_8_bits_says_so(tmp_path: Path, channels: int) -> None:
+    """Pillow decodes 16-bit colour PNGs at 8 bits: the loss is a documented limit, never silent."""
+    from m2ae_infer.imgio import ImageWarning, load_image
+    path = tmp_path / "deep.png"
+    save_image(RNG.integers(0, 65536, (5, 6, channels), dtype=np.uint16), path)   # a true 16-bit PNG
+    with Image.open(path) as raw:
+        assert raw.mode in ("RGB", "RGBA", "LA")            # what Pillow itself makes of it
+    with pytest.warns(ImageWarning, match="16-bit colour is decoded at 8 bits"):
+        load_image(path)
+    save_image(RNG.integers(0, 65536, (5, 6), dtype=np.uint16), tmp_path / "gray.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # 16-bit gray keeps its depth: no warning
+        assert load_image(tmp_path / "gray.png").mode.startswith("I")
