@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ..api import Deblurrer
+from ..cliutil import progress_stream
 from ..model import M2AENet
 from .baselines import DEFAULT_BASELINES, build_baseline, parameter_count
 from .latency import peak_memory, time_interleaved
@@ -223,7 +224,7 @@ def run_grid(net: M2AENet, settings: BenchSettings, machine: dict, threads: int 
     if not backends:
         raise ValueError(f"no backend can run here: {skipped}")
     result = BenchResult(replace(settings, backends=tuple(b.name for b in backends)), machine, skipped=skipped)
-    with tqdm(total=None, disable=not progress, unit="cell", desc="m2ae-bench") as bar:
+    with tqdm(total=None, disable=not progress, unit="cell", desc="m2ae-bench", file=progress_stream()) as bar:
         for resolution in settings.resolutions:
             height, width = parse_resolution(resolution)
             cases = cases_for(height, width, settings, settings.device)

@@ -17,7 +17,7 @@ from .atomic import prepare_folder
 from .checkpoint import CheckpointError
 from .imgio import ImageError, ImageWarning
 from .imgsave import FORMATS, mask_to_image, save_images, writable_suffixes
-from .cliutil import OneLineArgumentParser, check_device, device_arg, say
+from .cliutil import OneLineArgumentParser, check_device, device_arg, progress_stream, say
 from .messages import one_line
 
 PROG = "m2ae-deblur"
@@ -300,7 +300,7 @@ def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> Non
 
 def _progress(total: int):
     from tqdm import tqdm
-    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit="img", file=progress_stream(), dynamic_ncols=True)
 
 
 if __name__ == "__main__":

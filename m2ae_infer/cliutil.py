@@ -63,3 +63,37 @@ def say(text: str, file=None) -> None:
         os.close(devnull)
     except ValueError:   # the stream object itself was closed
         pass
+
+
+class PipeSafeStream:
+    """A text stream for progress bars that stops writing, instead of raising, once the reader went away
+    (``2>&1 | head``): a progress bar is a report, and a closed pipe must not stop the work it reports on."""
+
+    def __init__(self, stream):
+        self.stream, self.closed_pipe = stream, stream is None
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                return self.stream.write(text)
+            except (BrokenPipeError, ValueError):   # ValueError: the stream object itself was closed
+                self.closed_pipe = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.closed_pipe = True
+
+    def isatty(self) -> bool:
+        return not self.closed_pipe and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def progress_stream():
+    """Where progress bars write: stderr, wrapped in :class:`PipeSafeStream`."""
+    return PipeSafeStream(sys.stderr)

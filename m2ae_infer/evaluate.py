@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write, prepare_folder
-from .cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, say
+from .cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, progress_stream, say
 from .messages import one_line
 
 PSNR_CAP = 100.0
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         r.run(samples[0].blurry)
     per_sample, grid = [], []
     from tqdm import tqdm
-    for i, s in enumerate(tqdm(samples, unit="img", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)):
+    for i, s in enumerate(tqdm(samples, unit="img", file=progress_stream(), disable=args.quiet, dynamic_ncols=True)):
         outs, infos = {"blurry": s.blurry}, {}
         for e, r in runners.items():
             outs[f"ours_{e}"], infos[e] = r.run(s.blurry, return_info=True)

@@ -39,7 +39,7 @@ from .model.mask import working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
 from .reparam import reparameterize_model
-from .cliutil import path_arg, say
+from .cliutil import path_arg, progress_stream, say
 from .messages import one_line
 
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
@@ -417,7 +417,8 @@ def train(args: argparse.Namespace) -> dict:
                 "settings": settings, "data": data, "threads": args.threads, "torch": str(torch.__version__)}
 
     from tqdm import tqdm
-    bar = tqdm(total=settings["steps"], initial=step, disable=args.quiet, desc="m2ae-train", unit="step")
+    bar = tqdm(total=settings["steps"], initial=step, disable=args.quiet, desc="m2ae-train", unit="step",
+               file=progress_stream())
     stopped, step_time = "steps", None
     try:
         with log_path.open("a", newline="") as logf:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,3 +51,19 @@ def test_device_arg_refuses(text):
 def test_empty_output_paths_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="empty path"):
         path_arg(text)
+
+
+def test_progress_stream_stops_writing_once_the_pipe_is_closed():
+    from m2ae_infer.cliutil import PipeSafeStream
+    read, write = os.pipe()
+    os.close(read)
+    raw = os.fdopen(write, "w")
+    stream = PipeSafeStream(raw)
+    assert stream.write("x" * 100) == 100   # buffered; the pipe error comes at flush
+    stream.flush()
+    assert stream.closed_pipe and stream.write("more") == 4
+    raw.write = lambda text: pytest.fail("wrote after the pipe closed")
+    stream.write("again")
+    stream.flush()
+    with contextlib.suppress(BrokenPipeError):   # the raw stream still holds the unsent bytes
+        raw.close()
