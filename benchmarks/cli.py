@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"small grid ({','.join(QUICK.resolutions)}, densities "
                         f"{','.join(map(str, QUICK.densities))}, masks {','.join(QUICK.masks)}): under 2 minutes "
                         "on 2 CPU cores; options given explicitly still apply")
-    p.add_argument("--out", type=lambda text: Path(path_arg(text)), default=Path("m2ae_bench"), help="output folder (default: ./m2ae_bench)")
+    p.add_argument("--out", type=lambda text: Path(path_arg(text)), default=Path("m2ae_bench"),
+                   help="output folder (default: ./m2ae_bench)")
     p.add_argument("--force", action="store_true", help="replace result files already in --out")
     g = p.add_argument_group("grid")
     g.add_argument("--resolutions", type=_list, help=f"names ({', '.join(RESOLUTIONS)}) or HxW, comma-separated")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = report.existing_outputs(args.out)
     if existing and not args.force:
         say(f"m2ae-bench: error: {existing[0]} already exists; pass --force to replace it or choose another --out",
-              sys.stderr)
+            sys.stderr)
         return 2
     if args.out.exists() and not args.out.is_dir():
         say(f"m2ae-bench: error: --out {args.out} is a file, not a folder", sys.stderr)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_folder(args.out)
     except OSError as exc:
         say(f"m2ae-bench: error: cannot write to --out {args.out} ({one_line(exc.strerror or exc)}); choose a "
-              "writable folder", sys.stderr)
+            "writable folder", sys.stderr)
         return 2
 
     def drop_empty_out() -> None:   # a failed run leaves no empty folder of ours behind

@@ -141,7 +141,7 @@ def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force
     from .onnx import ExportError, example_inputs, export_onnx, op_counts, save_onnx, verify_onnx
 
     say(f"exporting the {spec.kind} graph ({spec.precision}, opset {spec.opset}, "
-          f"{'mask input' if spec.mask_input else f'predicted mask, threshold {spec.threshold}'}) ...")
+        f"{'mask input' if spec.mask_input else f'predicted mask, threshold {spec.threshold}'}) ...")
     try:
         model = export_onnx(net, spec)
     except ExportError as exc:
@@ -152,7 +152,7 @@ def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force
         results = verify_onnx(model, net, example_inputs(), spec)
     except Exception as exc:   # an ONNX Runtime failure is a failed verification, reported in one line
         say(f"{PROG}: error: ONNX Runtime could not run the graph: {one_line(exc, 400)}",
-              sys.stderr)
+            sys.stderr)
         return 1
     code = _write_if_verified(results, "onnxruntime", onnx_path, lambda: save_onnx(model, onnx_path, force))
     if code or engine_path is None:
@@ -183,11 +183,11 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
     say("equivalent trtexec command:\n  " + trtexec_command(str(onnx_path), str(engine_path), profile, spec))
     if spec.kind == "sparse":
         say("note: the sparse graph has data-dependent shapes (NonZero) in TensorRT: a host sync per NonZero "
-              "and no CUDA-graph capture; the dense graph is the default for TensorRT")
+            "and no CUDA-graph capture; the dense graph is the default for TensorRT")
     reason = unavailable_reason()
     if reason:
         say(f"{PROG}: error: no engine built: {reason}; run the trtexec command above on a GPU machine",
-              sys.stderr)
+            sys.stderr)
         return 1
     import torch
 
@@ -209,7 +209,7 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
         results = verify_runner(run, net, images, spec)
     except Exception as exc:   # a runtime failure of the engine is a failed verification, one line
         say(f"{PROG}: error: the TensorRT engine failed to run: {one_line(exc, 400)}",
-              sys.stderr)
+            sys.stderr)
         return 1
     return _write_if_verified(results, "tensorrt", engine_path, lambda: write_atomic(engine_path, engine, force))
 

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.close()
         say(f"{PROG}: interrupted; {written} written, {len(failed)} failed, "
-              f"{len(outputs) - written - len(failed) + len(problems)} not run", sys.stderr)
+            f"{len(outputs) - written - len(failed) + len(problems)} not run", sys.stderr)
         return 130
     if bar is not None:
         bar.close()

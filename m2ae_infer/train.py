@@ -485,14 +485,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     val, f4 = final["validation"], lambda v, d=4: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     say(f"m2ae-train: step {final['step']}/{final['steps']} ({final['stopped']}), "
-          f"{final['wall_time_s'] / 60:.1f} min; mean of the last 100 steps: "
-          + ", ".join(f"{k} {f4(v)}" for k, v in final["losses"].items()))
+        f"{final['wall_time_s'] / 60:.1f} min; mean of the last 100 steps: "
+        + ", ".join(f"{k} {f4(v)}" for k, v in final["losses"].items()))
     if val:
         where = ("dev photos " + ",".join(val["photos"]) if isinstance(val["photos"], list)
                  else "new samples on the training photos")
         say(f"m2ae-train: validation, {where} ({val['samples']} x {val['crop']} px): PSNR in mask blurry "
-              f"{f4(val['psnr_blurry_in_mask'], 2)} dB -> restored {f4(val['psnr_restored_in_mask'], 2)} dB, "
-              f"mask IoU {val['mask_iou']:.3f}")
+            f"{f4(val['psnr_blurry_in_mask'], 2)} dB -> restored {f4(val['psnr_restored_in_mask'], 2)} dB, "
+            f"mask IoU {val['mask_iou']:.3f}")
     say(f"m2ae-train: wrote {Path(args.out) / 'last.pth'} and {Path(args.out) / 'final_deploy.safetensors'}")
     return 0
 
