@@ -80,7 +80,7 @@ class ExportGraph(nn.Module):
             full = pad_to_even_gather(mask.to(torch.float32))
             m = F.max_pool2d(full, SHUFFLE) > 0
         else:
-            m = binarize(self.net.mask_head(features), self.threshold, self.dilation)
+            m = binarize(self.net.mask_logits(padded.to(self.dtype), features), self.threshold, self.dilation)
         restored = self.body(padded, features, m)
         return restored[:, :, :height, :width], m
 
@@ -169,8 +169,9 @@ class MaskGraph(ExportGraph):
         super().__init__(net, **kwargs)
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.net.stem_features(pad_to_even_gather(image).to(self.dtype))
-        return binarize(self.net.mask_head(features), self.threshold, self.dilation)
+        padded = pad_to_even_gather(image).to(self.dtype)
+        features = self.net.stem_features(padded)
+        return binarize(self.net.mask_logits(padded, features), self.threshold, self.dilation)
 
 
 GRAPHS = {"dense": DenseGraph, "sparse": SparseGraph, "mask": MaskGraph}

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 ACTIVATIONS = ("relu", "gelu", "silu")
+# Blur-mask predictors: "stem" (v1, BlurMaskHead on the stem features, quarter resolution) or "multiscale"
+# (v2, MultiScaleBlurDetector: its own directional features from the image, 1/8 resolution, wide context).
+DETECTORS = ("stem", "multiscale")
 # Upper bounds, far above every variant (``large``: 48 channels, 10 blocks) and low enough that a typo or a
 # damaged checkpoint cannot ask for terabytes (channels=10**6) or a billion modules (num_blocks=10**9).
 # mask_layers: the i-th mask conv is dilated 2**i, so the 8th is dilated 128 (quarter-resolution pixels).
@@ -31,6 +34,7 @@ class M2AEConfig:
     motion_channels: int = 16   # width of the intra-frame motion analyzer
     motion_points: int = 15     # K points sampled along each pixel's predicted trajectory (reblur)
     act: str = "gelu"           # activation after each spatial conv: relu | gelu | silu
+    detector: str = "stem"      # blur-mask predictor: stem (v1) | multiscale (v2); v1 checkpoints lack the key
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -41,6 +45,8 @@ class M2AEConfig:
                 raise ValueError(f"M2AEConfig.{f.name} must be at most {LIMITS[f.name]}, got {value}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"M2AEConfig.act must be one of {ACTIVATIONS}, got {self.act!r}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"M2AEConfig.detector must be one of {DETECTORS}, got {self.detector!r}")
         if self.motion_points < 2:
             raise ValueError(f"M2AEConfig.motion_points must be >= 2, got {self.motion_points}")
 
@@ -88,4 +94,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(channels=8, num_blocks=2, mask_channels=8, mask_layers=2, motion_channels=8, motion_points=5),
     "default": {},
     "large": dict(channels=48, num_blocks=10, mask_channels=24, motion_channels=24),
+    "tiny_v2": dict(channels=8, num_blocks=2, mask_channels=8, mask_layers=2, motion_channels=8, motion_points=5,
+                    detector="multiscale"),
+    # v2: the default body with the multi-scale blur detector (48 channels at 1/8, dilations 1..16).
+    "v2": dict(mask_channels=48, mask_layers=5, detector="multiscale"),
 }

@@ -50,7 +50,7 @@ def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, th
     padded = pad_to_even(image).contiguous(memory_format=torch.channels_last)
     features = net.stem_features(padded)
     if mask is None:
-        return padded, features, net.predict_mask(features, threshold, dilation)
+        return padded, features, net.predict_mask(padded, features, threshold, dilation)
     return padded, features, working_mask(mask.to(image.device))
 
 
@@ -143,7 +143,7 @@ class TorchExecutor:
             padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
             features = net.stem_features(padded)
             if predict_mask:
-                net.mask_head(features)
+                net.mask_logits(padded, features)
             if execution == "dense":
                 m = torch.empty((batch, 1, *features.shape[-2:]), dtype=torch.bool, device="meta")
                 net.masked_body(padded, features, m)

@@ -7,13 +7,14 @@ Why a tiled run equals the untiled one (within float rounding):
   its *core* grown by ``overlap`` input pixels of real image on every side (clipped at the image border,
   where the tile then sees exactly the untiled border handling: zero padding, and ``pad_to_even``'s
   replicated last row/column); only the core is kept.
-* Grids must line up: the body works on 2x2 input blocks and the mask head on 4x4 blocks (a stride-2 conv
-  on the half-resolution features). Tile cores and overlaps are multiples of :data:`ALIGN` = 4 input pixels,
+* Grids must line up: the body works on 2x2 input blocks and the mask head on ``jump x jump`` blocks (v1: 4,
+  a stride-2 conv on the half-resolution features; v2: 8, the multi-scale detector's 1/8 trunk). Tile cores
+  and overlaps are multiples of :attr:`ReceptiveField.align` (the head's jump, at least :data:`ALIGN` = 4),
   so a tile's blocks are the untiled run's blocks.
 * The mask head ends with a bilinear upsample whose source/target ratio ``ceil(h/2)/h`` depends on the whole
   image's size when ``h`` is odd: it is *not* local. So a predicted mask is made in two passes: (1) per tile,
-  the stem and the mask head's convolutions give the quarter-resolution logits of the tile's core, pasted
-  into one map for the whole image (``ceil(H/4) x ceil(W/4)`` floats), which is then upsampled, thresholded
+  the stem and the mask head's convolutions give the coarse logits of the tile's core, pasted
+  into one map for the whole image (``ceil(H/jump) x ceil(W/jump)`` floats), which is then upsampled, thresholded
   and dilated once, exactly as untiled; (2) per tile, the executor runs the body on the tile plus overlap
   with that whole-image mask cropped to it (a user mask is cropped the same way).
 
@@ -46,6 +47,10 @@ AUTO_TILE_PIXELS = 2_500_000  # tile="auto" tiles images (batch x H x W) above t
 
 
 # ------------------------------------------------------------------------------------ receptive field
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 @dataclass
 class _Reach:
     """Input pixels a chain of layers sees around one cell of its output grid.
@@ -61,10 +66,15 @@ class _Reach:
     def unshuffle(self, factor: int) -> None:
         self.jump *= factor
 
-    def conv(self, conv: nn.Conv2d) -> None:
+    def conv(self, conv: nn.Module) -> None:
         # Output cell q reads input cells s*q - p ... s*q - p + (k-1)*d and covers input cells s*q ... s*q + s-1.
-        params = (conv.kernel_size, conv.stride, conv.dilation, conv.padding)
-        if isinstance(conv.padding, str) or any(v[0] != v[1] for v in params):
+        # An average pool is a conv with dilation 1 (its right edge is replicate-padded, never read past).
+        if isinstance(conv, nn.AvgPool2d):
+            k, s = _pair(conv.kernel_size), _pair(conv.stride or conv.kernel_size)
+            params = (k, s, (1, 1), _pair(conv.padding))
+        else:
+            params = (conv.kernel_size, conv.stride, conv.dilation, conv.padding)
+        if isinstance(params[3], str) or any(v[0] != v[1] for v in params):
             raise ValueError(f"receptive_field: only square convs with int padding are handled, got {conv}")
         k, s, d, p = (v[0] for v in params)
         self.before += p * self.jump
@@ -97,11 +107,12 @@ class ReceptiveField:
     mask: int
     body_reach: int
     mask_reach: int
+    align: int = ALIGN      # input pixels per coarse mask-logit cell: tile grids align to it (4 v1, 8 v2)
 
     @property
     def min_overlap(self) -> int:
-        """The smallest ``tile_overlap`` that gives the untiled result: both margins, rounded up to ALIGN."""
-        return _round_up(max(self.body, self.mask), ALIGN)
+        """The smallest ``tile_overlap`` that gives the untiled result: both margins, rounded up to ``align``."""
+        return _round_up(max(self.body, self.mask), self.align)
 
 
 def receptive_field(net: M2AENet) -> ReceptiveField:
@@ -121,15 +132,17 @@ def receptive_field(net: M2AENet) -> ReceptiveField:
             if isinstance(module, nn.Conv2d):
                 body.conv(module)
     body.conv(net.tail)
+    head = net.mask_head
     mask = _Reach()
-    mask.unshuffle(SHUFFLE)
-    mask.conv(net.stem)
-    for conv in net.mask_head.convs:
-        mask.conv(conv)
-    mask.conv(net.mask_head.logit)
-    if mask.jump != ALIGN:
-        raise ValueError(f"mask head works on {mask.jump}x{mask.jump} input blocks; tiling assumes {ALIGN}")
-    return ReceptiveField(body.margin, mask.margin, body.reach, mask.reach)
+    if not head.reads_image:            # v1: the head reads the stem features
+        mask.unshuffle(SHUFFLE)
+        mask.conv(net.stem)
+    for layer in head.spatial_layers():
+        mask.conv(layer)
+    if mask.jump != head.jump or head.jump % ALIGN:
+        raise ValueError(f"mask head works on {mask.jump}x{mask.jump} input blocks; it declares {head.jump} "
+                         f"and tiling needs a multiple of {ALIGN}")
+    return ReceptiveField(body.margin, mask.margin, body.reach, mask.reach, head.jump)
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -149,21 +162,22 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _spans(length: int, tile: int) -> list[tuple[int, int]]:
-    """``[0, length)`` cut into near-equal spans of at most ``tile`` (rounded up to ALIGN) starting on ALIGN."""
+def _spans(length: int, tile: int, align: int) -> list[tuple[int, int]]:
+    """``[0, length)`` cut into near-equal spans of at most ``tile`` (rounded up to align) starting on align."""
     count = math.ceil(length / tile)
-    size = _round_up(math.ceil(length / count), ALIGN)
+    size = _round_up(math.ceil(length / count), align)
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
-    """Tiles covering an ``height x width`` image, cores of at most ``tile`` pixels (a multiple of ALIGN)."""
-    if tile % ALIGN or overlap % ALIGN:
-        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {ALIGN}")
+def plan_tiles(height: int, width: int, tile: int, overlap: int, align: int = ALIGN) -> list[Tile]:
+    """Tiles covering an ``height x width`` image, cores of at most ``tile`` pixels (a multiple of ``align``,
+    the network's :attr:`ReceptiveField.align`)."""
+    if tile % align or overlap % align:
+        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {align}")
     return [Tile(top, bottom, left, right,
                  (max(top - overlap, 0), min(bottom + overlap, height), max(left - overlap, 0),
                   min(right + overlap, width)))
-            for top, bottom in _spans(height, tile) for left, right in _spans(width, tile)]
+            for top, bottom in _spans(height, tile, align) for left, right in _spans(width, tile, align)]
 
 
 @dataclass(frozen=True)
@@ -179,6 +193,7 @@ class Tiling:
     tile: int | None
     overlap: int
     above: int
+    align: int = ALIGN
 
     @classmethod
     def resolve(cls, tile: Any, overlap: Any, field: ReceptiveField) -> "Tiling":
@@ -192,15 +207,16 @@ class Tiling:
             raise ValueError(f"tile_overlap={overlap} is smaller than this network's receptive field: tiles "
                              f"need at least {minimum} pixels of overlap to match the untiled result; "
                              "leave tile_overlap unset for the minimum")
-        overlap = _round_up(overlap, ALIGN)
+        align = field.align
+        overlap = _round_up(overlap, align)
         if tile == "auto":
-            return cls(DEFAULT_TILE, overlap, AUTO_TILE_PIXELS)
+            return cls(DEFAULT_TILE, overlap, AUTO_TILE_PIXELS, align)
         if tile is None or tile == 0:
-            return cls(None, overlap, 0)
+            return cls(None, overlap, 0, align)
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
             raise ValueError(f"tile must be 'auto', None/0 (never tile) or a positive int (tile size in "
                              f"pixels), got {tile!r}")
-        return cls(_round_up(tile, ALIGN), overlap, 0)
+        return cls(_round_up(tile, align), overlap, 0, align)
 
     def tiles(self, batch: int, height: int, width: int) -> list[Tile] | None:
         """The tiles for an image of this size, or None to run it whole."""
@@ -208,7 +224,7 @@ class Tiling:
             return None
         if height <= self.tile and width <= self.tile:
             return None  # one tile is the whole image
-        return plan_tiles(height, width, self.tile, self.overlap)
+        return plan_tiles(height, width, self.tile, self.overlap, self.align)
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -250,7 +266,7 @@ class _MaskPassFlops:
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
-                self.net.mask_head.quarter_logits(self.net.stem_features(padded))
+                self.net.mask_head.coarse_logits(padded, self.net.stem_features(padded))
             self.cache[key] = int(counter.get_total_flops())
         return self.cache[key]
 
@@ -262,8 +278,8 @@ def _working_mask(full: torch.Tensor) -> torch.Tensor:
     return full.reshape(b, 1, h // 2, 2, w // 2, 2).any(dim=5).any(dim=3)
 
 
-def _quarter(x: int) -> int:
-    return -(-x // ALIGN)
+def _cells(x: int, jump: int) -> int:
+    return -(-x // jump)
 
 
 def _half(x: int) -> int:
@@ -287,18 +303,19 @@ def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: t
     mask_flops = 0
     if user_mask is None:
         flop_counter = flop_counter or (_MaskPassFlops(network) if count_flops else None)
-        logits = torch.empty((batch, 1, _quarter(height), _quarter(width)), device=device)
+        jump = network.mask_head.jump
+        logits = torch.empty((batch, 1, _cells(height, jump), _cells(width, jump)), device=device)
         for t in tiles:
             top, bottom, left, right = t.crop
             crop = prepared.region(top, bottom, left, right).to(device)
             padded = pad_to_even(crop).contiguous(memory_format=torch.channels_last)   # as TorchExecutor.run
-            quarter = network.mask_head.quarter_logits(network.stem_features(padded))
-            qt, ql = top // ALIGN, left // ALIGN
-            rows, cols = slice(t.top // ALIGN, _quarter(t.bottom)), slice(t.left // ALIGN, _quarter(t.right))
-            logits[..., rows, cols] = quarter[..., rows.start - qt:rows.stop - qt, cols.start - ql:cols.stop - ql]
+            coarse = network.mask_head.coarse_logits(padded, network.stem_features(padded))
+            qt, ql = top // jump, left // jump
+            rows, cols = slice(t.top // jump, _cells(t.bottom, jump)), slice(t.left // jump, _cells(t.right, jump))
+            logits[..., rows, cols] = coarse[..., rows.start - qt:rows.stop - qt, cols.start - ql:cols.stop - ql]
             if flop_counter is not None:
                 mask_flops += flop_counter(batch, bottom - top, right - left)
-            del crop, padded, quarter
+            del crop, padded, coarse
         mask = binarize(network.mask_head.upsample(logits, (_half(height), _half(width))), threshold, dilation)
         del logits
     else:

@@ -46,7 +46,7 @@ from .messages import one_line
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
                     clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
                     gate="annotated", init=None, defocus=0.0, train="all", fresh_head=False,
-                    exclude_photos="")
+                    exclude_photos="", data="")
 TRAINABLE = ("all", "mask")   # --train: the whole network, or the blur-mask head alone (everything else frozen)
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 RUN_FILES = ("last.pth", "last_state.pt", "train_log.csv", "final_deploy.safetensors")   # what a run writes
@@ -87,8 +87,8 @@ def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, ma
     work = working_mask(mask).to(blurry.dtype)
     if settings.get("train") == "mask":   # the frozen rest need not run: stem features -> mask head only
         with torch.no_grad():
-            features = model.stem_features(blurry)
-        mk = mask_loss(model.mask_head(features), work, settings["pos_weight"])
+            features = None if model.mask_head.reads_image else model.stem_features(blurry)
+        mk = mask_loss(model.mask_logits(blurry, features), work, settings["pos_weight"])
         zero = mk.new_zeros(())
         return {"loss": mk, "rec": zero, "reblur": zero, "mask": mk}
     out = model.forward_train(blurry, work, gate_predicted=settings.get("gate") == "union")
@@ -118,7 +118,8 @@ def build_model(settings: dict) -> M2AENet:
         return start
     with torch.random.fork_rng():   # loading builds a network too: keep the seeded draws for the fresh head
         start = load_checkpoint(settings["init"])   # its own config: the mask head may differ from the run's
-    outside_head = lambda cfg: {k: v for k, v in cfg.to_dict().items() if not k.startswith("mask_")}  # noqa: E731
+    outside_head = lambda cfg: {k: v for k, v in cfg.to_dict().items()  # noqa: E731
+                                if not k.startswith("mask_") and k != "detector"}
     _check(outside_head(config) == outside_head(start.config),
            f"--init {settings['init']} ({start.config}) differs from --config {settings['config']} outside the "
            "mask head, which --train mask keeps frozen")
@@ -151,10 +152,16 @@ def init_for_training(model: M2AENet) -> M2AENet:
 class TrainStream(Dataset):
     """Stream index n -> sample: pool entry ``perm_epoch[n % pool]`` under dihedral transform ``t(n)``."""
 
-    def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0, exclude_photos: str = ""):
-        from .data.synth import SyntheticBlurDataset, photo_names, training_photos
-        photos = training_photos(photo_names(exclude_photos))
-        self.base = SyntheticBlurDataset(photos, size=pool, seed=seed, crop=crop, p_defocus=defocus)
+    def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0, exclude_photos: str = "",
+                 data: str = ""):
+        if data:     # a photo corpus (m2ae-data fetch): the v2 scenes on its training split
+            from .data.scenes import SceneDataset
+            photos, cutouts = corpus_arrays(data, "train")
+            self.base = SceneDataset(photos, cutouts, size=pool, seed=seed, crop=crop)
+        else:
+            from .data.synth import SyntheticBlurDataset, photo_names, training_photos
+            photos = training_photos(photo_names(exclude_photos))
+            self.base = SyntheticBlurDataset(photos, size=pool, seed=seed, crop=crop, p_defocus=defocus)
         self.pool, self.seed, self.cache = pool, seed, {}
 
     def __len__(self) -> int:
@@ -174,6 +181,17 @@ class TrainStream(Dataset):
         return tuple(_dihedral(x.float(), t) for x in self.cache[idx])
 
 
+@functools.lru_cache(maxsize=2)
+def corpus_arrays(root: str, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Photos (float RGB) and cut-outs (float RGBA) of one split of a corpus folder, loaded once."""
+    from .data import corpus
+    photos = [corpus.load_rgb(p) for p in corpus.photos(root, split)]
+    cutouts = [corpus.load_rgba(p) for p in corpus.photos(root, split, kind="cutout")]
+    if not photos:
+        raise UsageError(f"--data {root} holds no {split} photos")
+    return photos, cutouts
+
+
 def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
     x = torch.rot90(x, t % 4, dims=(1, 2))
     return (x.flip(2) if t >= 4 else x).contiguous()
@@ -183,7 +201,7 @@ def make_loader(settings: dict, start: int, stop: int, workers: int = 0) -> Data
     """Batches of steps ``start .. stop - 1`` (step s = stream indices ``s*B .. s*B + B - 1``)."""
     b = settings["batch"]
     stream = TrainStream(settings["crop"], settings["pool"], settings["seed"], settings.get("defocus", 0.0),
-                         settings.get("exclude_photos", ""))
+                         settings.get("exclude_photos", ""), settings.get("data", ""))
     return DataLoader(stream, batch_size=b, sampler=range(start * b, stop * b), num_workers=workers)
 
 
@@ -226,20 +244,27 @@ def _save_state(out: Path, model, opt, sched, settings: dict, step: int, meta: d
 
 # ------------------------------------------------------------------------------------------ validation
 @torch.no_grad()
-def validate(model: M2AENet, n: int = 8, crop: int = 128, photos: Sequence[str] = ()) -> dict:
+def validate(model: M2AENet, n: int = 8, crop: int = 128, photos: Sequence[str] = (), data: str = "") -> dict:
     """End-of-run score on validation samples (``synth.validation_set``), never on the held-out photos: those
     are for ``m2ae-eval`` alone, so a run's printout cannot become a loop that tunes on them. ``photos``: the
     run's dev photos (``--exclude-photos``), scored as unseen photos; empty: new samples on all training photos.
 
     PSNR inside the annotated mask of blurry and of restored (predicted mask, deploy form, eval mode; mean over
-    samples with a mask) and the IoU of the predicted working mask."""
-    from .data.synth import validation_set
+    samples with a mask) and the IoU of the predicted working mask. ``data``: a corpus folder, scored on v2
+    scenes of its *dev* split (photos no run trains on)."""
+    from .data.synth import VALIDATION_SEED, validation_set
     net = reparameterize_model(model)  # a deep copy in eval mode; ``model`` is untouched
     psnr_in, psnr_out, inter, union = [], [], 0, 0
-    for s in validation_set(n, crop=crop, photos=list(photos) or None):
+    if data:
+        from .data.scenes import scene_set
+        dev_photos, dev_cutouts = corpus_arrays(data, "dev")
+        samples = scene_set(dev_photos, n, VALIDATION_SEED, crop, dev_cutouts)
+    else:
+        samples = validation_set(n, crop=crop, photos=list(photos) or None)
+    for s in samples:
         x, y = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in (s.blurry, s.sharp))
         full, features = torch.from_numpy(s.mask)[None, None], net.stem_features(x)
-        pred, target = net.predict_mask(features), working_mask(full)
+        pred, target = net.predict_mask(x, features), working_mask(full)
         restored = net.masked_body(x, features, pred).clamp(0, 1)
         inter, union = inter + int((pred & target).sum()), union + int((pred | target).sum())
         if full.any():
@@ -247,7 +272,7 @@ def validate(model: M2AENet, n: int = 8, crop: int = 128, photos: Sequence[str] 
             psnr_in.append(_psnr(x[sel], y[sel]))
             psnr_out.append(_psnr(restored[sel], y[sel]))
     mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
-    return {"samples": n, "crop": crop, "photos": list(photos) or "training photos",
+    return {"samples": n, "crop": crop, "photos": f"dev split of {data}" if data else list(photos) or "training photos",
             "psnr_blurry_in_mask": mean(psnr_in),
             "psnr_restored_in_mask": mean(psnr_out), "mask_iou": inter / union if union else 1.0}
 
@@ -296,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-photos", metavar="A,B",
                    help="training photos to keep out of this run, as dev photos for m2ae-eval --split validation "
                         "--photos A,B: a score on photos the run never saw (default none)")
+    p.add_argument("--data", metavar="DIR", help="a photo corpus (m2ae-data fetch DIR): train on the v2 scenes "
+                   "(m2ae_infer.data.scenes) of its train split, validate on its dev split (default: the "
+                   "scikit-image photos and the v1 generator)")
     p.add_argument("--init", metavar="CKPT", help="start from these weights (fine-tuning): training form, or with "
                                                    "--train mask any form; the optimizer and schedule start fresh")
     p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
@@ -340,6 +368,8 @@ def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
         training_photos(photo_names(s["exclude_photos"]))
     except ValueError as exc:
         raise UsageError(f"--exclude-photos: {exc}") from None
+    _check(not s["data"] or Path(s["data"], "manifest.json").is_file(),
+           f"--data {s['data']} holds no manifest.json: build the corpus with m2ae-data fetch {s['data']}")
     _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
     _check(0 <= s["seed"] < 2**32, f"--seed must lie in 0..{2**32 - 1} (torch and numpy seeds), got {s['seed']}")
     for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
@@ -408,6 +438,10 @@ def train(args: argparse.Namespace) -> dict:
     data = {"generator": "m2ae_infer.data.synth", "photos": list(training_photos(excluded)),
             "excluded_photos": excluded, "heldout_never_used": list(HELDOUT_PHOTOS), "crop": settings["crop"],
             "pool": settings["pool"], "seed": seed, "augment": "8 dihedral transforms", "defocus": settings["defocus"]}
+    if settings["data"]:
+        from .data import corpus
+        data.update(generator="m2ae_infer.data.scenes", corpus=settings["data"],
+                    photos=[str(p) for p in corpus.photos(settings["data"], "train")], defocus="built in")
     recent: dict[str, list[float]] = {k: [] for k in ("loss", "rec", "reblur", "mask")}
 
     def meta(stopped: str) -> dict:
@@ -459,7 +493,8 @@ def train(args: argparse.Namespace) -> dict:
     finally:
         bar.close()
     final = meta(stopped)
-    final["validation"] = validate(model, args.val_samples, args.val_crop, excluded) if args.val_samples else None
+    final["validation"] = (validate(model, args.val_samples, args.val_crop, excluded, settings["data"])
+                          if args.val_samples else None)
     final["wall_time_s"] = prev_wall + time.perf_counter() - t0
     _save_state(out, model, opt, sched, settings, step, final)
     save_checkpoint(reparameterize_model(model), out / "final_deploy.safetensors", meta=final, overwrite=True)

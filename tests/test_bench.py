@@ -77,7 +77,7 @@ def test_flops_match_an_independent_count(tiny_result, deploy_net):
         assert r["flops_dense"] == dense
         stem = _flops(lambda: deploy_net.stem_features(pad_to_even(image)))
         features = deploy_net.stem_features(pad_to_even(image))
-        head = _flops(lambda: deploy_net.mask_head(features))
+        head = _flops(lambda: deploy_net.mask_logits(pad_to_even(image), features))
         front = stem + (head if r["mask"] == "real" else 0)
         assert r["flops_sparse"] == pytest.approx(front + r["active_fraction"] * (dense - front), rel=1e-9)
         assert r["flop_ratio"] == pytest.approx(r["flops_sparse"] / r["flops_dense"])

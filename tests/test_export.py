@@ -38,7 +38,7 @@ def spread_mask_logits(net, seed: int = 0):
     with torch.no_grad():
         net.mask_head.logit.weight.mul_(200.0)
         image = torch.rand(1, 3, 24, 30, generator=torch.Generator().manual_seed(seed))
-        net.mask_head.logit.bias.sub_(net.mask_head(net.stem_features(image)).median())
+        net.mask_head.logit.bias.sub_(net.mask_logits(image, net.stem_features(image)).median())
     return net
 
 
@@ -113,6 +113,24 @@ def test_predicted_mask_graph_matches_torch(models, reference, kind):
     assert any(0.0 < d < 1.0 for d in densities), "the test needs partial predicted masks"
     meta = read_metadata(model)
     assert meta["m2ae.graph"] == kind and meta["m2ae.threshold"] == "0.5" and meta["m2ae.dilation"] == "1"
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_v2_detector_graph_matches_torch(kind):
+    """Network v2 (the multi-scale blur detector reads the image, 1/8 cells, log energies) exports too."""
+    v2 = reparameterize_model(spread_mask_logits(random_net("tiny_v2", seed=32)))
+    model = export_onnx(v2, GraphSpec(kind, False, THRESHOLD, DILATION))
+    session = ort_session(model, threads=1, providers=["CPUExecutionProvider"])
+    densities = []
+    for i, size in enumerate([*SIZES, (40, 57)]):
+        image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(20 + i))
+        restored, working = run_session(session, image)
+        expected = TorchExecutor(v2).run(image, threshold=THRESHOLD, dilation=DILATION, execution=kind)
+        assert torch.equal(working, expected.mask)
+        assert (restored - expected.output).abs().max().item() <= 1e-4
+        assert_passthrough(restored, image, working)
+        densities.append(working.float().mean().item())
+    assert any(0.0 < d < 1.0 for d in densities), "the test needs partial predicted masks"
 
 
 def test_graph_interface(models):

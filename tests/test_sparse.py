@@ -14,9 +14,9 @@ from helpers import MASK_KINDS, make_mask, random_net
 SIZES = [(1, 1), (3, 5), (16, 16), (21, 34)]
 
 
-@pytest.fixture(scope="module")
-def executor():
-    return TorchExecutor(reparameterize_model(random_net("tiny", seed=11)))
+@pytest.fixture(scope="module", params=["tiny", "tiny_v2"])
+def executor(request):
+    return TorchExecutor(reparameterize_model(random_net(request.param, seed=11)))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=str)

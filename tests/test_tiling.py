@@ -20,20 +20,30 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "m2ae_infer" / "assets" / "examp
 
 
 # ------------------------------------------------------------------------------------ receptive field
-@pytest.mark.parametrize("name", ["tiny", "default", "large"])
+@pytest.mark.parametrize("name", ["tiny", "default", "large", "tiny_v2", "v2"])
 def test_receptive_field_formula(name):
     cfg = M2AEConfig.from_name(name)
     field = receptive_field(M2AENet(cfg))
     stages = 1 + cfg.num_blocks                                  # motion analyzer + blocks, one 3x3 each
-    dilations = sum(2 ** i for i in range(1, cfg.mask_layers))   # the mask head's dilated convs
     # body: 2x2 blocks (1) + stem and every stage one working pixel (2 input pixels) each side
     assert field.body_reach == 1 + 2 * (1 + stages) and field.body == 2 * (1 + stages)
-    # mask: 4x4 blocks (3) + stem (2) + stride-2 conv (2 before) + dilated convs at 4 pixels a cell
-    assert field.mask_reach == 3 + 2 + 2 + 4 * dilations and field.mask == 4 + 4 * dilations
-    assert field.min_overlap % ALIGN == 0 and field.min_overlap >= max(field.body, field.mask)
+    if cfg.detector == "stem":
+        dilations = sum(2 ** i for i in range(1, cfg.mask_layers))   # the mask head's dilated convs
+        # mask: 4x4 blocks (3) + stem (2) + stride-2 conv (2 before) + dilated convs at 4 pixels a cell
+        assert field.mask_reach == 3 + 2 + 2 + 4 * dilations and field.mask == 4 + 4 * dilations
+        assert field.align == 4
+    else:
+        dilations = sum(2 ** i for i in range(cfg.mask_layers))      # trunk dilations 1, 2, 4, ...
+        # mask: 8x8 cells (7) + 5x5 filters (2) + 3x3 at 1/4 (4) + stride-2 3x3 at 1/4 (4 before)
+        # + dilated 3x3 at 8 pixels a cell
+        assert field.mask == 2 + 4 + 4 + 8 * dilations and field.mask_reach == 7 + field.mask
+        assert field.align == 8
+    assert field.min_overlap % field.align == 0 and field.min_overlap >= max(field.body, field.mask)
     assert receptive_field(reparameterize_model(M2AENet(cfg))) == field   # both forms
     if name == "default":
         assert (field.body_reach, field.mask_reach, field.min_overlap) == (17, 31, 28)
+    if name == "v2":     # a few hundred pixels of context for the v2 detector
+        assert (field.mask_reach, field.min_overlap) == (265, 264)
 
 
 def _influence(fn, image: torch.Tensor, cell: int) -> int:
@@ -56,16 +66,20 @@ def _influence(fn, image: torch.Tensor, cell: int) -> int:
     return reach
 
 
-@pytest.mark.parametrize("name", ["tiny", "default"])
-def test_receptive_field_matches_perturbation_probe(name):
+@pytest.mark.parametrize("name,size", [("tiny", 96), ("default", 96), ("tiny_v2", 128), ("v2", 576)])
+def test_receptive_field_matches_perturbation_probe(name, size):
     net = reparameterize_model(random_net(name, seed=5)).double()
-    image = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     full = torch.ones(1, 1, 96, 96, dtype=torch.bool)
     field = receptive_field(net)
+
+    def coarse(img):
+        padded = pad_to_even(img)
+        return net.mask_head.coarse_logits(padded, net.stem_features(padded))
+
     with torch.no_grad():
-        body = _influence(lambda img: net(img, mask=full), image, 1)
-        mask = _influence(lambda img: net.mask_head.quarter_logits(net.stem_features(pad_to_even(img))),
-                          image, ALIGN)
+        body = _influence(lambda img: net(img, mask=full), image[..., :96, :96], 1)
+        mask = _influence(coarse, image, net.mask_head.jump)
     assert (body, mask) == (field.body_reach, field.mask_reach)
 
 
@@ -80,7 +94,8 @@ def _gap_threshold(net, image: np.ndarray) -> float:
     net = reparameterize_model(net)
     with torch.no_grad():
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
-        p = torch.sigmoid(net.mask_head(net.stem_features(pad_to_even(x)))).flatten().sort().values
+        padded = pad_to_even(x)
+        p = torch.sigmoid(net.mask_logits(padded, net.stem_features(padded))).flatten().sort().values
     lo, hi = int(0.35 * len(p)), int(0.65 * len(p))
     gaps = p[lo + 1:hi] - p[lo:hi - 1]
     i = int(gaps.argmax())
@@ -122,6 +137,21 @@ def test_tiled_equals_untiled_random_net(size, execution, mask_kind):
     assert info.flops_executed <= info.flops_dense
     if execution == "sparse" and info.active_fraction < 0.7:
         assert info.flops_executed < 0.9 * info.flops_dense
+
+
+@pytest.mark.parametrize("size", [(53, 71), (37, 101), (90, 3)], ids=str)
+@pytest.mark.parametrize("mask_kind,execution", MODES[:3] + MODES[4:6], ids="-".join)
+def test_tiled_equals_untiled_v2_detector(size, execution, mask_kind):
+    """The v2 detector's 8x8 cells and wide context: tiles align to 8 and overlap its receptive field."""
+    net = random_net("tiny_v2", seed=12)
+    image = np.random.default_rng(sum(size) + 1).random((*size, 3)).astype(np.float32)
+    mask = {"predicted": None, "full": "full"}.get(mask_kind)
+    if mask_kind == "blobs":
+        mask = make_mask("blobs", *size, seed=3)[0, 0].numpy()
+    threshold = _gap_threshold(net, image) if mask is None else None
+    diff, info, _ = _compare(net, image, mask, execution, tile=16, threshold=threshold)
+    assert diff <= 1e-5, diff
+    assert all(t.top % 8 == 0 and t.left % 8 == 0 for t in plan_tiles(*size, 16, receptive_field(net).min_overlap, 8))
 
 
 @pytest.mark.parametrize("execution", ["dense", "sparse"])
@@ -172,14 +202,15 @@ def test_uint16_and_rgba_tiled_passthrough():
 
 
 # ------------------------------------------------------------------------------------ overlap rule
-@pytest.mark.parametrize("name", ["tiny", "default"])
+@pytest.mark.parametrize("name", ["tiny", "default", "tiny_v2"])
 def test_too_small_overlap_is_refused_naming_the_minimum(name):
     net = random_net(name)
-    minimum = receptive_field(net).min_overlap
+    field = receptive_field(net)
+    minimum = field.min_overlap
     with pytest.raises(ValueError) as err:
         Deblurrer(net, tile=64, tile_overlap=minimum - 1)
     assert f"at least {minimum}" in str(err.value) and "\n" not in str(err.value)
-    assert Deblurrer(net, tile=64, tile_overlap=minimum + 1).tiling.overlap == minimum + ALIGN
+    assert Deblurrer(net, tile=64, tile_overlap=minimum + 1).tiling.overlap == minimum + field.align
 
 
 def test_overlap_below_the_receptive_field_gives_a_different_result():

@@ -172,6 +172,7 @@ CONFIGS = {
     "c16": M2AEConfig(channels=16, num_blocks=2, mask_channels=8, mask_layers=2, motion_channels=8, motion_points=5),
     "c48_relu": M2AEConfig(channels=48, num_blocks=1, mask_channels=8, mask_layers=2, motion_channels=16,
                            motion_points=5, act="relu"),
+    "tiny_v2": M2AEConfig.from_name("tiny_v2"),
 }
 
 

@@ -20,7 +20,15 @@ class BlurMaskHead(nn.Module):
     A stride-2 3x3 conv takes ``[B, C, h, w]`` to quarter resolution, then dilated 3x3 convs
     (dilation 2, 4, ...) widen the receptive field cheaply; a 1x1 conv gives one logit and a
     bilinear upsample returns it to ``[B, 1, h, w]``.
+
+    Every mask head has this interface: ``forward(image, features)`` -> working-grid logits,
+    ``coarse_logits(image, features)`` (local, tile by tile), ``upsample``, ``spatial_layers()`` (its chain of
+    spatial layers, for the receptive field), ``reads_image`` (the chain starts at the image, not the stem
+    features) and ``jump`` (input pixels per coarse logit cell).
     """
+
+    reads_image = False
+    jump = 4            # input pixels per logit cell: stem at 1/2, a stride-2 conv to 1/4
 
     def __init__(self, in_channels: int, channels: int, layers: int, act: str):
         super().__init__()
@@ -31,11 +39,12 @@ class BlurMaskHead(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.logit = nn.Conv2d(channels, 1, 1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.upsample(self.quarter_logits(features), features.shape[-2:])
+    def forward(self, image: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
+        return self.upsample(self.coarse_logits(image, features), features.shape[-2:])
 
-    def quarter_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """``[B, C, h, w]`` -> logits ``[B, 1, ceil(h/2), ceil(w/2)]`` before the upsample.
+    def coarse_logits(self, image: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
+        """Stem features ``[B, C, h, w]`` -> logits ``[B, 1, ceil(h/2), ceil(w/2)]`` before the upsample
+        (``image`` is not read).
 
         Local (a finite receptive field, see :mod:`m2ae_infer.tiling`), so it can be computed tile by tile.
         """
@@ -43,6 +52,9 @@ class BlurMaskHead(nn.Module):
         for conv in self.convs:
             h = activation(conv(h), self.act)
         return self.logit(h)
+
+    def spatial_layers(self) -> list[nn.Module]:
+        return [*self.convs, self.logit]
 
     @staticmethod
     def upsample(logits: torch.Tensor, size) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import M2AEConfig
 from .blocks import RepBlock
+from .detector import MultiScaleBlurDetector
 from .mask import BlurMaskHead, binarize, full_resolution, pad_to_even, working_mask
 from .motion import MotionAnalyzer
 
@@ -32,6 +33,13 @@ class TrainOutputs:
     restored: torch.Tensor      # [B, 3, H, W]
     mask_logits: torch.Tensor   # [B, 1, H/2, W/2]
     trajectory: torch.Tensor    # [B, 4, H/2, W/2] quadratic trajectory parameters, input pixels
+
+
+def make_mask_head(cfg: M2AEConfig) -> nn.Module:
+    """The blur-mask predictor ``cfg.detector`` names (see :data:`m2ae_infer.config.DETECTORS`)."""
+    if cfg.detector == "multiscale":
+        return MultiScaleBlurDetector(cfg.mask_channels, cfg.mask_layers, cfg.act)
+    return BlurMaskHead(cfg.channels, cfg.mask_channels, cfg.mask_layers, cfg.act)
 
 
 class M2AENet(nn.Module):
@@ -48,7 +56,7 @@ class M2AENet(nn.Module):
         c = cfg.channels
         self.unshuffle = nn.PixelUnshuffle(SHUFFLE)
         self.stem = nn.Conv2d(3 * SHUFFLE**2, c, 3, padding=1)
-        self.mask_head = BlurMaskHead(c, cfg.mask_channels, cfg.mask_layers, cfg.act)
+        self.mask_head = make_mask_head(cfg)
         self.motion = MotionAnalyzer(c, cfg.motion_channels, cfg.act, inference_mode)
         self.blocks = nn.ModuleList(RepBlock(c, cfg.ffn_channels, cfg.act, inference_mode)
                                     for _ in range(cfg.num_blocks))
@@ -65,9 +73,15 @@ class M2AENet(nn.Module):
         """``[B, 3, H, W]`` (H, W even) -> ``[B, C, H/2, W/2]``."""
         return self.stem(self.unshuffle(image))
 
-    def predict_mask(self, features: torch.Tensor, threshold: float = 0.5, dilation: int = 0) -> torch.Tensor:
-        """Working mask ``[B, 1, H/2, W/2]`` bool from stem features."""
-        return binarize(self.mask_head(features), threshold, dilation)
+    def mask_logits(self, padded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Blur logits ``[B, 1, H/2, W/2]`` from the padded image ``[B, 3, H, W]`` and its stem features
+        (each mask head reads the one it needs)."""
+        return self.mask_head(padded, features)
+
+    def predict_mask(self, padded: torch.Tensor, features: torch.Tensor, threshold: float = 0.5,
+                     dilation: int = 0) -> torch.Tensor:
+        """Working mask ``[B, 1, H/2, W/2]`` bool from the padded image and its stem features."""
+        return binarize(self.mask_logits(padded, features), threshold, dilation)
 
     def stages(self) -> list[nn.Module]:
         """The masked residual stages in execution order: motion analyzer, then the body blocks."""
@@ -87,7 +101,7 @@ class M2AENet(nn.Module):
         height, width = image.shape[-2:]
         padded = pad_to_even(image)
         features = self.stem_features(padded)
-        m = self.predict_mask(features, threshold, dilation) if mask is None else working_mask(mask)
+        m = self.predict_mask(padded, features, threshold, dilation) if mask is None else working_mask(mask)
         return self.masked_body(padded, features, m)[..., :height, :width]
 
     def masked_body(self, padded: torch.Tensor, features: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -107,7 +121,7 @@ class M2AENet(nn.Module):
         no gradient), so the body also sees the sharp pixels the predictor wrongly flags and learns to leave
         them alone, as it must at inference."""
         features = self.stem_features(image)
-        logits = self.mask_head(features)
+        logits = self.mask_logits(image, features)
         if gate_predicted:
             mask = torch.maximum(mask, (logits.detach() > 0).to(mask.dtype))
         guide, trajectory = self.motion.forward_with_trajectory(features)

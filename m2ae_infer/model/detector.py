@@ -1,0 +1,116 @@
+"""Blur detector v2: its own directional features and a few hundred pixels of context (issue 14).
+
+The v1 head (:class:`~m2ae_infer.model.mask.BlurMaskHead`) reads the body's stem features and sees +-31 input
+pixels; it could not tell motion blur from defocus, flat surfaces or low-texture areas. This detector reads the
+image itself::
+
+    image [B,3,H,W] -> luma -> 5x5 filter bank (E oriented/scale filters, learned) -> square
+          -> 4x4 average (local energy per filter) -> log            [B, E, H/4, W/4]
+    image -> 4x4 average (colour/brightness context)                 [B, 3, H/4, W/4]
+    concat -> 3x3 conv (1/4) -> stride-2 3x3 conv (1/8) -> dilated 3x3 convs (1, 2, 4, ... at 1/8)
+          -> 1x1 logit at 1/8 -> bilinear up to the working grid [B, 1, H/2, W/2]
+
+Why these pieces:
+* Motion blur is directional: gradients vanish along the motion and survive across it, while defocus and
+  flat surfaces are isotropic. Log energies of oriented filters make that a *difference* of features (log a -
+  log b), which a linear layer reads directly and which does not change when the local contrast changes.
+* A blurred region is told from a smooth one by context (edges nearby that stop being sharp), so the trunk
+  runs at 1/8 resolution with dilations up to 2**(layers-1): a few hundred input pixels for a small share of
+  the dense FLOPs (it is the unprunable floor; ``m2ae-bench`` reports its share).
+* Every layer is a convolution or an average pool with a fixed grid, so the receptive field is finite and
+  :mod:`m2ae_infer.tiling` can compute the logits tile by tile (:meth:`spatial_layers` lists the chain).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.reference import activation
+
+LUMA = (0.299, 0.587, 0.114)   # ITU-R BT.601: motion blur shows in luma; 1 channel keeps the full-res filter cheap
+ENERGY_EPS = 1e-4              # log(energy + eps): ~1/100 grey level of gradient, below 8-bit quantization
+
+
+class MultiScaleBlurDetector(nn.Module):
+    """Blur logits from the padded image (even H, W); ignores the stem features.
+
+    Args:
+        filters: E, number of learned 5x5 luma filters whose local log-energies feed the trunk.
+        channels: trunk width at 1/8 resolution (the 1/4-resolution conv is half as wide).
+        layers: dilated 3x3 convs at 1/8 resolution, dilations 1, 2, 4, ...
+        act: activation after each trunk conv.
+    """
+
+    reads_image = True
+    jump = 8            # input pixels per logit cell
+
+    def __init__(self, channels: int, layers: int, act: str, filters: int = 12):
+        super().__init__()
+        self.act = act
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+        self.filters = nn.Conv2d(1, filters, 5, padding=2, bias=False)
+        self.energy_pool = nn.AvgPool2d(4)
+        self.colour_pool = nn.AvgPool2d(4)
+        quarter = max(channels // 2, 8)
+        self.quarter = nn.Conv2d(filters + 3, quarter, 3, padding=1)
+        self.down = nn.Conv2d(quarter, channels, 3, stride=2, padding=1)
+        self.trunk = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=2 ** i, dilation=2 ** i)
+                                   for i in range(layers))
+        self.logit = nn.Conv2d(channels, 1, 1)
+        _init_derivative_filters(self.filters.weight)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, 3, H, W]`` (H, W even) -> logits ``[B, 1, H/2, W/2]`` on the working grid."""
+        size = (image.shape[-2] // 2, image.shape[-1] // 2)
+        return self.upsample(self.coarse_logits(image, features), size)
+
+    def coarse_logits(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> logits ``[B, 1, ceil(H/8), ceil(W/8)]`` before the upsample (local: see tiling)."""
+        luma = (image * self.luma.to(image.dtype)).sum(dim=1, keepdim=True)
+        energy = torch.log(self.energy_pool(_pad_to(self.filters(luma) ** 2, 4)) + ENERGY_EPS)
+        colour = self.colour_pool(_pad_to(image, 4))
+        h = activation(self.quarter(torch.cat([energy, colour], dim=1)), self.act)
+        h = activation(self.down(h), self.act)
+        for conv in self.trunk:
+            h = activation(conv(h), self.act)
+        return self.logit(h)
+
+    def spatial_layers(self) -> list[nn.Module]:
+        """The longest chain of spatial layers from the image to the coarse logits, in order (the colour
+        branch, a 4x4 average, reaches less far than the filter bank + energy pool beside it)."""
+        return [self.filters, self.energy_pool, self.quarter, self.down, *self.trunk, self.logit]
+
+    @staticmethod
+    def upsample(logits: torch.Tensor, size) -> torch.Tensor:
+        """Coarse logits -> ``[B, 1, *size]``; not local for odd sizes, so tiled runs apply it to the whole map."""
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Replicate-pad H, W up to a multiple (the pools then cover every pixel; a no-op for typical sizes)."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if not (pad_h or pad_w):
+        return x
+    return F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
+
+
+@torch.no_grad()
+def _init_derivative_filters(weight: torch.Tensor) -> None:
+    """Start the filter bank as first and second derivatives of Gaussians at two scales and four orientations
+    (then learned): the training starts from features that already see direction."""
+    n = weight.shape[0]
+    y, x = torch.meshgrid(torch.arange(-2.0, 3.0), torch.arange(-2.0, 3.0), indexing="ij")
+    bank = []
+    for sigma in (0.8, 1.6):
+        g = torch.exp(-(x * x + y * y) / (2 * sigma * sigma))
+        for theta in torch.arange(4) * torch.pi / 4:
+            u = x * torch.cos(theta) + y * torch.sin(theta)
+            bank.append(-u * g)                                    # first derivative across direction theta
+        for theta in torch.arange(2) * torch.pi / 2:
+            u = x * torch.cos(theta) + y * torch.sin(theta)
+            bank.append((u * u / sigma ** 2 - 1) * g)              # second derivative
+    for i in range(n):
+        f = bank[i % len(bank)] if i < len(bank) else torch.randn(5, 5)
+        f = f - f.mean()
+        weight[i, 0] = f / f.norm().clamp(min=1e-6)
