@@ -44,6 +44,7 @@ setup(
             "m2ae-eval=m2ae_infer.evaluate:main",
             "m2ae-export=m2ae_infer.export.cli:main",
             "m2ae-bench=m2ae_infer.benchmarks.cli:main",
+            "m2ae-data=m2ae_infer.data.corpus:main",
         ],
     },
 )
