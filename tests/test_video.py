@@ -1,0 +1,121 @@
+"""m2ae_infer.data.video: real-motion samples from a static-camera video (frames as arrays, tiny lossless videos)."""
+import numpy as np
+import pytest
+
+pytest.importorskip("scipy", reason="video masks need scipy (pip install 'm2ae-infer[train]')")
+
+from m2ae_infer.data import video as V  # noqa: E402
+
+H, W, SIDE, STEP = 64, 96, 10, 3
+
+
+def moving_square(frames=9, seed=0, noise=2):
+    """A static random background (values 40..120, the same every frame up to +-``noise`` levels of fresh
+    per-frame noise) with a bright ``SIDE`` px square moving ``STEP`` px right per frame; returns the frames
+    and the bool footprint of the square in every frame."""
+    rng = np.random.default_rng(seed)
+    bg = rng.integers(40, 121, (H, W, 3)).astype(np.int16)
+    out, path = [], np.zeros((H, W), bool)
+    for t in range(frames):
+        f = bg + rng.integers(-noise, noise + 1, (H, W, 3))
+        x = 20 + STEP * t
+        f[27:27 + SIDE, x:x + SIDE] = (230, 200, 30)
+        path[27:27 + SIDE, x:x + SIDE] = True
+        out.append(np.clip(f, 0, 255).astype(np.uint8))
+    return np.stack(out), path
+
+
+def test_mask_covers_the_squares_path_and_not_the_static_background():
+    frames, path = moving_square()
+    s = V.motion_clip(frames, centre=4, radius=4)
+    assert s.kind == "local" and s.mask.dtype == bool and s.mask.shape == (H, W)
+    assert s.mask[path].all()                                  # the whole path is masked
+    from scipy import ndimage
+    near = ndimage.binary_dilation(path, np.ones((2 * V.GROW + 5,) * 2, bool))
+    assert not s.mask[~near].any()                             # nothing far from it (the noisy background)
+    assert s.mask.mean() < 0.5
+    # outside the mask the reference is exact: blurry == sharp == the centre frame, bit for bit
+    assert np.array_equal(s.blurry[~s.mask], s.sharp[~s.mask])
+    assert np.array_equal(s.sharp, frames[4].astype(np.float32) / 255)
+    # inside, blurry is the linear-light average of the window
+    lin = ((frames.astype(np.float64) / 255) ** 2.2).mean(0) ** (1 / 2.2)
+    assert np.allclose(s.blurry[s.mask], lin[s.mask], atol=1e-6)
+    assert np.abs(s.blurry - s.sharp)[path].max() > 0.2       # really smeared there
+    assert s.blurry.dtype == np.float32 and s.trajectories.shape[0] == 0 and (s.regions == -1).all()
+
+
+def test_static_video_is_sharp_and_untouched():
+    frames, _ = moving_square()
+    still = np.repeat(frames[:1], 5, axis=0).astype(np.int16)
+    still += np.random.default_rng(1).integers(-3, 4, still.shape)       # sensor noise only
+    s = V.motion_clip(np.clip(still, 0, 255).astype(np.uint8), 2, 2)
+    assert s.kind == "sharp" and not s.mask.any() and np.array_equal(s.blurry, s.sharp)
+
+
+def test_small_flicker_dropped_and_holes_filled():
+    rng = np.random.default_rng(2)
+    bg = rng.integers(40, 121, (H, W, 3)).astype(np.uint8)
+    frames = np.repeat(bg[None], 3, axis=0).copy()
+    frames[0, 5:8, 5:8] = 255                                   # a 9-pixel flicker: below MIN_AREA
+    for t in range(3):                                          # a uniform 24 px square moving diagonally 1 px
+        frames[t, 20 + t:44 + t, 40 + t:64 + t] = (200, 60, 60)  # per frame: only its edges change (a ring)
+    m = V.moving_mask(frames, 1)
+    assert not m[:12, :12].any()
+    assert m[22:42, 45:60].all()                                # the unchanged inside is filled in
+
+
+def test_bad_windows_and_frames_are_refused():
+    frames, _ = moving_square(frames=5)
+    for centre, radius in ((1, 2), (4, 1), (2, 0)):
+        with pytest.raises(ValueError, match="window"):
+            V.motion_clip(frames, centre, radius)
+    with pytest.raises(ValueError, match="uint8"):
+        V.motion_clip(frames.astype(np.float32), 2, 2)
+
+
+def test_clip_centres_spread_and_deterministic():
+    c = V.clip_centres(100, 5, 3, seed=7)
+    assert c == V.clip_centres(100, 5, 3, seed=7) and c != V.clip_centres(100, 5, 3, seed=8)
+    assert c == sorted(c) and len(set(c)) == 5 and 3 <= c[0] and c[-1] <= 96
+    assert all(lo <= x < lo + 19 for x, lo in zip(c, np.linspace(3, 97, 6)[:-1].astype(int)))  # one per stratum
+    with pytest.raises(ValueError):
+        V.clip_centres(6, 1, 3, 0)
+
+
+def _write_video(path, frames, codec="ffv1", pix_fmt="bgr0"):
+    av = pytest.importorskip("av", reason="reading videos needs PyAV (pip install 'm2ae-infer[train]')")
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=10)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_read_frames_and_clip_set_from_a_lossless_video(tmp_path):
+    frames, _ = moving_square(frames=12)
+    path = tmp_path / "square.mkv"
+    _write_video(path, frames)
+    assert np.array_equal(V.read_frames(path), frames)                  # ffv1 is lossless
+    assert np.array_equal(V.read_frames(path, start=2, count=3, step=2), frames[2:8:2])
+    assert len(V.read_frames(path, start=10, count=5)) == 2              # the video ends first
+    assert V.frame_count(path) == 12
+    samples = V.clip_set(path, 3, 2, seed=0)
+    centres = V.clip_centres(12, 3, 2, 0)
+    assert len(samples) == 3
+    for s, c in zip(samples, centres):
+        ref = V.motion_clip(frames, c, 2)
+        assert np.array_equal(s.blurry, ref.blurry) and np.array_equal(s.mask, ref.mask) and s.kind == "local"
+
+
+def test_missing_and_broken_videos(tmp_path):
+    pytest.importorskip("av")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        V.read_frames(tmp_path / "nope.avi")
+    junk = tmp_path / "junk.avi"
+    junk.write_bytes(b"this is not a video" * 10)
+    with pytest.raises(ValueError) as exc:
+        V.read_frames(junk)
+    assert "junk.avi" in str(exc.value) and "\n" not in str(exc.value)
