@@ -32,7 +32,7 @@ setup(
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.18"],
         "trt": ["tensorrt>=10"],
-        "train": ["scikit-image>=0.22"],
+        "train": ["scikit-image>=0.22", "av>=12"],
         "bench": ["matplotlib>=3.7", "scikit-image>=0.22", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "test": ["pytest>=8", "scikit-image>=0.22", "matplotlib>=3.7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
                  "triton==3.7.1; platform_system == 'Linux'"],

@@ -1,11 +1,21 @@
-"""``m2ae-eval``: held-out quality and exactness: blurry input vs our model vs a classical oracle.
+"""``m2ae-eval``: held-out quality, exactness and do-no-harm: blurry input vs our model vs a classical oracle.
 
 Rows: ``blurry`` (the input), ``ours_dense`` / ``ours_sparse`` (public ``Deblurrer.run``, *predicted* mask),
 ``ours_true_mask`` (the same network given the TRUE mask: what the body does when the mask head is perfect, so
 the two sources of error can be told apart), ``classical`` (Richardson-Lucy given the TRUE kernel and TRUE mask:
 an oracle reference). Exit codes: 0 done;
 1 an exactness contract failed (sparse != dense, or a pixel outside the mask changed); 2 usage error, bad
-checkpoint or missing scikit-image.
+checkpoint, missing corpus / video or missing scikit-image.
+
+Sets (``--set``): ``synthetic`` (the training generator, :mod:`m2ae_infer.data.synth`, on held-out photos; all
+rows), ``independent`` (:mod:`m2ae_infer.data.independent`, another way of making local blur; no classical row:
+its kernels are not given as PSFs), ``sharp`` (whole sharp photos of a corpus split: how much is flagged and how
+much the output differs from the input; rows blurry / ours_dense / ours_sparse) and ``video`` (real local motion,
+:mod:`m2ae_infer.data.video`: averaged frames of a static-camera video; no classical row, the motion is unknown).
+Every report has the do-no-harm figures: whole-image PSNR of the output against the input's (the output should
+never be below the input), the change outside the TRUE mask, and the flagged fraction on sharp samples.
+:func:`evaluate` is the callable core (a network or Deblurrer and samples in, per-sample dicts out);
+:func:`summarize` makes the report.
 
 Decisions: per-sample PSNR is capped at ``PSNR_CAP`` dB (identical images would be infinite). RL runs per
 channel in linear light (the generator averages sub-frames in linear light), with an edge-padded margin.
@@ -20,6 +30,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -131,19 +142,122 @@ def classical_restore(sample, iterations: int = 30) -> tuple[np.ndarray, str]:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------- evaluation
+def _runners(model, device="auto", threshold=0.5, dilation=0) -> dict:
+    """``{"dense": Deblurrer, "sparse": Deblurrer}`` for a network, a :class:`Deblurrer` (its network, device,
+    threshold and dilation) or such a dict already."""
+    from .api import Deblurrer
+    if isinstance(model, dict):
+        return model
+    if isinstance(model, Deblurrer):
+        device, threshold, dilation, model = model.device, model.threshold, model.dilation, model.network
+    return {e: Deblurrer(model, device=device, execution=e, threshold=threshold, dilation=dilation)
+            for e in ("dense", "sparse")}
+
+
+def evaluate(model, samples: Iterable, *, rows: Sequence[str] = ROWS, device: str = "auto", threshold: float = 0.5,
+             dilation: int = 0, rl_iterations: int = 30, names: Sequence[str] | None = None, total: int | None = None,
+             progress: bool = False, grid: list | None = None, grid_rows: int = 6) -> list[dict]:
+    """Score ``samples`` (:class:`~m2ae_infer.data.synth.Sample` s, any iterable, consumed once) and return one
+    dict per sample; :func:`summarize` turns them into the report.
+
+    ``model``: an ``M2AENet`` (run dense and sparse with ``device``/``threshold``/``dilation``), a
+    :class:`~m2ae_infer.Deblurrer` (its network and settings) or ``{"dense": ..., "sparse": ...}`` Deblurrers.
+    ``rows``: ``blurry``, ``ours_dense`` and ``ours_sparse`` always run; ``ours_true_mask`` (the network given
+    the true mask) and ``classical`` (Richardson-Lucy with the true PSF) when listed. Every row also gets
+    ``vs_input`` figures (PSNR of the output against the *input*, and the change outside the TRUE mask: mean
+    abs and PSNR), the do-no-harm view. ``grid``: a list to append up to ``grid_rows`` image rows to (for
+    :func:`_write_grid`). The first sample is run once untimed per runner first (allocations)."""
+    rows = tuple(r for r in ROWS if r in rows or r in ROWS[:3])
+    runners = _runners(model, device, threshold, dilation)
+    from tqdm import tqdm
+    per_sample = []
+    for i, s in enumerate(tqdm(samples, total=total, unit="img", file=progress_stream(), disable=not progress,
+                               dynamic_ncols=True)):
+        if i == 0:
+            for r in runners.values():   # warm-up: the first call pays for allocations, not the images
+                r.run(s.blurry)
+        outs, infos = {"blurry": s.blurry}, {}
+        for e, r in runners.items():
+            outs[f"ours_{e}"], infos[e] = r.run(s.blurry, return_info=True)
+        seconds = {f"ours_{e}": infos[e].seconds for e in runners}
+        if "ours_true_mask" in rows:
+            outs["ours_true_mask"], infos["true_mask"] = runners["sparse"].run(s.blurry, mask=s.mask,
+                                                                               return_info=True)
+            seconds["ours_true_mask"] = infos["true_mask"].seconds
+        how = None
+        if "classical" in rows:
+            start = time.perf_counter()
+            outs["classical"], how = classical_restore(s, rl_iterations)
+            seconds["classical"] = time.perf_counter() - start
+        pred = np.asarray(infos["sparse"].mask, bool)
+        row = {"index": i, **({"name": names[i]} if names is not None else {}), "kind": s.kind,
+               "size": list(s.blurry.shape[:2]), "regions": len(s.trajectories),
+               **({"classical_psf": how} if how is not None else {}),
+               "mask": mask_scores(pred, s.mask), "masks_agree": bool(np.array_equal(pred, infos["dense"].mask)),
+               "flagged_fraction": float(pred.mean()),
+               "active_fraction": infos["sparse"].active_fraction, "flops_saved": infos["sparse"].flops_saved,
+               "seconds": seconds,
+               "sparse_dense_max_abs": float(np.abs(outs["ours_sparse"] - outs["ours_dense"]).max()),
+               "changed_outside_mask": {e: _changed_outside(s.blurry, outs[f"ours_{e}"], np.asarray(infos[e].mask))
+                                        for e in infos}}
+        outside = ~np.asarray(s.mask, bool)
+        for name, img in outs.items():
+            row[name] = {"psnr": masked_psnr(img, s.sharp), "ssim": masked_ssim(img, s.sharp),
+                         "psnr_mask": masked_psnr(img, s.sharp, s.mask), "ssim_mask": masked_ssim(img, s.sharp, s.mask),
+                         "vs_input": {"psnr": masked_psnr(img, s.blurry),
+                                      "psnr_outside_true_mask": masked_psnr(img, s.blurry, outside),
+                                      "mean_abs_outside_true_mask": (float(np.abs(img - s.blurry)[outside].mean())
+                                                                     if outside.any() else None)}}
+        per_sample.append(row)
+        if grid is not None and len(grid) < grid_rows:
+            fourth = (outs["classical"] if "classical" in outs else
+                      np.repeat(np.asarray(s.mask, np.float32)[..., None], 3, 2) if "ours_true_mask" in outs else
+                      np.clip(np.abs(outs["ours_sparse"] - s.blurry) * 10, 0, 1))
+            grid.append([s.blurry, np.repeat(pred[..., None].astype(np.float32), 3, 2), outs["ours_sparse"], fourth,
+                         s.sharp])
+    return per_sample
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+SETS = ("synthetic", "independent", "sharp", "video")
+SET_ROWS = {"synthetic": ROWS, "independent": ROWS[:4], "sharp": ROWS[:3], "video": ROWS[:4]}
+NOTES = {"independent": "classical row skipped: the independent generator's kernels (random walks, lines) are "
+                        "not given as PSFs, so there is no true-PSF oracle",
+         "video": "classical row skipped: the motion of real movers is unknown (no PSF); the true mask is the "
+                  "frame-difference mask of m2ae_infer.data.video",
+         "sharp": "whole sharp photos: the input is the reference, so PSNR is PSNR(output, input); rows "
+                  "ours_true_mask and classical do not apply (nothing is blurred)"}
+DEFAULT_SAMPLES = {"synthetic": 40, "independent": 40, "video": 8}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="m2ae-eval", description=(
-        "Held-out evaluation: blurry input vs our model (dense and sparse with the predicted mask; sparse with the true "
-        "mask) vs Richardson-Lucy with the true kernel."))
+        "Held-out evaluation: blurry input vs our model (dense and sparse with the predicted mask; sparse with the "
+        "true mask) vs Richardson-Lucy with the true kernel; on synthetic, independent, sharp-photo or real-video "
+        "sets."))
     p.add_argument("--checkpoint", metavar="CKPT", help="checkpoint (.pth/.safetensors); default: the shipped one")
-    p.add_argument("--samples", type=int, default=40, help="held-out samples (default 40)")
-    p.add_argument("--crop", type=int, default=256, help="sample size in pixels (default 256)")
-    p.add_argument("--seed", type=int, help="sample seed (default 1234 for heldout, 4242 for validation)")
-    p.add_argument("--split", choices=("heldout", "validation"), default="heldout",
-                   help="heldout: the held-out photos (report these); validation: new samples on the training "
-                        "photos, for choosing settings such as --threshold (default heldout)")
+    p.add_argument("--set", choices=SETS, default="synthetic",
+                   help="synthetic: the training generator on held-out photos (default); independent: another "
+                        "generator (m2ae_infer.data.independent); sharp: whole sharp photos of a corpus split (do no "
+                        "harm); video: real local motion from a static-camera video (--video)")
+    p.add_argument("--samples", type=int, help="samples (default 40; video 8; sharp: every photo, or the first N)")
+    p.add_argument("--crop", type=int, default=256, help="sample size in pixels, synthetic/independent (default 256)")
+    p.add_argument("--seed", type=int, help="sample seed (default 1234; 4242 for --split validation)")
+    p.add_argument("--split", choices=("heldout", "validation", "dev"),
+                   help="synthetic: heldout (the held-out photos; report these) or validation (new samples on the "
+                        "training photos, for choosing settings such as --threshold), default heldout; with "
+                        "--photos-dir: the corpus split, dev or heldout (default dev)")
     p.add_argument("--photos", metavar="A,B", help="with --split validation: only these training photos, e.g. the "
                                                   "dev photos a run was trained without (m2ae-train --exclude-photos)")
+    p.add_argument("--photos-dir", metavar="DIR", type=path_arg,
+                   help="a corpus folder (m2ae-data fetch DIR; DIR/manifest.json): the photos of --split for "
+                        "--set sharp (required) and --set independent (default: the held-out scikit-image photos)")
+    p.add_argument("--video", metavar="PATH", type=path_arg, help="--set video: a static-camera video file")
+    p.add_argument("--radius", type=int, default=3,
+                   help="--set video: frames averaged each side of the centre frame (default 3: 7 frames)")
+    p.add_argument("--max-side", type=int, default=1024,
+                   help="--set sharp: photos are downscaled so the long side is at most this (default 1024)")
     p.add_argument("--out", metavar="DIR", default="m2ae_eval", type=path_arg,
                    help="output folder for eval.json and eval_grid.png (default m2ae_eval)")
     p.add_argument("--force", action="store_true", help="replace eval.json and eval_grid.png already in --out")
@@ -162,14 +276,21 @@ def _error(message: str) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(parser, args) -> None:
+    """Usage errors (exit 2, one line) that need no file."""
+    if args.split is None:
+        args.split = "heldout" if args.set == "synthetic" or (args.set == "independent" and not args.photos_dir) \
+            else "dev" if args.photos_dir else None
     if args.seed is None:
-        args.seed = 1234 if args.split == "heldout" else 4242
-    for flag, value, low, high in (("--samples", args.samples, 1, 100_000), ("--crop", args.crop, 16, MAX_CROP),
-                                   ("--seed", args.seed, 0, 2**63 - 1), ("--threads", args.threads, 0, 1024),
-                                   ("--rl-iterations", args.rl_iterations, 1, 10_000)):
+        args.seed = 4242 if args.split == "validation" else 1234
+    if args.samples is None and args.set != "sharp":
+        args.samples = DEFAULT_SAMPLES[args.set]
+    checks = [("--crop", args.crop, 16, MAX_CROP), ("--seed", args.seed, 0, 2**63 - 1),
+              ("--threads", args.threads, 0, 1024), ("--rl-iterations", args.rl_iterations, 1, 10_000),
+              ("--radius", args.radius, 1, 100), ("--max-side", args.max_side, 16, 16384)]
+    if args.samples is not None:
+        checks.insert(0, ("--samples", args.samples, 1, 100_000))
+    for flag, value, low, high in checks:
         if not low <= value <= high:
             parser.error(f"{flag} must lie in {low}..{high}, got {value}"
                          + (" (larger crops than the photos would only mirror-pad them)" if flag == "--crop" else ""))
@@ -177,19 +298,56 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     if args.dilation < 0:
         parser.error(f"--dilation must be >= 0, got {args.dilation}")
+    if args.photos_dir is not None and args.set not in ("sharp", "independent"):
+        parser.error(f"--photos-dir is for --set sharp or independent, not --set {args.set}")
+    if args.set == "sharp" and args.photos_dir is None:
+        parser.error("--set sharp needs --photos-dir DIR (a corpus folder made by m2ae-data fetch DIR)")
+    if (args.video is not None) != (args.set == "video"):
+        parser.error("--set video needs --video PATH" if args.video is None else "--video needs --set video")
+    corpus = args.photos_dir is not None
+    allowed = ("dev", "heldout") if corpus else ("heldout", "validation") if args.set == "synthetic" else \
+        ("heldout",) if args.set == "independent" else (None,)
+    if args.split not in allowed:
+        parser.error(f"--split {args.split} does not apply to --set {args.set}"
+                     + (" without --photos-dir" if args.set == "independent" else "")
+                     + (f" (choose {' or '.join(a for a in allowed if a)})" if any(allowed) else ""))
     if args.split == "validation" and args.seed < 1000:
         parser.error("--split validation needs --seed >= 1000 (training runs use small seeds)")
     if args.photos is not None and args.split != "validation":
         parser.error("--photos picks training photos: it needs --split validation")
+
+
+def _photo_sample(path, max_side: int):
+    """A whole corpus photo as a ``sharp`` Sample (blurry == sharp == the photo), the long side at most
+    ``max_side`` (Pillow LANCZOS on the 8-bit image)."""
+    from PIL import Image
+    from .data.corpus import load_rgb
+    from .data.synth import TRAJ_POINTS, Sample
+    img = load_rgb(path)
+    h, w = img.shape[:2]
+    if max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        small = Image.fromarray(np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)).resize(
+            (max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+        img = np.asarray(small, np.float32) / np.float32(255.0)
+    h, w = img.shape[:2]
+    return Sample(img, img.copy(), np.zeros((h, w), bool), np.zeros((TRAJ_POINTS, 2), np.float32), "sharp",
+                  np.zeros((0, TRAJ_POINTS, 2), np.float32), np.full((h, w), -1, np.int8))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     try:
         import scipy  # noqa: F401
         import skimage
     except ImportError:
         return _error(_INSTALL_HINT)
     import torch
-    from .api import DEFAULT_CHECKPOINT, Deblurrer
+    from .api import DEFAULT_CHECKPOINT
     from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-    from .data.synth import check_training_photos, heldout_set, photo_names, validation_set
+    from .data.synth import check_training_photos, photo_names
     photos = None if args.photos is None else photo_names(args.photos)
     if photos == []:
         parser.error("--photos needs at least one photo name")
@@ -197,6 +355,27 @@ def main(argv: list[str] | None = None) -> int:
         check_training_photos(photos or (), "validation photos")
     except ValueError as exc:
         return _error(f"--photos: {exc}")
+    paths = None
+    if args.photos_dir is not None:         # a missing or bad corpus is refused before any work
+        from .data.corpus import CorpusError, photos as corpus_photos
+        try:
+            paths = corpus_photos(args.photos_dir, args.split, allow_heldout=True)
+        except CorpusError as exc:
+            return _error(f"--photos-dir: {exc}")
+        if not paths:
+            return _error(f"--photos-dir {args.photos_dir}: no photos in the {args.split} split; pick another "
+                          "--split or corpus")
+        if args.samples is not None and args.set == "sharp":
+            paths = paths[:args.samples]
+    if args.set == "video":
+        if not Path(args.video).is_file():
+            return _error(f"--video {args.video} not found; give a video file (e.g. a corpus's "
+                          "videos/opencv-doc/vtest.avi)")
+        try:
+            from .data.video import _av
+            _av()
+        except ImportError as exc:
+            return _error(exc)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -208,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} not found; pass --checkpoint PATH")
         net, meta = load_checkpoint(ckpt), read_checkpoint(ckpt).meta
-        runners = {e: Deblurrer(net, device=args.device, execution=e, threshold=args.threshold,
-                                dilation=args.dilation) for e in ("dense", "sparse")}
+        runners = _runners(net, args.device, args.threshold, args.dilation)
     except (CheckpointError, ValueError, OSError) as exc:
         return _error(exc)
     out_dir = Path(args.out)
@@ -223,40 +401,22 @@ def main(argv: list[str] | None = None) -> int:
         prepare_folder(out_dir)   # before the work, not after it
     except OSError as exc:
         return _error(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder")
-    if not args.quiet:
-        on = f" on {', '.join(photos)}" if photos else ""
-        say(f"m2ae-eval: generating {args.samples} {args.split} samples ({args.crop} px){on}", sys.stderr)
-    samples = (heldout_set(args.samples, seed=args.seed, crop=args.crop) if args.split == "heldout" else
-               validation_set(args.samples, seed=args.seed, crop=args.crop, photos=photos))
-    for r in runners.values():   # warm-up: the first call pays for allocations, not the images
-        r.run(samples[0].blurry)
-    per_sample, grid = [], []
-    from tqdm import tqdm
-    for i, s in enumerate(tqdm(samples, unit="img", file=progress_stream(), disable=args.quiet, dynamic_ncols=True)):
-        outs, infos = {"blurry": s.blurry}, {}
-        for e, r in runners.items():
-            outs[f"ours_{e}"], infos[e] = r.run(s.blurry, return_info=True)
-        outs["ours_true_mask"], infos["true_mask"] = runners["sparse"].run(s.blurry, mask=s.mask, return_info=True)
-        start = time.perf_counter()
-        outs["classical"], how = classical_restore(s, args.rl_iterations)
-        t_classical = time.perf_counter() - start
-        pred = np.asarray(infos["sparse"].mask, bool)
-        row = {"index": i, "kind": s.kind, "classical_psf": how, "regions": len(s.trajectories),
-               "mask": mask_scores(pred, s.mask), "masks_agree": bool(np.array_equal(pred, infos["dense"].mask)),
-               "active_fraction": infos["sparse"].active_fraction, "flops_saved": infos["sparse"].flops_saved,
-               "seconds": {"ours_dense": infos["dense"].seconds, "ours_sparse": infos["sparse"].seconds,
-                           "ours_true_mask": infos["true_mask"].seconds, "classical": t_classical},
-               "sparse_dense_max_abs": float(np.abs(outs["ours_sparse"] - outs["ours_dense"]).max()),
-               "changed_outside_mask": {e: _changed_outside(s.blurry, outs[f"ours_{e}"], np.asarray(infos[e].mask))
-                                        for e in (*runners, "true_mask")}}
-        for name, img in outs.items():
-            row[name] = {"psnr": masked_psnr(img, s.sharp), "ssim": masked_ssim(img, s.sharp),
-                         "psnr_mask": masked_psnr(img, s.sharp, s.mask), "ssim_mask": masked_ssim(img, s.sharp, s.mask)}
-        per_sample.append(row)
-        if len(grid) < 6:
-            grid.append([s.blurry, np.repeat(pred[..., None], 3, 2), outs["ours_sparse"], outs["classical"], s.sharp])
+    try:
+        samples, names, total = _make_samples(args, photos, paths)
+    except (OSError, ValueError) as exc:     # CorpusError is a ValueError; so are undecodable videos
+        return _error(exc)
+    grid = []
+    try:
+        per_sample = evaluate(runners, samples, rows=SET_ROWS[args.set], rl_iterations=args.rl_iterations,
+                              names=names, total=total, progress=not args.quiet, grid=grid)
+    except (OSError, ValueError) as exc:
+        return _error(exc)
+    if not per_sample:
+        return _error("no samples to evaluate")
     summary = summarize(per_sample)
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "quiet")},
+    notes = [NOTES[args.set]] if args.set in NOTES else []
+    report = {"set": args.set, "notes": notes,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "quiet")},
               "checkpoint": {"path": str(ckpt.resolve()), "meta": meta},
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "scikit-image": skimage.__version__,
@@ -265,12 +425,46 @@ def main(argv: list[str] | None = None) -> int:
               **summary, "per_sample": per_sample}
     try:
         _write_json(report, outputs[0], overwrite=args.force)
-        _write_grid(grid, outputs[1], overwrite=args.force)
+        _write_grid(grid, outputs[1], overwrite=args.force, set_name=args.set)
     except (OSError, ValueError) as exc:
         return _error(exc)
+    say(f"set {args.set}: {len(per_sample)} samples" + "".join(f"\nnote: {n}" for n in notes))
     say(format_table(summary))
     say(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval_grid.png'}")
     return 0 if summary["contracts"]["pass"] else 1
+
+
+def _make_samples(args, photos, paths):
+    """``(samples, names, total)`` for the chosen set; samples may be a lazy iterator (sharp photos)."""
+    from .data import synth
+    say_ = (lambda m: None) if args.quiet else (lambda m: say(f"m2ae-eval: {m}", sys.stderr))  # noqa: E731
+    if args.set == "synthetic":
+        on = f" on {', '.join(photos)}" if photos else ""
+        say_(f"generating {args.samples} {args.split} samples ({args.crop} px){on}")
+        samples = (synth.heldout_set(args.samples, seed=args.seed, crop=args.crop) if args.split == "heldout" else
+                   synth.validation_set(args.samples, seed=args.seed, crop=args.crop, photos=photos))
+        return samples, None, len(samples)
+    if args.set == "independent":
+        from .data.corpus import load_rgb
+        from .data.independent import independent_set
+        if paths is None:
+            source = f"the held-out scikit-image photos ({', '.join(synth.HELDOUT_PHOTOS)})"
+            images = [synth.load_photo(n) for n in synth.HELDOUT_PHOTOS]
+        else:
+            source = f"{len(paths)} {args.split} photos of {args.photos_dir}"
+            images = [load_rgb(p) for p in paths]
+        say_(f"generating {args.samples} independent samples ({args.crop} px) on {source}")
+        samples = independent_set(images, args.samples, seed=args.seed, crop=args.crop)
+        return samples, None, len(samples)
+    if args.set == "sharp":
+        say_(f"{len(paths)} {args.split} photos of {args.photos_dir} (long side <= {args.max_side})")
+        root = Path(args.photos_dir).absolute()
+        names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
+        return (_photo_sample(p, args.max_side) for p in paths), names, len(paths)
+    from .data.video import clip_set
+    say_(f"decoding {args.samples} windows of {2 * args.radius + 1} frames from {args.video}")
+    samples = clip_set(args.video, args.samples, args.radius, args.seed)
+    return samples, None, len(samples)
 
 
 def _changed_outside(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> int:
@@ -280,17 +474,19 @@ def _changed_outside(before: np.ndarray, after: np.ndarray, mask: np.ndarray) ->
 
 
 def summarize(per_sample: list[dict]) -> dict:
-    """Means per row (all samples and per kind), pooled mask scores, cost, exactness and the issue's targets."""
+    """Means per row (all samples and per kind), pooled mask scores, cost, exactness, do-no-harm figures and the
+    issue's targets. The rows are those the samples were scored with (see :func:`evaluate`)."""
     def mean(values):
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
 
+    present = tuple(r for r in ROWS if r in per_sample[0])
     groups = {"all": per_sample, **{k: [r for r in per_sample if r["kind"] == k]
                                     for k in ("local", "sharp", "global") if any(r["kind"] == k for r in per_sample)}}
     metrics = ("psnr", "ssim", "psnr_mask", "ssim_mask")
     rows = {name: {g: {"n": len(rs), **{m: mean(r[name][m] for r in rs) for m in metrics}} for g, rs in groups.items()}
-            for name in ROWS}
-    for name in ROWS[1:]:
+            for name in present}
+    for name in present[1:]:
         rows[name]["seconds_per_image"] = mean(r["seconds"][name] for r in per_sample)
     pooled = {k: sum(r["mask"][k] for r in per_sample) for k in ("inter", "union", "pred", "true")}
     mask = {"pooled": _ratios(pooled["inter"], pooled["union"], pooled["pred"], pooled["true"]),
@@ -302,30 +498,62 @@ def summarize(per_sample: list[dict]) -> dict:
              "changed_outside_mask": sum(sum(r["changed_outside_mask"].values()) for r in per_sample)}
     exact["pass"] = (exact["sparse_dense_max_abs"] <= 1e-5 and exact["masks_agree"]
                      and exact["changed_outside_mask"] == 0)
+    ours = present[1:]
+    sharp = groups.get("sharp", [])
+    sharp_psnr = [r["ours_sparse"]["vs_input"]["psnr"] for r in sharp]
+    worst = min(range(len(sharp)), key=lambda i: sharp_psnr[i]) if sharp else None
+    harm = {"psnr_input": rows["blurry"]["all"]["psnr"],
+            "psnr_output": {n: rows[n]["all"]["psnr"] for n in ours},
+            "output_below_input": {n: int(sum(r[n]["psnr"] < r["blurry"]["psnr"] for r in per_sample)) for n in ours},
+            "outside_true_mask": {n: {"mean_abs": mean(r[n]["vs_input"]["mean_abs_outside_true_mask"]
+                                                       for r in per_sample),
+                                      "psnr_vs_input": mean(r[n]["vs_input"]["psnr_outside_true_mask"]
+                                                            for r in per_sample)} for n in ours},
+            "sharp_samples": {"n": len(sharp),
+                              "mean_flagged_fraction": mean(r["flagged_fraction"] for r in sharp),
+                              "worst_psnr_vs_input": float(sharp_psnr[worst]) if sharp else None,
+                              "worst": (sharp[worst].get("name", sharp[worst]["index"]) if sharp else None),
+                              "below_40db": int(sum(p < 40.0 for p in sharp_psnr))}}
     gain = None
     if rows["ours_sparse"]["all"]["psnr_mask"] is not None:
         gain = rows["ours_sparse"]["all"]["psnr_mask"] - rows["blurry"]["all"]["psnr_mask"]
-    targets = {"mask_iou_ge_0.75": mask["pooled"]["iou"] >= 0.75, "psnr_mask_gain_db": gain,
-               "psnr_mask_gain_ge_3db": gain is not None and gain >= 3.0,
-               "outside_mask_bit_exact": exact["changed_outside_mask"] == 0}
-    return {"rows": rows, "mask": mask, "contracts": exact, "targets": targets}
+    targets = {"mask_iou_ge_0.75": mask["pooled"]["iou"] >= 0.75 if pooled["true"] else None,
+               "psnr_mask_gain_db": gain, "psnr_mask_gain_ge_3db": None if gain is None else gain >= 3.0,
+               "outside_mask_bit_exact": exact["changed_outside_mask"] == 0,
+               "output_never_below_input": harm["output_below_input"]["ours_sparse"] == 0}
+    return {"rows": rows, "mask": mask, "contracts": exact, "do_no_harm": harm, "targets": targets}
 
 
 def format_table(summary: dict) -> str:
     fmt = lambda v, p=2: "    -" if v is None else f"{v:.{p}f}"  # noqa: E731
+    yes = lambda v: "n/a" if v is None else "yes" if v else "no"  # noqa: E731
     lines = [f"{'row':<14} {'PSNR':>7} {'SSIM':>6} {'PSNR@mask':>10} {'SSIM@mask':>10} {'s/img':>7}"]
     for name, r in summary["rows"].items():
         a = r["all"]
         lines.append(f"{name:<14} {fmt(a['psnr']):>7} {fmt(a['ssim'], 4):>6} {fmt(a['psnr_mask']):>10} "
                      f"{fmt(a['ssim_mask'], 4):>10} {fmt(r.get('seconds_per_image'), 3):>7}")
-    m, c, t = summary["mask"], summary["contracts"], summary["targets"]
+    m, c, t, h = summary["mask"], summary["contracts"], summary["targets"], summary["do_no_harm"]
+    n = summary["rows"]["blurry"]["all"]["n"]
+    out = h["outside_true_mask"]["ours_sparse"]
+    mean_abs = "-" if out["mean_abs"] is None else f"{out['mean_abs']:.2e}"
     lines += [f"mask (pooled): IoU {m['pooled']['iou']:.3f}  precision {m['pooled']['precision']:.3f}  "
               f"recall {m['pooled']['recall']:.3f}; active {m['mean_active_fraction']:.1%}, "
               f"FLOPs saved {m['mean_flops_saved']:.1%}",
               f"sparse vs dense max |diff| {c['sparse_dense_max_abs']:.2e}; pixels changed outside the mask "
               f"{c['changed_outside_mask']}; contracts {'PASS' if c['pass'] else 'FAIL'}",
-              f"targets: IoU>=0.75 {'yes' if t['mask_iou_ge_0.75'] else 'no'}; PSNR@mask gain "
-              f"{fmt(t['psnr_mask_gain_db'])} dB (>=3: {'yes' if t['psnr_mask_gain_ge_3db'] else 'no'})"]
+              f"do no harm: whole-image PSNR ours_sparse {fmt(h['psnr_output']['ours_sparse'])} vs input "
+              f"{fmt(h['psnr_input'])} dB; output below input on {h['output_below_input']['ours_sparse']}/{n} "
+              f"samples (target 0); outside the true mask: mean |change| "
+              f"{mean_abs}, PSNR(output, input) "
+              f"{fmt(out['psnr_vs_input'])} dB"]
+    s = h["sharp_samples"]
+    if s["n"]:
+        lines.append(f"sharp samples ({s['n']}): flagged {s['mean_flagged_fraction']:.2%} of pixels on average; "
+                     f"worst PSNR(output, input) {fmt(s['worst_psnr_vs_input'])} dB ({s['worst']}); "
+                     f"{s['below_40db']} below 40 dB")
+    lines.append(f"targets: IoU>=0.75 {yes(t['mask_iou_ge_0.75'])}; PSNR@mask gain "
+                 f"{fmt(t['psnr_mask_gain_db'])} dB (>=3: {yes(t['psnr_mask_gain_ge_3db'])}); "
+                 f"output never below input {yes(t['output_never_below_input'])}")
     return "\n".join(lines)
 
 
@@ -343,16 +571,35 @@ def _finite(obj):
     return None if isinstance(obj, float) and not np.isfinite(obj) else obj
 
 
-def _write_grid(grid: list[list[np.ndarray]], path: Path, overwrite: bool = False) -> None:
+GRID_LABELS = {"synthetic": ("blurry", "predicted mask", "ours (sparse)", "classical (RL)", "sharp"),
+               "independent": ("blurry", "predicted mask", "ours (sparse)", "true mask", "sharp"),
+               "video": ("blurry (avg)", "predicted mask", "ours (sparse)", "true mask", "centre frame"),
+               "sharp": ("input", "predicted mask", "ours (sparse)", "|out - in| x10", "input")}
+GRID_TILE = 384   # tiles with a longer side are downscaled to it (whole photos, video frames)
+
+
+def _write_grid(grid: list[list[np.ndarray]], path: Path, overwrite: bool = False, set_name: str = "synthetic") -> None:
+    """One row per sample, the set's five columns (:data:`GRID_LABELS`); tiles of different sizes are
+    downscaled to at most ``GRID_TILE`` px and placed top-left in equal cells."""
     from PIL import Image, ImageDraw
     from .imgsave import save_image
-    labels, gap, head = ("blurry", "predicted mask", "ours (sparse)", "classical (RL)", "sharp"), 4, 16
-    h, w = grid[0][0].shape[:2]
-    canvas = np.full((head + len(grid) * (h + gap), len(labels) * (w + gap) - gap, 3), 255, np.uint8)
-    for i, tiles in enumerate(grid):
-        for j, tile in enumerate(tiles):
+    labels, gap, head = GRID_LABELS[set_name], 4, 16
+
+    def tile(a):
+        im = Image.fromarray(np.clip(np.asarray(a, np.float32) * 255 + 0.5, 0, 255).astype(np.uint8))
+        if max(im.size) > GRID_TILE:
+            s = GRID_TILE / max(im.size)
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BILINEAR)
+        return np.asarray(im)
+
+    tiles = [[tile(t) for t in row] for row in grid]
+    h = max(t.shape[0] for row in tiles for t in row)
+    w = max(t.shape[1] for row in tiles for t in row)
+    canvas = np.full((head + len(tiles) * (h + gap), len(labels) * (w + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, t in enumerate(row):
             y, x = head + i * (h + gap), j * (w + gap)
-            canvas[y:y + h, x:x + w] = np.clip(np.asarray(tile, np.float32) * 255 + 0.5, 0, 255).astype(np.uint8)
+            canvas[y:y + t.shape[0], x:x + t.shape[1]] = t
     img = Image.fromarray(canvas)
     draw = ImageDraw.Draw(img)
     for j, label in enumerate(labels):

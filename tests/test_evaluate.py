@@ -232,3 +232,141 @@ def test_out_of_range_options_name_the_flag(tmp_path, capsys, flag, value):
     err = capsys.readouterr().err.strip()
     assert err.startswith("m2ae-eval: error:") and flag in err and value in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ sets: sharp, independent, video; evaluate()
+def _tiny_corpus(root, sizes=((40, 56), (48, 36)), split="dev"):
+    """A corpus folder with one tiny smooth photo per size, in ``split`` (the m2ae-corpus manifest format)."""
+    from PIL import Image
+    entries = []
+    for i, (h, w) in enumerate(sizes):
+        rel = f"photos/test/p{i}.png"
+        (root / "photos" / "test").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((_smooth_photo(max(h, w), seed=10 + i)[:h, :w] * 255).astype(np.uint8)).save(root / rel)
+        entries.append({"file": rel, "kind": "photo", "split": split, "source": "test", "version": "1",
+                        "license": "CC0", "original": f"p{i}.png", "width": w, "height": h, "original_width": w,
+                        "original_height": h, "bytes": (root / rel).stat().st_size, "sha256": "0" * 64})
+    (root / "manifest.json").write_text(json.dumps({"format": "m2ae-corpus", "version": 1, "entries": entries}))
+    return root
+
+
+def test_sharp_set_on_a_tiny_corpus(tiny_ckpt, tmp_path, capsys):
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    out = tmp_path / "sharp"
+    assert ev.main(["--checkpoint", str(tiny_ckpt), "--set", "sharp", "--photos-dir", str(corpus), "--max-side", "48",
+                    "--threads", "1", "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "sharp samples (2)" in text and "below 40 dB" in text and "do no harm" in text
+    report = json.loads((out / "eval.json").read_text())
+    assert report["set"] == "sharp" and report["settings"]["split"] == "dev" and report["notes"]
+    assert set(report["rows"]) == {"blurry", "ours_dense", "ours_sparse"}
+    per = report["per_sample"]
+    assert [r["name"] for r in per] == ["photos/test/p0.png", "photos/test/p1.png"]
+    assert per[0]["size"] == [34, 48] and per[1]["size"] == [48, 36]      # long side <= --max-side, aspect kept
+    assert all(r["kind"] == "sharp" and r["blurry"]["psnr"] == ev.PSNR_CAP for r in per)
+    s = report["do_no_harm"]["sharp_samples"]
+    psnrs = [r["ours_sparse"]["vs_input"]["psnr"] for r in per]
+    assert s["n"] == 2 and s["worst_psnr_vs_input"] == min(psnrs) and s["below_40db"] == sum(p < 40 for p in psnrs)
+    assert s["mean_flagged_fraction"] == pytest.approx(np.mean([r["flagged_fraction"] for r in per]))
+    assert 0.0 < s["mean_flagged_fraction"] < 1.0                          # the re-centred head flags some pixels
+    # on a sharp photo PSNR against sharp IS PSNR against the input
+    assert all(r["ours_sparse"]["psnr"] == r["ours_sparse"]["vs_input"]["psnr"] for r in per)
+    assert report["contracts"]["pass"] and report["targets"]["mask_iou_ge_0.75"] is None
+    assert (out / "eval_grid.png").is_file()
+
+
+def test_sharp_set_refuses_the_heldout_split_of_a_dev_corpus_and_missing_corpora(tmp_path, capsys):
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    for args, needle in ((["--photos-dir", str(corpus), "--split", "heldout"], "no photos in the heldout split"),
+                         (["--photos-dir", str(tmp_path / "nowhere")], "manifest")):
+        out = tmp_path / "o"
+        assert ev.main(["--set", "sharp", *args, "--out", str(out), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("m2ae-eval: error:") and needle in err and "\n" not in err
+        assert not out.exists()                                           # refused before any work
+
+
+@pytest.mark.parametrize("args,needle", [(["--set", "sharp"], "--photos-dir"), (["--set", "video"], "--video"),
+                                         (["--video", "x.avi"], "--set video"),
+                                         (["--photos-dir", "d"], "--photos-dir"),
+                                         (["--set", "video", "--video", "x.avi", "--split", "dev"], "--split"),
+                                         (["--set", "independent", "--split", "validation"], "--split"),
+                                         (["--split", "dev"], "--split"), (["--radius", "0"], "--radius"),
+                                         (["--max-side", "4"], "--max-side")])
+def test_set_usage_errors_are_one_line_exit_2(tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as exc:
+        ev.main([*args, "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2ae-eval: error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_video_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert ev.main(["--set", "video", "--video", str(tmp_path / "none.avi"), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("m2ae-eval: error:") and "none.avi" in err and "not found" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_video_set_end_to_end(tiny_ckpt, tmp_path, capsys):
+    av = pytest.importorskip("av", reason="reading videos needs PyAV (pip install 'm2ae-infer[train]')")
+    rng = np.random.default_rng(3)
+    bg = (_smooth_photo(64, seed=4)[:48] * 255).astype(np.uint8)
+    path = tmp_path / "walk.mkv"
+    with av.open(str(path), "w") as c:
+        st = c.add_stream("ffv1", rate=10)
+        st.width, st.height, st.pix_fmt = 64, 48, "bgr0"
+        for t in range(14):
+            f = bg.copy()
+            f[16:28, 4 + 3 * t:16 + 3 * t] = rng.integers(150, 256, 3)    # a moving patch
+            for p in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+    out = tmp_path / "vid"
+    assert ev.main(["--checkpoint", str(tiny_ckpt), "--set", "video", "--video", str(path), "--samples", "2",
+                    "--radius", "2", "--threads", "1", "--out", str(out), "-q"]) == 0
+    assert "outside the true mask" in capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["rows"]) == {"blurry", "ours_dense", "ours_sparse", "ours_true_mask"}
+    assert report["settings"]["samples"] == 2 and all(r["kind"] == "local" for r in report["per_sample"])
+    harm = report["do_no_harm"]
+    for row in ("ours_dense", "ours_sparse", "ours_true_mask"):
+        assert set(harm["outside_true_mask"][row]) == {"mean_abs", "psnr_vs_input"}
+    # the true-mask row changes only pixels its (cell-rounded) working mask covers: little outside the true mask
+    per = report["per_sample"]
+    for row in ("ours_sparse", "ours_true_mask"):
+        figures = [r[row]["vs_input"]["mean_abs_outside_true_mask"] for r in per]
+        assert harm["outside_true_mask"][row]["mean_abs"] == pytest.approx(np.mean(figures))
+    assert 0 <= harm["outside_true_mask"]["ours_true_mask"]["mean_abs"] < 0.02
+    assert all(r["blurry"]["vs_input"]["psnr_outside_true_mask"] == ev.PSNR_CAP for r in per)
+    assert report["rows"]["blurry"]["all"]["psnr_mask"] < 40                # the patch really is smeared
+
+
+def test_independent_set_skips_classical_and_says_so(tiny_ckpt, tmp_path, capsys):
+    pytest.importorskip("m2ae_infer.data.independent")
+    out = tmp_path / "ind"
+    assert ev.main(["--checkpoint", str(tiny_ckpt), "--set", "independent", "--samples", "2", "--crop", "32",
+                    "--threads", "1", "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "classical row skipped" in text
+    report = json.loads((out / "eval.json").read_text())
+    assert "classical" not in report["rows"] and "ours_true_mask" in report["rows"]
+    assert report["settings"]["split"] == "heldout" and report["settings"]["seed"] == 1234
+
+
+def test_evaluate_callable_with_a_net_or_a_deblurrer(tiny_ckpt):
+    from m2ae_infer import load_checkpoint
+    net = load_checkpoint(tiny_ckpt)
+    samples = heldout_set(2, crop=32)
+    a = ev.evaluate(net, samples, rows=("blurry", "ours_dense", "ours_sparse"), device="cpu")
+    b = ev.evaluate(Deblurrer(net, device="cpu"), iter(samples), rows=ev.ROWS[:3], total=2)
+    assert len(a) == len(b) == 2 and "classical" not in a[0] and "ours_true_mask" not in a[0]
+    for x, y in zip(a, b):
+        assert x["ours_sparse"]["psnr"] == y["ours_sparse"]["psnr"] and x["mask"] == y["mask"]
+    s = ev.summarize(a)
+    assert set(s["rows"]) == {"blurry", "ours_dense", "ours_sparse"} and "do_no_harm" in s
+    assert s["do_no_harm"]["output_below_input"]["ours_sparse"] == sum(
+        r["ours_sparse"]["psnr"] < r["blurry"]["psnr"] for r in a)
