@@ -63,3 +63,12 @@ def make_mask(kind: str, height: int, width: int, seed: int = 0, batch: int = 1)
 
 
 MASK_KINDS = ["empty", "full", "one_pixel", "corners", "borders", "random0.01", "random0.2", "random0.5", "blobs"]
+
+
+def shipped_tiling() -> tuple[int, int]:
+    """``(overlap, least)`` of the shipped checkpoint: its minimum tile overlap and the smallest ``--tile`` the
+    CLI takes (``MIN_TILE_OVERLAPS`` overlaps), so CLI tiling tests follow the shipped network's receptive field."""
+    from m2ae_infer import Deblurrer
+    from m2ae_infer.cli import MIN_TILE_OVERLAPS
+    overlap = Deblurrer(tile=None).tiling.overlap
+    return overlap, MIN_TILE_OVERLAPS * overlap

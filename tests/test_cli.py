@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from m2ae_infer import save_checkpoint
-from helpers import random_net
+from helpers import random_net, shipped_tiling
+
+OVERLAP, LEAST = shipped_tiling()   # the shipped network's tile overlap and the smallest --tile
 
 
 def run_cli(*args, cwd):
@@ -194,8 +196,8 @@ def test_example_with_other_inputs_keeps_their_names(workdir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,needles,banned", [
-    (["--tile", "1"], ["--tile 1", "56"], []),
-    (["--tile-overlap", "10"], ["--tile-overlap", "28"], ["tile_overlap"]),
+    (["--tile", "1"], ["--tile 1", str(LEAST)], []),
+    (["--tile-overlap", "10"], ["--tile-overlap", str(OVERLAP)], ["tile_overlap"]),
     (["--tile-overlap", "-4"], ["--tile-overlap"], ["tile_overlap"]),
     (["--device", "meta"], ["--device", "cuda:N"], []),
     (["--device", "mps"], ["--device", "cuda:N"], []),
@@ -214,7 +216,8 @@ def test_setup_errors_name_the_flags(tmp_path, capsys, args, needles, banned):
 
 def test_report_counts_savings_against_the_untiled_dense_run(tmp_path, capsys):
     """A tiled --full run costs more than the untiled dense run: the report must not call that a saving."""
-    Image.fromarray(np.random.default_rng(9).integers(0, 256, (131, 257, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    code, out, err = deblur(capsys, tmp_path / "in.png", "-o", tmp_path / "o", "--tile", "56", "--full")
+    size = (max(131, LEAST + 8), max(257, LEAST + 40))
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    code, out, err = deblur(capsys, tmp_path / "in.png", "-o", tmp_path / "o", "--tile", str(LEAST), "--full")
     assert code == 0, err
     assert "tiles" in out and "saved" not in out and "more, tile overlaps" in out

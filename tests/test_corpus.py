@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from helpers import random_net
+from helpers import random_net, shipped_tiling
 from PIL import Image
 
 from m2ae_infer import M2AEConfig, save_checkpoint
@@ -311,7 +311,7 @@ CASES: dict[str, Case] = {
     "ckpt-is-a-folder": Case(GOOD, code=2, needle="is a directory", ckpt=("dir.pth", lambda p: p.mkdir())),
     "ckpt-onnx-extension": Case(GOOD, code=2, needle="unsupported extension", ckpt=("net.onnx", _bytes(b"\x08\x07"))),
     # ---- options
-    "tile-overlap-too-small": Case(GOOD, code=2, needle="at least 28", extra=("--tile", "64", "--tile-overlap", "8")),
+    "tile-overlap-too-small": Case(GOOD, code=2, needle=f"at least {shipped_tiling()[0]}", extra=("--tile", "64", "--tile-overlap", "8")),
     "negative-tile": Case(GOOD, code=2, needle="tile size must be >= 0", extra=("--tile", "-3")),
     "threshold-out-of-range": Case(GOOD, code=2, needle="threshold", extra=("--threshold", "1.5")),
     # ---- valid but unusual inputs: exit 0 and the right output
@@ -319,7 +319,7 @@ CASES: dict[str, Case] = {
     "one-row": Case(_save(Image.fromarray(PHOTO[:1])), code=0, check=_expect_image((W, 1), "RGB", PHOTO[:1])),
     "one-column": Case(_save(Image.fromarray(PHOTO[:, :1])), code=0, check=_expect_image((1, H), "RGB", PHOTO[:, :1])),
     "aspect-3x1500-tiled": Case(_save(Image.fromarray(np.tile(PHOTO[:3], (1, 24, 1))[:, :1500])), code=0,
-                                extra=("--tile", "64"),
+                                extra=("--tile", str(shipped_tiling()[1])),
                                 check=_expect_image((1500, 3), "RGB", np.tile(PHOTO[:3], (1, 24, 1))[:, :1500])),
     "16-bit-gray-png": Case(_save(Image.fromarray(_u16_gray())), code=0,
                             check=_expect_image((W, H), "I;16", _u16_gray())),

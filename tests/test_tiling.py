@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_mask, random_net
+from helpers import make_mask, random_net, shipped_tiling
 from PIL import Image
 
 from m2ae_infer import Deblurrer, M2AEConfig, M2AENet, reparameterize_model, tiling
@@ -166,8 +166,10 @@ def test_tiled_equals_untiled_default_config_dilated_mask(execution):
 def test_tiled_equals_untiled_shipped_checkpoint():
     photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:397, :389]     # odd sizes
     ref, ref_info = Deblurrer(tile=None).run(photo, return_info=True)
-    out, info = Deblurrer(tile=96).run(photo, return_info=True)
-    assert info.tiles == 25 and 0.01 < info.active_fraction < 0.9
+    tiled = Deblurrer(tile=96)
+    plan = plan_tiles(397, 389, 96, tiled.tiling.overlap, tiled.tiling.align)
+    out, info = tiled.run(photo, return_info=True)
+    assert info.tiles == len(plan) > 1 and 0.0 < info.active_fraction < 0.9
     assert np.array_equal(info.mask, ref_info.mask)
     # uint8 out: the float results agree within 1e-5, so a rounded value moves by at most one level
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
@@ -176,7 +178,7 @@ def test_tiled_equals_untiled_shipped_checkpoint():
     ref_floats = Deblurrer(tile=None).run(photo.astype(np.float32) / 255)
     assert np.abs(floats - ref_floats).max() <= 1e-5
     # FLOPs summed over tiles: the overlaps cost more than the untiled run, at most their share of pixels
-    crops = sum((b - t) * (r - l) for t, b, l, r in (tile.crop for tile in plan_tiles(397, 389, 96, 28)))
+    crops = sum((b - t) * (r - l) for t, b, l, r in (tile.crop for tile in plan))
     assert ref_info.flops_dense < finfo.flops_dense <= crops / (397 * 389) * ref_info.flops_dense
 
 
@@ -296,11 +298,14 @@ def test_flops_are_the_sum_of_exact_per_tile_counts():
 
 def test_cli_tile_option_gives_the_untiled_output(tmp_path, capsys):
     from m2ae_infer.cli import main
-    photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:150, :131]
-    Image.fromarray(photo).save(tmp_path / "in.png")
-    # 56 = the smallest tile the CLI takes (2 x the 28-pixel overlap): ceil(150/56) x ceil(131/56) = 3 x 3 tiles
-    assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "tiled.png"), "--tile", "56", "--save-mask"]) == 0
-    assert "9 tiles]" in capsys.readouterr().out
+    overlap, least = shipped_tiling()    # the smallest tile the CLI takes: 2 x the shipped network's overlap
+    photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))
+    photo = np.pad(photo, ((0, max(0, 3 * least // 2 - 400)), (0, max(0, least + least // 4 - 400)), (0, 0)),
+                   mode="reflect")[:max(150, 3 * least // 2), :max(131, least + least // 4)]
+    Image.fromarray(np.ascontiguousarray(photo)).save(tmp_path / "in.png")
+    tiles = len(plan_tiles(*photo.shape[:2], least, overlap, receptive_field(Deblurrer().network).align))
+    assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "tiled.png"), "--tile", str(least), "--save-mask"]) == 0
+    assert tiles > 1 and f"{tiles} tiles]" in capsys.readouterr().out
     assert main([str(tmp_path / "in.png"), "-o", str(tmp_path / "whole.png"), "--tile", "0", "--save-mask"]) == 0
     tiled, whole = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("tiled", "whole"))
     assert np.abs(tiled - whole).max() <= 1

@@ -30,6 +30,9 @@ from ..kernels.reference import activation
 
 LUMA = (0.299, 0.587, 0.114)   # ITU-R BT.601: motion blur shows in luma; 1 channel keeps the full-res filter cheap
 ENERGY_EPS = 1e-4              # log(energy + eps): ~1/100 grey level of gradient, below 8-bit quantization
+# log energies span about -9.2 (flat) .. 0 (strong edges); unscaled, they saturated the trunk and training
+# collapsed to "nothing is blurred" (measured): centre and scale them to about -1 .. 2.
+LOG_ENERGY_CENTRE, LOG_ENERGY_SCALE = -6.0, 1.0 / 3.0
 
 
 class MultiScaleBlurDetector(nn.Module):
@@ -69,6 +72,7 @@ class MultiScaleBlurDetector(nn.Module):
         """``[B, 3, H, W]`` -> logits ``[B, 1, ceil(H/8), ceil(W/8)]`` before the upsample (local: see tiling)."""
         luma = (image * self.luma.to(image.dtype)).sum(dim=1, keepdim=True)
         energy = torch.log(self.energy_pool(_pad_to(self.filters(luma) ** 2, 4)) + ENERGY_EPS)
+        energy = (energy - LOG_ENERGY_CENTRE) * LOG_ENERGY_SCALE      # O(1) inputs for the trunk
         colour = self.colour_pool(_pad_to(image, 4))
         h = activation(self.quarter(torch.cat([energy, colour], dim=1)), self.act)
         h = activation(self.down(h), self.act)
