@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
+
+DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
 from .executor import DENSE_ABOVE, EXECUTIONS, TorchExecutor
 from .imgio import ImageError, load_image, prepare_image
 from .model import M2AENet
@@ -77,7 +79,9 @@ class Deblurrer:
             kernels, :mod:`m2ae_infer.triton_executor`: CUDA only, or CPU with ``TRITON_INTERPRET=1`` set, slow).
         execution: ``"sparse"`` (active pixels only), ``"dense"`` (everything, then gated) or ``"auto"``
             (sparse below ``dense_above`` active fraction).
-        threshold: blur probability above which a pixel is computed (``sigmoid(logit) > threshold``).
+        threshold: blur probability above which a pixel is computed (``sigmoid(logit) > threshold``); ``None``:
+            the threshold stored in the checkpoint's meta (``"threshold"``, chosen on the dev split for the
+            shipped checkpoint), else 0.5.
         dilation: grow the predicted mask by this many working pixels (2 input pixels each).
         config, key_map: passed to :func:`load_checkpoint` for checkpoints that need them.
         dense_above: active fraction above which ``execution="auto"`` runs dense; default: the backend's
@@ -90,21 +94,21 @@ class Deblurrer:
     """
 
     def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",
-                 backend: str = "auto", execution: str = "auto", threshold: float = 0.5, dilation: int = 0,
+                 backend: str = "auto", execution: str = "auto", threshold: float | None = None, dilation: int = 0,
                  config=None, key_map=None, dense_above: float | None = None, tile: int | str | None = "auto",
                  tile_overlap: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        if not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
             raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold!r}")
         if not (isinstance(dilation, int) and dilation >= 0):
             raise ValueError(f"dilation must be a non-negative int, got {dilation!r}")
         self.device = _resolve_device(device)
         self.execution = execution
-        self.threshold, self.dilation = float(threshold), dilation
-        net = self._load(checkpoint, config, key_map)
+        net, stored = self._load(checkpoint, config, key_map)
+        self.threshold, self.dilation = float(stored if threshold is None else threshold), dilation
         self.network = reparameterize_model(net).to(self.device)
         self.executor = _make_executor(backend, self.network, self.device, execution, self.threshold,
                                        dilation, dense_above)
@@ -113,9 +117,18 @@ class Deblurrer:
         self._mask_flops = None   # the tiled runs' FLOP counter, made on first use
 
     @staticmethod
-    def _load(checkpoint, config, key_map) -> M2AENet:
+    def _load(checkpoint, config, key_map) -> tuple[M2AENet, float]:
+        """The network and the threshold its checkpoint's meta recommends (0.5 when it names none)."""
         if isinstance(checkpoint, M2AENet):
-            return checkpoint
+            net = checkpoint
+        else:
+            net = Deblurrer._load_file(checkpoint, config, key_map)
+        stored = getattr(net, "checkpoint_meta", {}).get("threshold", DEFAULT_THRESHOLD)
+        ok = isinstance(stored, (int, float)) and not isinstance(stored, bool) and 0.0 < stored < 1.0
+        return net, float(stored) if ok else DEFAULT_THRESHOLD
+
+    @staticmethod
+    def _load_file(checkpoint, config, key_map) -> M2AENet:
         if checkpoint is None:
             if not DEFAULT_CHECKPOINT.is_file():
                 raise FileNotFoundError(f"no default checkpoint is shipped in this install ({DEFAULT_CHECKPOINT}); "

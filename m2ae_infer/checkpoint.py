@@ -221,6 +221,7 @@ def load_checkpoint(path: PathLike, *, config: M2AEConfig | Mapping[str, Any] | 
         raise CheckpointError(path, f"state dict does not fit ({type(exc).__name__}: {one_line(exc, 160)})") from exc
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
+    model.checkpoint_meta = dict(ckpt.meta)   # e.g. the dev-chosen "threshold" the API defaults to
     return model.eval()
 
 

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=device_arg, help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--execution", default="auto", choices=("auto", "sparse", "dense"),
                    help="sparse: masked pixels only; dense: everything; auto: by mask density (default)")
-    p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="blur probability threshold (default: the checkpoint's recommended one, else 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
     p.add_argument("--full", action="store_true", help="restore every pixel (globally blurred photos)")
     p.add_argument("--tile", default="auto", type=_tile_size, metavar="N",

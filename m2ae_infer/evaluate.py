@@ -143,7 +143,7 @@ def classical_restore(sample, iterations: int = 30) -> tuple[np.ndarray, str]:
 
 # ------------------------------------------------------------------------------------------------- CLI
 # ------------------------------------------------------------------------------------------- evaluation
-def _runners(model, device="auto", threshold=0.5, dilation=0) -> dict:
+def _runners(model, device="auto", threshold=None, dilation=0) -> dict:
     """``{"dense": Deblurrer, "sparse": Deblurrer}`` for a network, a :class:`Deblurrer` (its network, device,
     threshold and dilation) or such a dict already."""
     from .api import Deblurrer
@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", default="m2ae_eval", type=path_arg,
                    help="output folder for eval.json and eval_grid.png (default m2ae_eval)")
     p.add_argument("--force", action="store_true", help="replace eval.json and eval_grid.png already in --out")
-    p.add_argument("--threshold", type=float, default=0.5, help="blur probability threshold (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="blur probability threshold (default: the checkpoint's recommended one, else 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default="auto", type=device_arg,
@@ -294,7 +295,7 @@ def _check_args(parser, args) -> None:
         if not low <= value <= high:
             parser.error(f"{flag} must lie in {low}..{high}, got {value}"
                          + (" (larger crops than the photos would only mirror-pad them)" if flag == "--crop" else ""))
-    if not 0.0 < args.threshold < 1.0:
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     if args.dilation < 0:
         parser.error(f"--dilation must be >= 0, got {args.dilation}")

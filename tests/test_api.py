@@ -220,3 +220,18 @@ def test_unsupported_devices_are_refused_up_front(net, device):
     with pytest.raises(ValueError, match="cuda:N") as err:
         Deblurrer(net, device=device)
     assert "\n" not in str(err.value)
+
+
+def test_threshold_defaults_to_the_checkpoints_recommendation(tmp_path):
+    """threshold=None takes the checkpoint meta's dev-chosen "threshold"; an explicit value wins; none stored: 0.5."""
+    from m2ae_infer import save_checkpoint
+    net = random_net("tiny", seed=3)
+    save_checkpoint(net, tmp_path / "t.safetensors", meta={"threshold": 0.8})
+    save_checkpoint(net, tmp_path / "plain.pth")
+    assert Deblurrer(tmp_path / "t.safetensors").threshold == 0.8
+    assert Deblurrer(tmp_path / "t.safetensors", threshold=0.3).threshold == 0.3
+    assert Deblurrer(tmp_path / "plain.pth").threshold == 0.5 and Deblurrer(net).threshold == 0.5
+    image = np.random.default_rng(0).random((20, 24, 3)).astype(np.float32)
+    _, high = Deblurrer(tmp_path / "t.safetensors").run(image, return_info=True)
+    _, low = Deblurrer(tmp_path / "t.safetensors", threshold=0.2).run(image, return_info=True)
+    assert high.active_fraction <= low.active_fraction
