@@ -14,6 +14,7 @@ from .checkpoint import load_checkpoint
 
 DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
 from .executor import DENSE_ABOVE, EXECUTIONS, TorchExecutor
+from .flops import MaskPassFlops
 from .imgio import ImageError, load_image, prepare_image
 from .model import M2AENet
 from .model.mask import full_resolution
@@ -188,8 +189,7 @@ class Deblurrer:
     def _run_tiled(self, img, prepared, tiles, user_mask, return_info: bool):
         """:meth:`run` for images cut into ``tiles`` (:func:`m2ae_infer.tiling.run_tiled`)."""
         if return_info and self._mask_flops is None:
-            from .tiling import _MaskPassFlops
-            self._mask_flops = _MaskPassFlops(self.network)
+            self._mask_flops = MaskPassFlops(self.network)
         run = run_tiled(prepared, tiles, self.executor, self.network, self.device, user_mask,
                         threshold=self.threshold, dilation=self.dilation, execution=self.execution,
                         count_flops=return_info, flop_counter=self._mask_flops)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .allocator import keep_freed_memory
+from .flops import AffineFlops, count_isolated
 from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets,
                                 sparse_stage_, sparse_tail_, to_padded_buffer)
 from .model import M2AENet
@@ -78,6 +79,7 @@ class TorchExecutor:
         self.tail_weight = net.tail.weight.detach().flatten(1).t().contiguous()   # [C, 12]
         self.tail_bias = net.tail.bias.detach().clone()
         self._meta: TorchExecutor | None = None    # meta-device twin for FLOP counting
+        self._flops = AffineFlops(self._count_on_meta)
 
     def choose(self, execution: str, active: int, total: int) -> str:
         if execution not in EXECUTIONS:
@@ -125,21 +127,23 @@ class TorchExecutor:
 
     def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
                     predict_mask: bool = True) -> int:
-        """FLOPs one call executes, counted by ``FlopCounterMode`` on meta tensors of the same shapes.
+        """FLOPs one call executes (``active``: True working-mask pixels), from a per-shape cost model.
 
-        The code that runs is the one :meth:`run` runs (only the device differs: a meta-device copy of
-        the weights), so the count is what the real call executes; ``active`` is the number of True
-        working-mask pixels. Gathers and scatters move bytes, not FLOPs, and count zero.
+        Counted once per shape by ``FlopCounterMode`` on a meta-device twin running this executor's own
+        code, so the count equals what ``FlopCounterMode`` sees on the real call; sparse counts are affine in
+        ``active`` (:class:`~m2ae_infer.flops.AffineFlops`), and the counting never shows in a counter or
+        profiler around the caller (:func:`~m2ae_infer.flops.count_isolated`). Gathers and scatters move bytes,
+        not FLOPs, and count zero.
         """
-        # Imported here: torch.utils.flop_counter imports triton when it is installed, and importing
-        # m2ae_infer must not (tests/test_lazy_imports.py).
-        from torch.utils.flop_counter import FlopCounterMode
+        return self._flops((batch, height, width, execution, predict_mask), active, execution != "dense")
 
+    def _count_on_meta(self, key: tuple, active: int) -> int:
+        batch, height, width, execution, predict_mask = key
         if self._meta is None:
             self._meta = TorchExecutor(copy.deepcopy(self.net).to("meta"), self.dense_above)
         net = self._meta.net
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
+
+        def call() -> None:
             padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
             features = net.stem_features(padded)
             if predict_mask:
@@ -150,4 +154,4 @@ class TorchExecutor:
             else:
                 coords = tuple(torch.empty(active, dtype=torch.long, device="meta") for _ in range(3))
                 self._meta.sparse_body(padded, features, coords)
-        return int(counter.get_total_flops())
+        return count_isolated(call)

@@ -26,7 +26,6 @@ Memory: the float image is never built whole; tiles are read from the input in i
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .flops import MaskPassFlops
 from .model.mask import binarize, full_resolution, pad_to_even
 from .model.network import SHUFFLE, M2AENet
 
@@ -249,28 +249,6 @@ class TiledRun:
         return next(iter(self.executions), "none")
 
 
-class _MaskPassFlops:
-    """FLOPs of the mask pass on a crop (stem + mask-head convs), counted on a meta-device copy."""
-
-    def __init__(self, net: M2AENet):
-        self.net = copy.deepcopy(net).to("meta")
-        self.cache: dict[tuple[int, int, int], int] = {}
-
-    def __call__(self, batch: int, height: int, width: int) -> int:
-        key = (batch, height, width)
-        if key not in self.cache:
-            # Imported here: torch.utils.flop_counter imports triton when it is installed, and importing
-            # m2ae_infer must not (tests/test_lazy_imports.py).
-            from torch.utils.flop_counter import FlopCounterMode
-
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
-                self.net.mask_head.coarse_logits(padded, self.net.stem_features(padded))
-            self.cache[key] = int(counter.get_total_flops())
-        return self.cache[key]
-
-
 def _working_mask(full: torch.Tensor) -> torch.Tensor:
     """Full-resolution bool ``[B, 1, H, W]`` -> working mask (any of each 2x2 block), without a float copy."""
     full = pad_to_even(full)
@@ -289,7 +267,7 @@ def _half(x: int) -> int:
 @torch.inference_mode()
 def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: torch.device,
               user_mask: torch.Tensor | None, *, threshold: float, dilation: int, execution: str,
-              count_flops: bool = True, flop_counter: _MaskPassFlops | None = None) -> TiledRun:
+              count_flops: bool = True, flop_counter: MaskPassFlops | None = None) -> TiledRun:
     """Run ``executor`` over ``tiles`` of ``prepared`` (a :class:`~m2ae_infer.imgio.PreparedImage`).
 
     Args:
@@ -302,7 +280,7 @@ def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: t
     batch, _, height, width = prepared.shape
     mask_flops = 0
     if user_mask is None:
-        flop_counter = flop_counter or (_MaskPassFlops(network) if count_flops else None)
+        flop_counter = flop_counter or (MaskPassFlops(network) if count_flops else None)
         jump = network.mask_head.jump
         logits = torch.empty((batch, 1, _cells(height, jump), _cells(width, jump)), device=device)
         for t in tiles:
@@ -322,21 +300,6 @@ def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: t
         mask = _working_mask(user_mask)
     run = TiledRun(prepared.new_output(), mask, int(mask.sum()), tiles=len(tiles))
     run.flops_dense = run.flops_executed = mask_flops
-    counted: dict[tuple, int] = {}
-
-    def body_flops(height: int, width: int, active: int, chosen: str) -> int:
-        """``executor.count_flops`` (FlopCounterMode on meta tensors, ~25 ms a call), per crop shape: dense
-        counts do not depend on ``active`` and sparse ones are affine in it (the same GEMMs per active pixel),
-        so two counts per shape give every tile's."""
-        def count(a: int) -> int:
-            key = (height, width, a, chosen)
-            if key not in counted:
-                counted[key] = executor.count_flops(batch, height, width, a, chosen, False)
-            return counted[key]
-        if chosen == "dense":
-            return count(0)
-        return count(0) + active * (count(1) - count(0))
-
     for t in tiles:
         core = mask[..., t.top // SHUFFLE:_half(t.bottom), t.left // SHUFFLE:_half(t.right)]
         if not bool(core.any()):
@@ -353,8 +316,9 @@ def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: t
         run.executions.add(result.execution)
         if count_flops:
             crop_h, crop_w = bottom - top, right - left
-            run.flops_dense += body_flops(crop_h, crop_w, 0, "dense")
-            run.flops_executed += body_flops(crop_h, crop_w, result.active_pixels, result.execution)
+            run.flops_dense += executor.count_flops(batch, crop_h, crop_w, 0, "dense", False)
+            run.flops_executed += executor.count_flops(batch, crop_h, crop_w, result.active_pixels,
+                                                       result.execution, False)
         del crop, crop_mask, result
     if device.type == "cuda":
         torch.cuda.synchronize(device)
