@@ -18,9 +18,11 @@ form; for bare state dicts the keys do (``blocks.N.spatial.*`` deploy, ``.rbr_*`
 training), and a deploy checkpoint loads into a deploy-form network, unmerged. Missing BatchNorm
 ``num_batches_tracked`` buffers are tolerated, as ``torch`` does for old checkpoints.
 
-The check runs against the network built on the ``meta`` device (shapes and dtypes, no storage), so a config
-that does not match the stored tensors, however large it claims to be, is refused before any weight memory
-is allocated. When ``torch.load`` fails, the file's main pickle is read with :mod:`pickletools` (which
+The check runs on the file's *structure* (its tensors on the ``meta`` device, no data read:
+:mod:`m2ae_infer.checkpoint_source`) against the network built on the ``meta`` device, so a config or a tensor
+that does not fit, however large it claims to be, is refused before any of its memory is allocated; compressed
+records that would inflate to far more than the network's weights are refused from the zip directory, and the
+stripping of prefixes refuses two keys landing on one name as ``key_map`` does. When ``torch.load`` fails, the file's main pickle is read with :mod:`pickletools` (which
 parses opcodes, never executes them) to tell code, a pickle that weights-only loading cannot read
 (``pickle.dump`` files, protocol >= 4) and a truncated or corrupt file apart. Messages name the Python
 argument and the CLI option together: of the CLIs only ``m2ae-train`` takes an architecture (``--config``).
@@ -30,45 +32,32 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 
 from .atomic import atomic_path
+from .checkpoint_source import (FORMAT, SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, WRAPPER_KEYS, CheckpointError,
+                                CheckpointSource, Contents, checked_suffix, listing)
 from .config import M2AEConfig
-from .messages import one_line
+from .messages import one_line, shown
 from .model.network import M2AENet
-from .pickle_scan import scan_main_pickle
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
-FORMAT, VERSION = "m2ae", 1
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-SAFETENSORS_SUFFIXES = (".safetensors",)
-WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "ema", "net")  # preference order
+VERSION = 1
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
-SHOWN = 8  # keys listed per category in an error message
 GIVE_CONFIG = "Python: config=...; m2ae-train: --config ..."  # how an architecture is given (m2ae-deblur cannot)
-TRUST_TORCH = ("if you trust it, torch.load it with weights_only=False in a trusted environment and "
-               "re-save model.state_dict() with torch.save or m2ae_infer.save_checkpoint")
-TRUST_PICKLE = ("if you trust it, pickle.load it in a trusted environment and re-save the weights with "
-                "torch.save(state_dict, path) or m2ae_infer.save_checkpoint")
+MAX_META_DEPTH = 32   # nesting of the free-form meta (lists and dicts); ours holds 2-3 levels
+# Compressed tensor records are inflated whole by torch.load (stored ones are memory-mapped): their declared
+# size may be at most INFLATE_FACTOR x the network's weights + INFLATE_SLACK (a checkpoint may carry an EMA copy
+# or small extras), and never above MAX_INFLATED_BYTES (~30x the `large` variant).
+INFLATE_FACTOR, INFLATE_SLACK, MAX_INFLATED_BYTES = 4, 16 * 2**20, 256 * 2**20
 
 PathLike = Union[str, "os.PathLike[str]"]
 KeyMap = Union[Sequence[tuple[str, str]], Mapping[str, str]]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be written or read; the message is one line naming the file, problem and fix."""
-
-    def __init__(self, path: PathLike, problem: str = "", fix: str = ""):
-        # CheckpointError(message) alone also works (and is what unpickling the exception calls)
-        text = os.fspath(path) + (f": {problem}" if problem else "") + (f"; {fix}" if fix else "")
-        super().__init__(one_line(text))  # one line, whatever the wrapped exception printed
 
 
 @dataclass
@@ -142,21 +131,20 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def _suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
-        raise CheckpointError(path, f"unsupported extension {suffix or '(none)'!r}",
-                              f"use one of {', '.join(TORCH_SUFFIXES + SAFETENSORS_SUFFIXES)}")
-    return suffix
+    return checked_suffix(path)
 
 
-def _check_meta(path: Path, value: Any, where: str) -> None:
+def _check_meta(path: Path, value: Any, where: str, depth: int = 0) -> None:
     if value is None or isinstance(value, (str, int, float, bool)):
         return
+    if depth >= MAX_META_DEPTH:
+        raise CheckpointError(path, f"{where} is nested more than {MAX_META_DEPTH} levels deep",
+                              "meta may hold only a few levels of lists/dicts")
     if isinstance(value, (list, dict)):
         for key, item in value.items() if isinstance(value, dict) else enumerate(value):
             if isinstance(value, dict) and not isinstance(key, str):
                 raise CheckpointError(path, f"{where} has a non-string key {key!r}", "use string keys")
-            _check_meta(path, item, f"{where}[{key!r}]")
+            _check_meta(path, item, f"{where}[{shown(key)!r}]" if depth < 4 else f"{where}[...]", depth + 1)
         return
     raise CheckpointError(path, f"{where} is a {type(value).__name__}",
                           "meta may hold only str/int/float/bool/None and lists/dicts of those")
@@ -170,18 +158,22 @@ def read_checkpoint(path: PathLike, *, key_map: KeyMap | None = None, map_locati
         path: a ``.pth``/``.pt``/``.bin``/``.ckpt`` torch file or a ``.safetensors`` file.
         key_map: regex rules ``[(pattern, replacement), ...]`` (or a dict), applied in order with
             ``re.sub`` to every key after wrappers and prefixes are removed.
-        map_location: where tensors are loaded (``torch.load``'s argument).
+        map_location: where tensors are loaded: a device (the state dict's tensors are moved there), or any
+            other ``torch.load`` ``map_location``. Tensors of an uncompressed torch zip are memory-mapped.
     """
-    path = Path(path)
-    read = _read_safetensors if _sniff(path) == "safetensors" else _read_torch
-    ckpt = read(path, map_location)
-    ckpt.state_dict = _apply_key_map(path, _strip_prefixes(ckpt.state_dict), key_map)
-    return ckpt
+    source = CheckpointSource.open(path)
+    structure = _clean(source, source.read("meta"), key_map)
+    deploy = structure.deploy if structure.deploy is not None else _looks_deployed(structure.state_dict)
+    _check_inflated(source, _network_state(structure.config or M2AEConfig(), deploy))
+    return _clean(source, source.read(map_location), key_map)
 
 
 def load_checkpoint(path: PathLike, *, config: M2AEConfig | Mapping[str, Any] | None = None,
                     key_map: KeyMap | None = None, map_location: Any = "cpu") -> M2AENet:
     """Load a checkpoint into a new :class:`M2AENet`, returned in eval mode, in the form it was stored.
+
+    Keys, shapes and dtypes are checked on the file's structure (no tensor data read) against the network built
+    on the meta device, so a misfit, however large the tensors it declares, is refused before allocating them.
 
     Args:
         path: checkpoint file (see :func:`read_checkpoint`).
@@ -191,24 +183,32 @@ def load_checkpoint(path: PathLike, *, config: M2AEConfig | Mapping[str, Any] | 
     Raises:
         CheckpointError: unreadable/unsafe file, or keys/shapes/dtypes/values that do not fit the network.
     """
-    ckpt = read_checkpoint(path, key_map=key_map, map_location=map_location)
-    path = ckpt.path
+    source = CheckpointSource.open(path)
+    path = source.path
+    structure = _clean(source, source.read("meta"), key_map)
     if config is not None and not isinstance(config, M2AEConfig):
         try:
             config = M2AEConfig.from_dict(config)
         except (ValueError, TypeError) as exc:
             raise CheckpointError(path, f"the architecture config given is invalid ({exc})",
                                   f"fix it ({GIVE_CONFIG})") from exc
-    if config is not None and ckpt.config is not None and config != ckpt.config:
-        stored = ckpt.config.to_dict()
+    if config is not None and structure.config is not None and config != structure.config:
+        stored = structure.config.to_dict()
         differ = ", ".join(f"{k} (stored {stored[k]!r}, given {v!r})" for k, v in config.to_dict().items()
                            if stored[k] != v)
         raise CheckpointError(path, f"the architecture config given disagrees with the one stored in the file on "
                               f"{differ}", f"give the stored values ({GIVE_CONFIG}) or, in Python, leave config= "
                               "out to use the stored config")
-    cfg = ckpt.config or config or M2AEConfig()
-    deploy = ckpt.deploy if ckpt.deploy is not None else _looks_deployed(ckpt.state_dict)
-    _check_fit(path, ckpt.state_dict, _network_state(cfg, deploy), _fit_advice(ckpt.config, config, key_map))
+    cfg = structure.config or config or M2AEConfig()
+    deploy = structure.deploy if structure.deploy is not None else _looks_deployed(structure.state_dict)
+    expected = _network_state(cfg, deploy)
+    fix = _fit_advice(structure.config, config, key_map)
+    _check_fit(path, structure.state_dict, expected, fix)
+    _check_inflated(source, expected)
+    # The network is built on the CPU and moved afterwards; the tensors are read there (mapped where possible).
+    device = map_location if isinstance(map_location, (str, torch.device)) else None
+    ckpt = _clean(source, source.read("cpu" if device is not None else map_location), key_map)
+    _check_fit(path, ckpt.state_dict, expected, fix)   # the same file read again: cheap, and it may have changed
     _check_values(path, ckpt.state_dict)
     try:  # the shapes fit, so the network is no larger than the tensors already read
         model = M2AENet(cfg, inference_mode=deploy)
@@ -219,160 +219,50 @@ def load_checkpoint(path: PathLike, *, config: M2AEConfig | Mapping[str, Any] | 
         model.load_state_dict(ckpt.state_dict, strict=True)
     except (MemoryError, RuntimeError) as exc:  # pre-checked above; kept so nothing half-loaded escapes
         raise CheckpointError(path, f"state dict does not fit ({type(exc).__name__}: {one_line(exc, 160)})") from exc
-    if isinstance(map_location, (str, torch.device)):
-        model.to(map_location)
+    if device is not None:
+        model.to(device)
     model.checkpoint_meta = dict(ckpt.meta)   # e.g. the dev-chosen "threshold" the API defaults to
     return model.eval()
 
 
-def _sniff(path: Path) -> str:
-    """'torch' or 'safetensors' from the file's first bytes, checked against its extension."""
-    if not path.exists():
-        raise CheckpointError(path, "no such file", "check the path")
-    if path.is_dir():
-        raise CheckpointError(path, "is a directory, not a checkpoint file", "give the checkpoint file inside it")
-    suffix = _suffix(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    if size == 0:
-        raise CheckpointError(path, "is empty", "the file was not written completely; save it again")
-    # safetensors first: its header length (u64 little-endian) may start with 0x80, a pickle's first byte
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
-        kind = "safetensors"
-    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip archive / legacy pickle
-        kind = "torch"
-    elif len(head) == 9 and head[8:9] == b"{" and suffix in SAFETENSORS_SUFFIXES:   # the header runs past the end
-        raise CheckpointError(path, f"truncated (its safetensors header says {struct.unpack('<Q', head[:8])[0]} "
-                              f"bytes, the file has {size - 8} after the length)", "download or copy the file again")
-    else:
-        raise CheckpointError(path, "unrecognized content (neither a torch checkpoint nor safetensors)",
-                              "check that this is the right file and that it was copied completely")
-    expected = "safetensors" if suffix in SAFETENSORS_SUFFIXES else "torch"
-    if kind != expected:
-        raise CheckpointError(path, f"the extension says {expected} but the content is {kind}",
-                              "rename the file with the matching extension")
-    return kind
+def _clean(source: CheckpointSource, contents: Contents, key_map: KeyMap | None) -> Checkpoint:
+    """Stages 2-3 on what one pass read: our format's entries validated, prefixes stripped, key_map applied."""
+    path = source.path
+    state = _apply_key_map(path, _strip_prefixes(path, contents.state_dict), key_map)
+    if contents.entries is None:
+        return Checkpoint(path, state)
+    return _ours(path, state, **contents.entries)
 
 
-def _read_torch(path: Path, map_location: Any) -> Checkpoint:
-    try:  # weights_only=True always: a file that needs code is refused, never retried unsafely
-        with warnings.catch_warnings():  # torch's two-line protocol warning; a failure is explained below
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # refused code, a pickle weights-only cannot read, or a truncated/damaged file
-        raise _load_failure(path, exc) from exc
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict or a dict of them")
-    if obj.get("format") == FORMAT:
-        return _ours(path, obj.get("state_dict"), obj.get("version"), obj.get("config"), obj.get("deploy"),
-                     obj.get("meta", {}))
-    return Checkpoint(path, _unwrap(path, obj))
-
-
-def _read_safetensors(path: Path, map_location: Any) -> Checkpoint:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        state = load_file(path, device=device)
-    except Exception as exc:  # SafetensorError (truncated header/data), OSError, ...
-        raise _corrupt(path, exc) from exc
-    if metadata.get("format") != FORMAT:
-        return Checkpoint(path, _unwrap(path, state))
-    try:
-        config, meta = json.loads(metadata.get("config", "null")), json.loads(metadata.get("meta", "{}"))
-    except ValueError as exc:
-        raise CheckpointError(path, f"damaged m2ae metadata ({exc})", "re-save the checkpoint") from exc
-    deploy = {"true": True, "false": False}.get(metadata.get("deploy", ""))
-    return _ours(path, state, metadata.get("version"), config, deploy, meta)
-
-
-def _load_failure(path: Path, exc: Exception) -> CheckpointError:
-    """Why ``torch.load(weights_only=True)`` failed, from the file's main pickle (see :func:`m2ae_infer.pickle_scan.scan_main_pickle`)."""
-    scan = scan_main_pickle(path)
-    text = str(exc)
-    if scan is None:  # not even the container opens (a zip cut short, ...)
-        return _corrupt(path, exc)
-    if scan.damage:
-        return CheckpointError(path, scan.damage, "download or copy the file again")
-    fix = TRUST_PICKLE if scan.ordinary else TRUST_TORCH
-    refused = re.search(r"GLOBAL (\S+) was not an allowed global", text)
-    needs = scan.needs or ([refused.group(1)] if refused else [])
-    if needs:
-        shown = ", ".join(needs[:3]) + (f" and {len(needs) - 3} more" if len(needs) > 3 else "")
-        return CheckpointError(path, f"refusing to unpickle code (the file needs {shown})", fix)
-    if scan.ordinary:
-        return CheckpointError(path, f"not a weights-only checkpoint (an ordinary pickle, protocol {scan.protocol}, "
-                               "not a torch.save file): refusing to unpickle it", fix)
-    if "Weights only load failed" in text:  # a clean pickle the weights-only unpickler cannot read
-        detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
-        why = (f"saved with pickle protocol {scan.protocol}, which torch.load(weights_only=True) cannot read"
-               if scan.protocol >= 4 else f"torch.load(weights_only=True) cannot read it: "
-               f"{one_line(detail.group(1) if detail else text, 160)}")
-        return CheckpointError(path, f"not a weights-only checkpoint ({why}): refusing to unpickle it", fix)
-    return _corrupt(path, exc)
-
-
-def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
-    detail = one_line(exc, 160)
-    return CheckpointError(path, f"truncated or corrupt ({type(exc).__name__}: {detail})",
-                           "download or copy the file again")
-
-
-def _ours(path: Path, state: Any, version: Any, config: Any, deploy: Any, meta: Any) -> Checkpoint:
+def _ours(path: Path, state: dict[str, torch.Tensor], version: Any, config: Any, deploy: Any,
+          meta: Any) -> Checkpoint:
     """Validate the entries of our format (the same for .pth and .safetensors once decoded)."""
     if str(version) != str(VERSION):
-        raise CheckpointError(path, f"m2ae checkpoint version {version!r} is not supported (this reader: {VERSION})",
-                              "upgrade m2ae-infer")
+        raise CheckpointError(path, f"m2ae checkpoint version {version!r} is not supported (this reader: "
+                              f"{VERSION})", "upgrade m2ae-infer")
     if not isinstance(deploy, bool) or not isinstance(meta, dict):
         raise CheckpointError(path, "damaged m2ae checkpoint (bad 'deploy' or 'meta' entry)", "re-save it")
+    _check_meta(path, meta, "stored meta")
     try:
         cfg = M2AEConfig.from_dict(config)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(path, f"stored config is invalid ({exc})", "re-save it with a valid config") from exc
-    return Checkpoint(path, _tensor_dict(path, state), cfg, deploy, meta)
+    return Checkpoint(path, state, cfg, deploy, meta)
 
 
-def _tensor_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(path, "the state dict is missing or empty")
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(path, f"state dict entries that are not tensors: {_listing(bad)}")
-    return dict(obj)
-
-
-def _unwrap(path: Path, obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Stage 2a: descend through training-framework wrappers until a flat ``{name: tensor}`` dict."""
-    while obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping) and obj[k]), None)
-        if inner is None:
-            keys = [str(k) for k in obj]
-            raise CheckpointError(path, f"no state dict found among the top-level keys {_listing(keys)}",
-                                  f"expected a bare state dict or one under {'/'.join(WRAPPER_KEYS)}")
-        obj = inner
-    return _tensor_dict(path, obj)
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefixes(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Stage 2b: drop ``module.`` / ``_orig_mod.`` (any nesting) from the front of every key."""
-    out = {}
-    for key, value in state.items():
+    def strip(key: str) -> str:
         while key.startswith(PREFIXES):
             key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+        return key
+
+    return _rename(path, state, strip, "stripping the module./_orig_mod. prefixes",
+                   "the file holds the same weights twice, wrapped and plain: keep one copy of each and re-save it")
 
 
 def _apply_key_map(path: Path, state: dict[str, torch.Tensor], key_map: KeyMap | None) -> dict[str, torch.Tensor]:
-    """Stage 3: the user's regex rules, applied in order to every key; two keys landing on one is an error."""
+    """Stage 3: the user's regex rules, applied in order to every key."""
     if not key_map:
         return state
     rules = list(key_map.items()) if isinstance(key_map, Mapping) else list(key_map)
@@ -380,14 +270,29 @@ def _apply_key_map(path: Path, state: dict[str, torch.Tensor], key_map: KeyMap |
         compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
     except (re.error, TypeError, ValueError) as exc:
         raise CheckpointError(path, f"invalid key_map ({exc})", "give [(regex, replacement), ...]") from exc
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        new = key
+
+    def apply(key: str) -> str:
         for pattern, replacement in compiled:
-            new = pattern.sub(replacement, new)
-        if new in out:
-            raise CheckpointError(path, f"key_map maps two keys onto {new!r}", "make the rules one-to-one")
+            key = pattern.sub(replacement, key)
+        return key
+
+    return _rename(path, state, apply, "key_map", "make the rules one-to-one")
+
+
+def _rename(path: Path, state: dict[str, torch.Tensor], rename: Callable[[str], str], what: str,
+            fix: str) -> dict[str, torch.Tensor]:
+    """``state`` with every key renamed; several keys landing on one name is an error listing them all, never a
+    silent choice of one of the tensors."""
+    out: dict[str, torch.Tensor] = {}
+    sources: dict[str, list[str]] = {}
+    for key, value in state.items():
+        new = rename(key)
+        sources.setdefault(new, []).append(key)
         out[new] = value
+    clashes = [f"{shown(new) or repr(new)} <- {' + '.join(shown(k) or repr(k) for k in keys)}"
+               for new, keys in sources.items() if len(keys) > 1]
+    if clashes:
+        raise CheckpointError(path, f"{what} maps several keys onto one name: {listing(clashes)}", fix)
     return out
 
 
@@ -402,6 +307,20 @@ def _network_state(cfg: M2AEConfig, deploy: bool) -> dict[str, torch.Tensor]:
     """The network's state dict on the ``meta`` device: every key, shape and dtype, no storage allocated."""
     with torch.device("meta"):
         return M2AENet(cfg, inference_mode=deploy).state_dict()
+
+
+def _check_inflated(source: CheckpointSource, expected: Mapping[str, torch.Tensor]) -> None:
+    """Compressed tensor records (inflated whole by ``torch.load``) declaring far more than the network's weights
+    (``expected``, on the meta device): refused before anything is inflated (a 1 MB zip can declare 1 GB)."""
+    if not source.inflated:
+        return
+    weights = sum(t.numel() * t.element_size() for t in expected.values())
+    limit = min(INFLATE_FACTOR * weights + INFLATE_SLACK, MAX_INFLATED_BYTES)
+    if source.inflated > limit:
+        raise CheckpointError(source.path, f"its compressed tensor records declare {source.inflated} bytes once "
+                              f"inflated, more than the {limit} a network with {weights} bytes of weights can need "
+                              "(a zip bomb, or a file holding much more than the weights): refusing to inflate it",
+                              "re-save the weights alone, uncompressed: torch.save(model.state_dict(), path)")
 
 
 def _fit_advice(stored: M2AEConfig | None, given: M2AEConfig | None, key_map: KeyMap | None) -> str:
@@ -429,7 +348,7 @@ def _check_fit(path: Path, state: Mapping[str, torch.Tensor], expected: Mapping[
         "dtype mismatches": [f"{k} {got.dtype} vs network {want.dtype}"
                              for k, got, want in common if got.is_floating_point() != want.is_floating_point()],
     }
-    problems = [f"{what} {_listing(keys)}" for what, keys in misfits.items() if keys]
+    problems = [f"{what} {listing(keys)}" for what, keys in misfits.items() if keys]
     if problems:
         raise CheckpointError(path, "does not fit M2AENet: " + "; ".join(problems), fix)
 
@@ -437,10 +356,5 @@ def _check_fit(path: Path, state: Mapping[str, torch.Tensor], expected: Mapping[
 def _check_values(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     for key, value in state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(path, f"non-finite values (NaN/Inf) in {key!r}",
+            raise CheckpointError(path, f"non-finite values (NaN/Inf) in {shown(key)!r}",
                                   "the weights are broken; use an earlier checkpoint")
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:SHOWN])
-    return f"({len(items)}) [{shown}" + (f", ... {len(items) - SHOWN} more]" if len(items) > SHOWN else "]")

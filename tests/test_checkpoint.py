@@ -158,7 +158,8 @@ def test_key_map_collision_is_an_error(tmp_path):
     torch.save(make_net("train").state_dict(), path)
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(path, config=TINY, key_map=[(r"\.bias$", ".weight")])
-    assert_one_line_error(exc, path, "maps two keys")
+    assert_one_line_error(exc, path, "key_map maps several keys onto one name: (18) [stem.weight <- stem.weight + "
+                          "stem.bias,", "one-to-one")
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
