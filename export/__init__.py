@@ -9,12 +9,10 @@ Nothing heavy is imported here: ``onnx``, ``onnxruntime`` and ``tensorrt`` load 
 """
 from __future__ import annotations
 
-import torch
-
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def make_executor(backend: str, net, *, device: torch.device, execution: str, threshold: float,
+def make_executor(backend: str, net, *, device: "torch.device", execution: str, threshold: float,
                   dilation: int, dense_above: float | None = None):
     """Executor for ``Deblurrer(backend=...)``: exports ``net`` (deploy form) and prepares the graphs that
     ``execution`` needs for predicted masks; ``dense_above=None`` takes the backend's measured switch.

@@ -8,7 +8,8 @@ atomically. ``--trt`` then builds ``OUT.engine`` from that ONNX (dense graph unl
 the equivalent ``trtexec`` command; without TensorRT the ONNX is still written and the exit code is 1.
 
 Exit codes: 0 written (and verified); 1 export, verification or engine build failed, or TensorRT missing;
-2 usage error or unloadable checkpoint. Errors are one line, never a traceback.
+2 usage error or unloadable checkpoint; 130 interrupted (Ctrl-C: one line, no partial file, outputs being atomic).
+Errors are one line, never a traceback.
 """
 from __future__ import annotations
 
@@ -17,17 +18,23 @@ import re
 import sys
 from pathlib import Path
 from ..atomic import prepare_folder
-from ..cliutil import OneLineArgumentParser, path_arg, say
-from ..messages import one_line
+from ..cliutil import OneLineArgumentParser, cli_main, cli_message, path_arg, say, stop_if_interrupted
+from ..messages import one_line, shown
 
 PROG = "m2ae-export"
 
 
 def _shape(text: str) -> tuple[int, int]:
+    from .trt import MAX_SIDE   # tensorrt itself loads only when an engine is built
     found = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not found:
         raise argparse.ArgumentTypeError(f"{text!r} is not HxW (e.g. 720x1280)")
-    return int(found.group(1)), int(found.group(2))
+    shape = int(found.group(1)), int(found.group(2))
+    if max(shape) > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{text} has a side above {MAX_SIDE} pixels, the most an engine of this "
+                                         "network can take (larger ones exceed TensorRT's 2**31 elements a "
+                                         "tensor); larger images run in tiles")
+    return shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +81,7 @@ def plan_paths(output: str, trt: bool) -> tuple[Path, Path | None]:
     raise ValueError(f"{output}: the output must end in {wanted}")
 
 
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -98,17 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         onnx_path, engine_path = plan_paths(output, args.trt)
         for path in (onnx_path, engine_path):
             if path is not None and path.exists() and not args.force:
-                raise ValueError(f"{path} exists; pass --force to overwrite it")
+                raise ValueError(f"{shown(path)} exists; pass --force to overwrite it")
             if path is not None and not path.parent.is_dir():
                 blocker = next((p for p in path.parents if p.exists()), None)
                 if blocker is not None and not blocker.is_dir():
-                    raise ValueError(f"{path}: {blocker} is a file, not a folder; choose another -o")
-                raise ValueError(f"{path}: folder {path.parent} does not exist; create it first")
+                    raise ValueError(f"{shown(path)}: {shown(blocker)} is a file, not a folder; choose another -o")
+                raise ValueError(f"{shown(path)}: folder {shown(path.parent)} does not exist; create it first")
             if path is not None:
                 try:   # before the export and its checks, not after them
                     prepare_folder(path.parent)
                 except OSError as exc:
-                    raise ValueError(f"cannot write to {path.parent} ({exc.strerror or exc}); choose a writable "
+                    raise ValueError(f"cannot write to {shown(path.parent)} ({exc.strerror or exc}); choose a writable "
                                      "folder with -o") from None
         profile = None
         if args.trt:
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:
             raise ValueError(str(exc)) from None
     except ValueError as exc:
-        say(f"{PROG}: error: {exc}", sys.stderr)
+        say(f"{PROG}: error: {one_line(exc)}", sys.stderr)
         return 2
     return _export(net, spec, onnx_path, engine_path, profile, args.force)
 
@@ -138,7 +146,7 @@ def _require_onnx() -> None:
 
 
 def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force: bool) -> int:
-    from .onnx import ExportError, example_inputs, export_onnx, op_counts, save_onnx, verify_onnx
+    from .onnx import ExportError, example_inputs, export_onnx, op_counts, raise_if_interrupted, save_onnx, verify_onnx
 
     say(f"exporting the {spec.kind} graph ({spec.precision}, opset {spec.opset}, "
         f"{'mask input' if spec.mask_input else f'predicted mask, threshold {spec.threshold}'}) ...")
@@ -151,6 +159,7 @@ def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force
     try:
         results = verify_onnx(model, net, example_inputs(), spec)
     except Exception as exc:   # an ONNX Runtime failure is a failed verification, reported in one line
+        raise_if_interrupted(exc)
         say(f"{PROG}: error: ONNX Runtime could not run the graph: {one_line(exc, 400)}",
             sys.stderr)
         return 1
@@ -162,22 +171,23 @@ def _export(net, spec, onnx_path: Path, engine_path: Path | None, profile, force
 
 def _write_if_verified(results, backend: str, path: Path, write) -> int:
     """Print the verification lines; call ``write`` (atomic) only if every check passed. Returns the exit code."""
+    stop_if_interrupted()   # a Ctrl-C during the export that torch swallowed still stops it here, unwritten
     for result in results:
         say(result.line(backend))
     if not all(r.passed for r in results):
-        say(f"{PROG}: error: {backend} disagrees with torch beyond tolerance; {path} not written", sys.stderr)
+        say(f"{PROG}: error: {backend} disagrees with torch beyond tolerance; {shown(path)} not written", sys.stderr)
         return 1
     try:
         write()
-    except OSError as exc:
-        say(f"{PROG}: error: cannot write {path}: {exc}", sys.stderr)
+    except OSError as exc:   # an OutputExistsError (the file appeared meanwhile) is worded with --force
+        say(f"{PROG}: error: cannot write {shown(path)}: {cli_message(exc)}", sys.stderr)
         return 1
-    say(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    say(f"wrote {shown(path)} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
 def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path: Path) -> int:
-    from .onnx import example_inputs, verify_runner, write_atomic
+    from .onnx import example_inputs, raise_if_interrupted, verify_runner, write_atomic
     from .trt import EngineRunner, TensorRTUnavailable, build_engine, trtexec_command, unavailable_reason
 
     say("equivalent trtexec command:\n  " + trtexec_command(str(onnx_path), str(engine_path), profile, spec))
@@ -208,6 +218,7 @@ def _engine(net, spec, model, engine_path: Path, profile, force: bool, onnx_path
     try:
         results = verify_runner(run, net, images, spec)
     except Exception as exc:   # a runtime failure of the engine is a failed verification, one line
+        raise_if_interrupted(exc)
         say(f"{PROG}: error: the TensorRT engine failed to run: {one_line(exc, 400)}",
             sys.stderr)
         return 1

@@ -125,6 +125,7 @@ def export_onnx(net: M2AENet, spec: GraphSpec = GraphSpec()):
                                         dynamic_shapes=dynamic, verbose=False)
         model = program.model_proto
     except Exception as exc:  # the exporter raises many types; the user gets one line
+        raise_if_interrupted(exc)
         raise ExportError(f"torch.onnx.export failed for the {spec.kind} graph: "
                           f"{one_line(exc, 400)}") from exc
     _name_output_dims(model, spec)
@@ -134,6 +135,18 @@ def export_onnx(net: M2AENet, spec: GraphSpec = GraphSpec()):
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected the {spec.kind} graph: {one_line(exc, 400)}") from exc
     return model
+
+
+def raise_if_interrupted(exc: BaseException) -> None:
+    """Raise ``KeyboardInterrupt`` when ``exc`` was caused by one: torch.export wraps a Ctrl-C that strikes inside
+    its tracing into its own errors (TorchExportError <- AttributeError <- KeyboardInterrupt), which must not be
+    reported as a failed export."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
 
 
 def _name_output_dims(model, spec: GraphSpec) -> None:

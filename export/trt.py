@@ -51,9 +51,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# Each side of a profile shape at most 8192: the widest feature tensors of the dense graph (~16 values a pixel for
+# the default network) then stay under TensorRT's 2**31 elements per tensor, and 8K is twice the default 4K max.
+MAX_SIDE = 8192
+
+
 @dataclass(frozen=True)
 class Profile:
-    """Optimization profile for the dynamic image size: min / opt / max ``(H, W)``."""
+    """Optimization profile for the dynamic image size: min / opt / max ``(H, W)``, each side 2..:data:`MAX_SIDE`."""
 
     min: tuple[int, int] = (32, 32)
     opt: tuple[int, int] = (720, 1280)
@@ -65,6 +70,9 @@ class Profile:
                 raise ValueError(f"optimization profile needs {what} in both H and W, got {a} and {b}")
         if min(self.min) < 2:
             raise ValueError(f"the smallest image side is 2 pixels, got min shape {self.min}")
+        if max(self.max) > MAX_SIDE:
+            raise ValueError(f"the largest image side is {MAX_SIDE} pixels (larger ones exceed TensorRT's "
+                             f"2**31 elements a tensor), got max shape {self.max}; run larger images in tiles")
 
     def shapes(self, input_name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         channels = 3 if input_name == "image" else 1

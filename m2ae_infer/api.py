@@ -15,7 +15,8 @@ from .checkpoint import load_checkpoint
 DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
 from .executor import DENSE_ABOVE, EXECUTIONS, TorchExecutor
 from .flops import MaskPassFlops
-from .imgio import ImageError, load_image, prepare_image
+from .imgio import ImageError, check_tensor, load_image, prepare_image
+from .messages import one_line
 from .model import M2AENet
 from .model.mask import full_resolution
 from .reparam import reparameterize_model
@@ -213,12 +214,16 @@ class Deblurrer:
             return torch.ones((batch, 1, height, width), dtype=torch.bool, device=self.device)
         if isinstance(mask, (str, os.PathLike)):
             mask = load_image(mask)
-        if not isinstance(mask, torch.Tensor):
+        if isinstance(mask, torch.Tensor):
+            check_tensor(mask, f"mask ({mask.dtype} tensor of shape {tuple(mask.shape)})")
+        else:
             try:
-                mask = torch.from_numpy(np.array(mask))
+                array = np.array(mask)
+                # torch reads native byte order only; a big-endian mask is as valid as a big-endian image
+                mask = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"mask must be None, 'full', an array, a tensor, a PIL image or a path; "
-                                 f"got {type(mask).__name__}") from exc
+                                 f"got {type(mask).__name__} ({one_line(exc, 80)})") from exc
         if mask.dtype.is_complex:
             raise ValueError(f"mask must be bool or real numbers (nonzero = blurred), got {mask.dtype}")
         if mask.is_floating_point() and not torch.isfinite(mask).all():

@@ -17,9 +17,23 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_path", "atomic_write", "prepare_folder", "TEMP_PREFIX"]
+from .messages import shown
+
+__all__ = ["atomic_path", "atomic_write", "prepare_folder", "OutputExistsError", "TEMP_PREFIX"]
 
 TEMP_PREFIX = ".tmp-"
+
+
+class OutputExistsError(FileExistsError):
+    """The target exists and ``overwrite`` is false. The message speaks Python (``overwrite=True``); a CLI words
+    it for its users from :attr:`path` (``--force``: :func:`m2ae_infer.cliutil.cli_message`)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        super().__init__(f"{shown(path)} exists; pass overwrite=True to replace it")
+        self.path = path
+
+    def __reduce__(self):   # picklable (a process pool's error), with its path
+        return type(self), (self.path,)
 
 
 @contextlib.contextmanager
@@ -29,13 +43,13 @@ def atomic_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
     For writers that want a file name (``torch.save``, ``safetensors.save_file``, an engine builder).
 
     Raises:
-        FileExistsError: ``path`` exists (checked before and, where hard links work, again at publishing)
-            and ``overwrite`` is false.
+        OutputExistsError: (a FileExistsError) ``path`` exists and ``overwrite`` is false (checked before and,
+            where hard links work, again at publishing).
         OSError: the folder is missing or not writable, the disk is full, ...; the target is untouched.
     """
     target = Path(os.path.abspath(os.fspath(path)))
     if not overwrite and os.path.lexists(target):
-        raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
+        raise OutputExistsError(path)
     # The name is cut so that prefix + name + mkstemp's 8 random characters stay within the usual 255-byte limit
     # for any target name that itself fits.
     short = target.name.encode()[:200].decode(errors="ignore")
@@ -82,17 +96,17 @@ def prepare_folder(folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def _publish(tmp: str, target: Path, overwrite: bool, shown: object) -> None:
+def _publish(tmp: str, target: Path, overwrite: bool, name: object) -> None:
     if overwrite:
         os.replace(tmp, target)
         return
     try:   # a hard link fails if the target appeared meanwhile, where a rename would clobber it
         os.link(tmp, target)
     except FileExistsError:
-        raise FileExistsError(f"{shown} exists; pass --force (overwrite=True) to replace it") from None
+        raise OutputExistsError(name) from None
     except OSError:    # no hard links on this filesystem: the race window is the best we can do
         if os.path.lexists(target):
-            raise FileExistsError(f"{shown} exists; pass --force (overwrite=True) to replace it") from None
+            raise OutputExistsError(name) from None
         os.replace(tmp, target)
 
 

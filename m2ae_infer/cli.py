@@ -2,8 +2,9 @@
 
 Exit codes: 0 all inputs written; 1 some inputs failed (each reported when it fails and named again in the
 closing summary; the rest are still written); 2 a usage error, a model that cannot be loaded or an output folder
-that cannot be written (checked before any image runs); 130 interrupted. Errors are one line, never a traceback,
-and every output is written atomically (:mod:`m2ae_infer.atomic`), so a failure or Ctrl-C leaves no partial file.
+that cannot be written (checked before any image runs); 130 interrupted. Errors are one line, never a traceback
+(file names with control characters are shown escaped), and every output is written atomically
+(:mod:`m2ae_infer.atomic`), so a failure or Ctrl-C leaves no partial file.
 """
 from __future__ import annotations
 
@@ -14,11 +15,9 @@ import warnings
 from pathlib import Path
 
 from .atomic import prepare_folder
-from .checkpoint import CheckpointError
-from .imgio import ImageError, ImageWarning
-from .imgsave import FORMATS, mask_to_image, save_images, writable_suffixes
-from .cliutil import OneLineArgumentParser, check_device, device_arg, progress_stream, say
-from .messages import one_line
+from .cliutil import OneLineArgumentParser, check_device, cli_main, cli_message, device_arg, progress_stream, say
+from .formats import FORMATS, writable_suffixes
+from .messages import one_line, shown
 
 PROG = "m2ae-deblur"
 SHOWN = 10  # failed files named in the closing summary line
@@ -70,20 +69,20 @@ def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             try:
                 entries = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             except OSError as exc:
-                problems.append(f"{item}: cannot list the folder ({one_line(exc.strerror or exc)})")
+                problems.append(f"{shown(item)}: cannot list the folder ({one_line(exc.strerror or exc)})")
                 continue
             found = [p for p in entries if p.is_file()]
-            problems.extend(f"{p}: broken symlink or symlink loop" for p in entries
+            problems.extend(f"{shown(p)}: broken symlink or symlink loop" for p in entries
                             if p.is_symlink() and not p.exists())
             if not found:
-                problems.append(f"{item}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                problems.append(f"{shown(item)}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)
         elif path.exists():
             files.append(path)
         elif path.is_symlink():
-            problems.append(f"{item}: broken symlink or symlink loop")
+            problems.append(f"{shown(item)}: broken symlink or symlink loop")
         else:
-            problems.append(f"{item}: no such file or folder")
+            problems.append(f"{shown(item)}: no such file or folder")
     return files, problems
 
 
@@ -102,16 +101,16 @@ def plan_outputs(files: list[Path], output: str, example: bool, masks: bool = Fa
         fmt = FORMATS.get(suffix)
         if fmt is None or fmt.refused:
             why = f": {fmt.refused}" if fmt else ""
-            raise ValueError(f"{output}: cannot write {suffix} images{why}; use "
+            raise ValueError(f"{shown(output)}: cannot write {shown(suffix)} images{why}; use "
                              f"{', '.join(writable_suffixes())} (or end OUT with / for a folder)")
         if not files:   # every input failed already; they are reported, nothing to write
             return {}
         if len(files) != 1:
-            raise ValueError(f"{output}: a file name takes one input, got {len(files)}; give a folder for "
+            raise ValueError(f"{shown(output)}: a file name takes one input, got {len(files)}; give a folder for "
                              "several inputs")
         return {files[0]: out}
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{output}: exists and is not a folder; give a folder for several inputs")
+        raise ValueError(f"{shown(output)}: exists and is not a folder; give a folder for several inputs")
     names: dict[Path, Path] = {}
     taken: set[Path] = set()
     for f in files:
@@ -123,7 +122,7 @@ def plan_outputs(files: list[Path], output: str, example: bool, masks: bool = Fa
         target = out / name
         written = {target, mask_path(target)} if masks else {target}
         if written & taken:
-            raise ValueError(f"two inputs would both write {sorted(written & taken)[0]}; "
+            raise ValueError(f"two inputs would both write {shown(sorted(written & taken)[0])}; "
                              "give them different names or run them apart")
         taken |= written
         names[f] = target
@@ -142,7 +141,7 @@ def prepare_folders(targets) -> None:
         try:
             prepare_folder(folder)
         except OSError as exc:
-            raise ValueError(f"cannot write to output folder {folder} ({one_line(exc.strerror or exc)}); "
+            raise ValueError(f"cannot write to output folder {shown(folder)} ({one_line(exc.strerror or exc)}); "
                              "choose a writable folder with -o") from None
 
 
@@ -199,6 +198,7 @@ def _tile_size(text: str):
     return value
 
 
+@cli_main(PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:   # usage errors (and --help) exit through argparse; main returns the code instead
@@ -223,17 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                               threshold=args.threshold, dilation=args.dilation, tile=args.tile)
         check_tiling(deblurrer, args)
         prepare_folders(outputs.values())
-    except (ValueError, OSError, RuntimeError, CheckpointError) as exc:
-        say(f"{PROG}: error: {one_line(exc)}", sys.stderr)
+    except (ValueError, OSError, RuntimeError) as exc:   # CheckpointError is a ValueError
+        say(f"{PROG}: error: {cli_message(exc)}", sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        say(f"{PROG}: interrupted", sys.stderr)
-        return 130
     for p in problems:
         say(f"{PROG}: skipped {p}", sys.stderr)
 
     inputs = {_file_id(f) for f in files} - {None}
-    failed = [p.split(": ", 1)[0] for p in problems]
+    failed = [p.split(": ", 1)[0] for p in problems]   # already shown escaped
     written = 0
     bar = None if args.quiet or len(outputs) < 2 else _progress(len(outputs))
     try:
@@ -241,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 _deblur_one(deblurrer, source, target, args, inputs)
                 written += 1
-            except (ImageError, ValueError, OSError, RuntimeError, MemoryError) as exc:
+            except (ValueError, OSError, RuntimeError, MemoryError) as exc:   # ImageError is a ValueError
                 # RuntimeError/MemoryError: torch ran out of memory or failed on this image; the batch goes on
-                failed.append(str(source))
-                say(f"{PROG}: failed {source}: {one_line(exc)}", sys.stderr)
+                failed.append(shown(source))
+                say(f"{PROG}: failed {shown(source)}: {cli_message(exc)}", sys.stderr)
             if bar is not None:
                 bar.update()
     except KeyboardInterrupt:   # atomic writes: nothing half-written, whatever was running
@@ -256,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
     if failed:
-        shown = ", ".join(failed[:SHOWN]) + (f", ... {len(failed) - SHOWN} more" if len(failed) > SHOWN else "")
-        say(f"{PROG}: {written} written, {len(failed)} failed: {shown}", sys.stderr)
+        names = ", ".join(failed[:SHOWN]) + (f", ... {len(failed) - SHOWN} more" if len(failed) > SHOWN else "")
+        say(f"{PROG}: {written} written, {len(failed)} failed: {names}", sys.stderr)
         return 1
     return 0
 
@@ -271,32 +268,40 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> None:
+    from .imgio import ImageWarning
+    from .imgsave import mask_to_image, save_images
+
     mask_target = mask_path(target)
     for path in (target, mask_target) if args.save_mask else (target,):
         if _file_id(path) in inputs:   # the same file as an input (also through links), whatever --force says
             what = "the input itself" if os.path.samefile(source, path) else "one of the inputs"
-            raise ValueError(f"output {path} is {what}; choose another output")
+            raise ValueError(f"output {shown(path)} is {what}; choose another output")
         if path.is_dir():
-            raise ValueError(f"output {path} is a folder; move it or choose another output")
-        if path.exists() and not args.force:
-            raise ValueError(f"{path} exists; pass --force to overwrite it")
-    with warnings.catch_warnings(record=True) as caught:   # one line each, not Python's two-line warning
-        warnings.simplefilter("always", ImageWarning)
-        restored, info = deblurrer.run(source, mask="full" if args.full else None, return_info=True)
-    for w in caught:
-        if issubclass(w.category, ImageWarning):
-            say(f"{PROG}: warning: {one_line(w.message)}", sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    items = [(restored, target)]
-    if args.save_mask:
-        import torch
-        items.append((mask_to_image(torch.from_numpy(info.mask)), mask_target))
-    # Both files are checked and encoded before either is published: a failure leaves the user's files as
-    # they were (an image without its mask would be a half-done pair).
-    save_images(items, overwrite=args.force)
+            raise ValueError(f"output {shown(path)} is a folder; move it or choose another output")
+        if os.path.lexists(path) and not args.force:   # lexists: a dangling symlink is an existing name too
+            raise ValueError(f"{shown(path)} exists; pass --force to overwrite it")
+    # Warnings (the image's frames or depth, EXIF a format cannot hold) are one line each, not Python's two lines,
+    # printed also when the image then fails.
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ImageWarning)
+            restored, info = deblurrer.run(source, mask="full" if args.full else None, return_info=True)
+            items = [(restored, target)]
+            if args.save_mask:
+                import torch
+                items.append((mask_to_image(torch.from_numpy(info.mask)), mask_target))
+            # Both files are checked and encoded before either is published: a failure leaves the user's files as
+            # they were (an image without its mask would be a half-done pair).
+            save_images(items, overwrite=args.force)
+    finally:
+        for w in caught:
+            if issubclass(w.category, ImageWarning):
+                say(f"{PROG}: warning: {one_line(w.message)}", sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not args.quiet:
-        say(f"{source} -> {target}: {describe(info)}")
+        say(f"{shown(source)} -> {shown(target)}: {describe(info)}")
 
 
 def _progress(total: int):

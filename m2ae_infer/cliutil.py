@@ -1,13 +1,85 @@
 """Plumbing shared by the console scripts (m2ae-deblur, -eval, -train, -export, -bench): one-line usage errors,
-the ``--device`` option, output paths, and printing that survives a closed pipe."""
+Ctrl-C as exit 130 and one line (:func:`cli_main`), library errors worded for the command line
+(:func:`cli_message`), the ``--device`` option, output paths, and printing that survives a closed pipe.
+
+Importing ``m2ae_infer`` and this module is light (no torch: the package's names load on first use), so a
+console script reaches its ``main`` and :func:`cli_main`'s handler within milliseconds of starting.
+"""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
+import signal
 import sys
+import threading
+from typing import Callable
 
-from .messages import one_line
+from .messages import one_line, shown
+
+INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
+
+
+def cli_main(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a console script's ``main(argv) -> int``: a Ctrl-C that reaches it (wherever it struck: an import,
+    an export, a write) becomes ``PROG: interrupted`` on stderr and exit code 130, never a traceback. Cleaning up
+    is the writers' job: every output goes through :mod:`m2ae_infer.atomic`, so nothing partial is left. While
+    ``main`` runs, Ctrl-C is also counted, for :func:`stop_if_interrupted`."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            previous = _count_interrupts()
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                say(f"{prog}: interrupted", sys.stderr)
+                return INTERRUPTED
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
+        return run
+    return wrap
+
+
+_interrupts = [0]   # Ctrl-C seen since the running cli_main started
+
+
+def _count_interrupts():
+    """Install a SIGINT handler that counts, then raises KeyboardInterrupt as Python's own does; returns the
+    handler to restore (None when this is not the main thread or SIGINT is not Python's default handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        return None
+
+    def counting(signum, frame):
+        _interrupts[0] += 1
+        raise KeyboardInterrupt
+
+    _interrupts[0] = 0
+    signal.signal(signal.SIGINT, counting)
+    return previous
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C arrived since the CLI started, even one a library swallowed (torch.export
+    turns a Ctrl-C inside its tracing into an AttributeError, which it may handle and go on): call it before
+    publishing the result of such a step."""
+    if _interrupts[0]:
+        raise KeyboardInterrupt
+
+
+def cli_message(exc: BaseException) -> str:
+    """The one line a CLI prints for a library error. The library speaks Python (``overwrite=True``); an
+    existing output (:class:`m2ae_infer.atomic.OutputExistsError`, raised or the cause of the error raised) is
+    worded with the CLI's ``--force`` instead."""
+    from .atomic import OutputExistsError
+    exists = next((e for e in (exc, exc.__cause__) if isinstance(e, OutputExistsError)), None)
+    if exists is not None:
+        return f"{shown(exists.path)} exists; pass --force to overwrite it"
+    return one_line(exc)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

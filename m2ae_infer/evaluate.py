@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .atomic import atomic_write, prepare_folder
-from .cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, progress_stream, say
+from .cliutil import OneLineArgumentParser, check_device, cli_main, device_arg, path_arg, progress_stream, say
 from .messages import one_line
 
 PSNR_CAP = 100.0
@@ -336,6 +336,7 @@ def _photo_sample(path, max_side: int):
                   np.zeros((0, TRAJ_POINTS, 2), np.float32), np.full((h, w), -1, np.int8))
 
 
+@cli_main("m2ae-eval")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

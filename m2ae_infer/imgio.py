@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .messages import one_line
+from .formats import DEEP_GRAY
+from .messages import one_line, shown
 
-__all__ = ["ImageError", "ImageWarning", "DEEP_GRAY", "PreparedImage", "load_image", "prepare_image"]
+__all__ = ["ImageError", "ImageWarning", "DEEP_GRAY", "PreparedImage", "load_image", "prepare_image",
+           "check_tensor"]
 
-DEEP_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # Pillow's 16-bit gray modes ("I": 0..65535 here)
 
 class ImageError(ValueError):
     """A bad image or path; the message is one line naming the problem and the fix."""
@@ -42,12 +43,17 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         p = os.fspath(path)
     except TypeError:
         raise ImageError(f"expected a file path, got {type(path).__name__}") from None
+    return _load(p, shown(p))
+
+
+def _load(p: str, name: str) -> Image.Image:
+    """:func:`load_image` of the path ``p``, shown in messages as ``name`` (control characters escaped)."""
     if not os.path.exists(p):
-        raise ImageError(f"{p}: no such file; check the path")
+        raise ImageError(f"{name}: no such file; check the path")
     if os.path.isdir(p):
-        raise ImageError(f"{p}: is a directory, not an image; pass an image file (PNG, JPEG, TIFF, ...)")
+        raise ImageError(f"{name}: is a directory, not an image; pass an image file (PNG, JPEG, TIFF, ...)")
     if os.path.getsize(p) == 0:
-        raise ImageError(f"{p}: empty file (0 bytes); re-export or re-download it")
+        raise ImageError(f"{name}: empty file (0 bytes); re-export or re-download it")
     try:
         # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; a bomb must stop here.
         with warnings.catch_warnings():
@@ -58,24 +64,28 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
                 depth = _deep_colour_read_as_8_bit(p, opened)
                 img = ImageOps.exif_transpose(opened)  # a decoded copy: the file can close
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{p}: refused, too many pixels ({one_line(e)}); if you trust the file, "
+        raise ImageError(f"{name}: refused, too many pixels ({one_line(e)}); if you trust the file, "
                          "raise PIL.Image.MAX_IMAGE_PIXELS") from e
     except UnidentifiedImageError as e:
         size = _png_declared_size(p)
         if size is not None and 0 in size:   # Pillow's PNG reader refuses these without saying why
-            raise ImageError(f"{p}: image has size {size[0]}x{size[1]} (HxW); it must be at least 1x1") from e
-        raise ImageError(f"{p}: not an image or an unrecognised format; "
+            raise ImageError(f"{name}: image has size {size[0]}x{size[1]} (HxW); it must be at least 1x1") from e
+        variant = _tiff_variant(p)
+        if variant:   # a TIFF that tifffile and others write but Pillow cannot decode
+            raise ImageError(f"{name}: a TIFF variant Pillow cannot read ({variant}); convert it to 8- or 16-bit "
+                             "gray, RGB or RGBA (TIFF or PNG)") from e
+        raise ImageError(f"{name}: not an image or an unrecognised format; "
                          "use PNG, JPEG, TIFF, BMP or WebP") from e
     except PermissionError as e:
-        raise ImageError(f"{p}: permission denied; check the file's permissions") from e
+        raise ImageError(f"{name}: permission denied; check the file's permissions") from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-        raise ImageError(f"{p}: cannot decode, truncated or corrupt ({one_line(e)}); "
+        raise ImageError(f"{name}: cannot decode, truncated or corrupt ({one_line(e)}); "
                          "re-export or re-download it") from e
     if img.width == 0 or img.height == 0:
-        raise ImageError(f"{p}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
-    _warn_frames(p, frames)
+        raise ImageError(f"{name}: image has size {img.height}x{img.width} (HxW); it must be at least 1x1")
+    _warn_frames(name, frames)
     if depth:
-        warnings.warn(f"{p}: {depth}-bit colour is decoded at 8 bits per channel (a Pillow limit), so the output "
+        warnings.warn(f"{name}: {depth}-bit colour is decoded at 8 bits per channel (a Pillow limit), so the output "
                       "is 8-bit", ImageWarning, stacklevel=2)
     return img
 
@@ -118,6 +128,39 @@ def _png_declared_size(path: str) -> tuple[int, int] | None:
         return None
     width, height = struct.unpack(">II", head[16:24])
     return height, width
+
+
+_PHOTOMETRIC = {0: "gray", 1: "gray", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK", 6: "YCbCr", 8: "CIELab",
+                9: "CIELab", 10: "CIELab", 32844: "LogL", 32845: "LogLuv"}
+_SAMPLE_FORMAT = {1: "unsigned", 2: "signed", 3: "float", 4: "untyped", 5: "complex int", 6: "complex float"}
+
+
+def _tiff_variant(path: str) -> str:
+    """What a TIFF that Pillow could not open holds, from its first directory's tags (nothing decoded):
+    e.g. ``"CMYK + alpha, 5 samples of 8-bit unsigned"``; empty when ``path`` is no readable TIFF."""
+    from PIL import TiffImagePlugin
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if head[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+                return ""
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(head if head[2:4] in (b"+\0", b"\0+") else head[:8])
+            f.seek(ifd.next)
+            ifd.load(f)
+        samples = int(ifd.get(277, 1))
+        bits = ifd.get(258, (1,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        kind = ifd.get(339, (1,))
+        kind = kind[0] if isinstance(kind, tuple) else kind
+        extra = ifd.get(338, ())
+        colour = _PHOTOMETRIC.get(int(ifd.get(262, -1)), f"photometric {ifd.get(262, '?')}")
+    except Exception:  # noqa: BLE001 - explaining a failure must not fail: fall back to "not an image"
+        return ""
+    alpha = " + alpha" if extra and (extra if isinstance(extra, tuple) else (extra,))[0] in (1, 2) else \
+        f" + {len(extra) if isinstance(extra, tuple) else 1} extra" if extra else ""
+    depth = "/".join(str(b) for b in dict.fromkeys(bits))
+    plural = "s" if samples != 1 else ""
+    return f"{colour}{alpha}, {samples} sample{plural} of {depth}-bit {_SAMPLE_FORMAT.get(int(kind), 'unknown')}"
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -227,7 +270,7 @@ def prepare_image(img: Any) -> PreparedImage:
       in 0..1, any device. ``restore`` returns the same shape, dtype and device.
     """
     if isinstance(img, (str, os.PathLike)):
-        return _prepare_pil(load_image(img), source=os.fspath(img))
+        return _prepare_pil(load_image(img), source=shown(img))
     if isinstance(img, Image.Image):
         return _prepare_pil(img, source="PIL image")
     if isinstance(img, np.ndarray):
@@ -348,8 +391,20 @@ def _prepare_numpy(arr: np.ndarray) -> PreparedImage:
 _TENSOR_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_tensor(t: torch.Tensor, what: str) -> None:
+    """A tensor whose pixels can be read: strided (not sparse, MKL-DNN, ...) and on the CPU or a CUDA device
+    (a meta tensor holds no data). ImageError, one line, otherwise."""
+    if t.layout != torch.strided or t.is_mkldnn:
+        layout = "mkldnn" if t.is_mkldnn else str(t.layout).replace("torch.", "")
+        raise ImageError(f"{what} has the {layout} layout; pass a dense tensor (e.g. t.to_dense())")
+    if t.device.type not in ("cpu", "cuda"):
+        hint = "it holds no data" if t.device.type == "meta" else "it cannot be read here"
+        raise ImageError(f"{what} is on the {t.device.type} device ({hint}); pass a CPU or CUDA tensor")
+
+
 def _prepare_tensor(t: torch.Tensor) -> PreparedImage:
     what = f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    check_tensor(t, what)
     if t.dtype != torch.uint8 and t.dtype not in _TENSOR_FLOATS:
         raise ImageError(f"unsupported tensor dtype {t.dtype}; use uint8 or float16/bfloat16/float32 in 0..1")
     scale = 255.0 if t.dtype == torch.uint8 else None

@@ -1,5 +1,5 @@
-"""Image output: the table of file formats (:data:`FORMATS`), atomic writers that never clip, drop alpha or
-change pixels silently (:func:`save_image`, :func:`save_images`), and the mask picture.
+"""Image output: atomic writers that never clip, drop alpha or change pixels silently (:func:`save_image`,
+:func:`save_images`) in the formats of :data:`m2ae_infer.formats.FORMATS`, and the mask picture.
 
 Reading and preparing images is :mod:`m2ae_infer.imgio`; this module writes what it gives back.
 """
@@ -8,62 +8,20 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import warnings
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .atomic import atomic_write
-from .imgio import DEEP_GRAY, ImageError
-from .messages import one_line
+from .atomic import OutputExistsError, atomic_write
+from .formats import DEEP_GRAY, FORMATS, FileFormat, writable_suffixes
+from .imgio import ImageError, ImageWarning
+from .messages import one_line, shown
 
 __all__ = ["FileFormat", "FORMATS", "save_image", "save_images", "mask_to_image", "writable_suffixes"]
-
-
-@dataclass(frozen=True)
-class FileFormat:
-    """How one file suffix is read and written (see :data:`FORMATS`).
-
-    Attributes:
-        pil: Pillow's format name.
-        deep: Pillow modes above 8 bits per sample the format stores exactly; any other such mode is refused
-            (an 8-bit-only encoder would clip 16-bit and float samples silently).
-        alpha: whether it stores an alpha channel (else alpha is refused, never dropped).
-        exif: whether it stores EXIF (else an EXIF orientation is applied to the pixels before writing).
-        lossless: unchanged pixels come back bit-identical from the file.
-        refused: why outputs in this format are refused (read only), or None.
-    """
-
-    pil: str
-    deep: tuple[str, ...] = ()
-    alpha: bool = True
-    exif: bool = False
-    lossless: bool = True
-    refused: str | None = None
-
-
-# The one table of image file suffixes: folder inputs are the files with these suffixes; save_image and
-# m2ae-deblur write those without ``refused``. A path with another suffix can still be read (any image Pillow
-# opens) but not written.
-_PNG = FileFormat("PNG", deep=DEEP_GRAY, exif=True)
-_TIFF = FileFormat("TIFF", deep=(*DEEP_GRAY, "F"), exif=True)
-_JPEG = FileFormat("JPEG", alpha=False, exif=True, lossless=False)   # quality 95, see _SAVE_OPTIONS
-FORMATS: dict[str, FileFormat] = {
-    ".png": _PNG, ".tif": _TIFF, ".tiff": _TIFF, ".jpg": _JPEG, ".jpeg": _JPEG,
-    ".bmp": FileFormat("BMP", alpha=False),
-    ".webp": FileFormat("WEBP", exif=True),   # written losslessly
-    ".tga": FileFormat("TGA"),
-    ".gif": FileFormat("GIF", refused="GIF's 256-colour palette would change pixels outside the blur mask"),
-    ".ico": FileFormat("ICO", refused="icons are scaled to icon sizes (at most 256x256)"),
-}
-
-
-def writable_suffixes() -> list[str]:
-    """The suffixes :func:`save_image` writes, in the table's order."""
-    return [ext for ext, f in FORMATS.items() if f.refused is None]
 
 
 # JPEG: quality 95 (Pillow's 75 visibly softens). WebP: lossless, so pixels the network did not change stay
@@ -87,7 +45,8 @@ def save_image(obj: Image.Image | np.ndarray, path: str | os.PathLike[str], *,
       mode, so it is written as 16-bit PNG by this module and requires a ``.png`` path.
     - JPEG is written with quality 95; WebP losslessly (unchanged pixels stay bit-identical).
     - A PIL image's EXIF (``info["exif"]``, orientation included) is written where the format stores EXIF;
-      elsewhere its orientation is applied to the pixels, so the file displays like the image.
+      elsewhere, or when it is longer than the format holds (JPEG: 65533 bytes; an ImageWarning says so), its
+      orientation is applied to the pixels and the EXIF left out, so the file displays like the image.
     """
     save_images([(obj, path)], overwrite=overwrite)
 
@@ -103,12 +62,12 @@ def save_images(items: list[tuple[Image.Image | np.ndarray, str | os.PathLike[st
             for path, target, write in checked:
                 write(stack.enter_context(atomic_write(target, overwrite=overwrite)))
             path = "output"   # publishing, on leaving the block: os errors name the file themselves
-    except FileExistsError as e:
-        raise ImageError(f"{one_line(e)}") from None
+    except FileExistsError as e:   # OutputExistsError: the file appeared meanwhile (kept as the cause)
+        raise ImageError(f"{one_line(e)}") from e
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, ImageError):
             raise
-        raise ImageError(f"{path}: cannot write ({one_line(e)}); "
+        raise ImageError(f"{shown(path)}: cannot write ({one_line(e)}); "
                          "check the folder is writable and the format suits the image") from e
 
 
@@ -116,20 +75,22 @@ def _check_target(obj: Image.Image | np.ndarray, path: str | os.PathLike[str],
                   overwrite: bool) -> tuple[str, Callable[[Any], None]]:
     """Validate ``path`` and ``obj`` for it; returns (absolute target, writer to a binary file object)."""
     target = os.path.abspath(os.fspath(path))
+    name = shown(path)
     folder, ext = os.path.dirname(target), os.path.splitext(target)[1].lower()
     fmt = FORMATS.get(ext)
     if fmt is None:
-        raise ImageError(f"{path}: cannot write images with extension {ext or '(none)'!r}; "
+        raise ImageError(f"{name}: cannot write images with extension {ext or '(none)'!r}; "
                          f"use {', '.join(writable_suffixes())}")
     if fmt.refused:
-        raise ImageError(f"{path}: {ext} output is not supported: {fmt.refused}; write .png instead")
+        raise ImageError(f"{name}: {ext} output is not supported: {fmt.refused}; write .png instead")
     if not os.path.isdir(folder):
-        raise ImageError(f"{path}: folder {folder} does not exist; create it first")
+        raise ImageError(f"{name}: folder {shown(folder)} does not exist; create it first")
     if os.path.isdir(target):
-        raise ImageError(f"{path}: is a directory; pass a file name")
+        raise ImageError(f"{name}: is a directory; pass a file name")
     if os.path.lexists(target) and not overwrite:
-        raise ImageError(f"{path}: exists; pass overwrite=True (--force) to replace it")
-    return target, _writer(obj, fmt, path)
+        # the cause carries the path, so that a CLI can word the fix as --force
+        raise ImageError(f"{name}: exists; pass overwrite=True to replace it") from OutputExistsError(path)
+    return target, _writer(obj, fmt, name)
 
 
 def _writer(obj: Image.Image | np.ndarray, fmt: FileFormat, path: object) -> Callable[[Any], None]:
@@ -168,10 +129,15 @@ def _writer(obj: Image.Image | np.ndarray, fmt: FileFormat, path: object) -> Cal
                          "save as .png (or drop alpha yourself)")
     options = dict(_SAVE_OPTIONS.get(fmt.pil, {}))
     exif = img.info.get("exif")
-    if exif and fmt.exif:
+    exif = exif.tobytes() if isinstance(exif, Image.Exif) else exif
+    too_long = bool(exif) and fmt.max_exif is not None and len(exif) > fmt.max_exif
+    if exif and fmt.exif and not too_long:
         options["exif"] = exif   # Pillow writes EXIF only when asked; the orientation must survive
     elif exif:   # no EXIF in this format: turn the pixels so that the file still displays the same way
         img = ImageOps.exif_transpose(img)
+        if too_long:
+            warnings.warn(f"{path}: its EXIF ({len(exif)} bytes) is longer than {fmt.pil} can hold ({fmt.max_exif}); "
+                          "written without EXIF, the orientation applied to the pixels", ImageWarning, stacklevel=4)
     return lambda f: img.save(f, format=fmt.pil, **options)
 
 
