@@ -1,6 +1,8 @@
 """Shared test utilities: random networks that prove something, and masks of every shape."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -72,3 +74,45 @@ def shipped_tiling() -> tuple[int, int]:
     from m2ae_infer.cli import MIN_TILE_OVERLAPS
     overlap = Deblurrer(tile=None).tiling.overlap
     return overlap, MIN_TILE_OVERLAPS * overlap
+
+
+GIB = 2**30
+
+
+def sparse_checkpoint(obj, path) -> None:
+    """``torch.save(obj, path)`` without writing any tensor's bytes (``torch.serialization.skip_data``): the file
+    declares every tensor at its full size, reads back zeros, and takes no disk for them (a sparse file), so a
+    test can hold a 1 GiB tensor without 1 GiB of memory or disk. Tensors in ``obj`` may be ``torch.empty``
+    (never touched)."""
+    import torch
+    with torch.serialization.skip_data():
+        torch.save(obj, path)
+
+
+_DEFLATED: dict = {}
+
+
+def deflated_checkpoint(name: str, obj_factory) -> bytes:
+    """The bytes of ``sparse_checkpoint(obj_factory())`` re-zipped with ZIP_DEFLATED (cached under ``name``): a
+    1 GiB tensor of zeros becomes ~1 MB, the zip bomb of issue 18. Building one takes ~3 s of zlib."""
+    if name not in _DEFLATED:
+        import io
+        import tempfile
+        import zipfile
+        with tempfile.TemporaryDirectory() as tmp:
+            source = os.path.join(tmp, "sparse.pth")
+            sparse_checkpoint(obj_factory(), source)
+            out = io.BytesIO()
+            with zipfile.ZipFile(source) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+                zeros = bytes(4 * 2**20)
+                for info in src.infolist():
+                    if "/data/" not in info.filename:   # data.pkl, version, ...: copied
+                        dst.writestr(info.filename, src.read(info.filename))
+                        continue
+                    with dst.open(info.filename, "w", force_zip64=True) as target:   # tensor bytes: zeros
+                        left = info.file_size      # (skip_data's records hold no bytes, and no valid CRC)
+                        while left:
+                            target.write(zeros[:min(left, len(zeros))])
+                            left -= min(left, len(zeros))
+        _DEFLATED[name] = out.getvalue()
+    return _DEFLATED[name]

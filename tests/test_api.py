@@ -235,3 +235,42 @@ def test_threshold_defaults_to_the_checkpoints_recommendation(tmp_path):
     _, high = Deblurrer(tmp_path / "t.safetensors").run(image, return_info=True)
     _, low = Deblurrer(tmp_path / "t.safetensors", threshold=0.2).run(image, return_info=True)
     assert high.active_fraction <= low.active_fraction
+
+
+# ----------------------------------------------------------------------------------- issue 18
+@pytest.mark.parametrize("dtype", [">u2", ">f4", ">i4", "<u2"])
+def test_big_endian_mask_equals_the_native_mask(net, deblurrer, dtype):
+    """Issue 18: a big-endian mask was refused as 'got ndarray' although big-endian images work. The reference is
+    the training-form network given the same mask as a native bool array."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (12, 17, 3), dtype=np.uint8)
+    native = make_mask("blobs", 12, 17, seed=2)[0, 0].numpy()
+    out = deblurrer.run(image, mask=native.astype(dtype))
+    rgb = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    expected = deblurrer.run(image, mask=native)
+    np.testing.assert_array_equal(out, expected)
+    ref = (reference(net, rgb, torch.from_numpy(native)[None, None]) * 255).round().to(torch.uint8)
+    assert np.abs(out.astype(int) - ref[0].permute(1, 2, 0).numpy().astype(int)).max() <= 1
+    assert not np.array_equal(out, image), "the mask made the network run"
+
+
+def _odd_tensors(channels: int) -> dict:
+    dense = torch.rand(1, channels, 6, 8, generator=torch.Generator().manual_seed(0))
+    return {"meta": (torch.empty(1, channels, 6, 8, device="meta"), "meta device"),
+            "sparse_coo": (dense.to_sparse(), "sparse_coo layout"),
+            "mkldnn": (dense.to_mkldnn(), "mkldnn layout")}
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse_coo", "mkldnn"])
+@pytest.mark.parametrize("role", ["image", "mask"])
+def test_tensors_without_readable_pixels_are_refused_in_one_line(deblurrer, kind, role):
+    """Issue 18: meta-device and sparse tensors raised raw RuntimeError / NotImplementedError."""
+    from m2ae_infer import ImageError
+    tensor, needle = _odd_tensors(3 if role == "image" else 1)[kind]
+    with pytest.raises(ImageError) as err:
+        if role == "image":
+            deblurrer.run(tensor)
+        else:
+            deblurrer.run(torch.rand(1, 3, 6, 8), mask=tensor)
+    message = str(err.value)
+    assert needle in message and "\n" not in message and ("mask" in message) == (role == "mask"), message

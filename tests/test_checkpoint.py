@@ -9,11 +9,16 @@ import json
 import os
 import pathlib
 import pickle
+import re
+import struct
+import subprocess
+import sys
 import warnings
+import zipfile
 
 import pytest
 import torch
-from helpers import random_net
+from helpers import GIB, deflated_checkpoint, random_net, sparse_checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -582,3 +587,193 @@ def test_error_survives_pickling():  # e.g. raised in a DataLoader worker or a p
 
     err = pickle.loads(pickle.dumps(CheckpointError("f.pth", "is empty", "save it again")))
     assert isinstance(err, CheckpointError) and str(err) == "f.pth: is empty; save it again"
+
+
+# ------------------------------------------------------------------------- hostile files (issue 18)
+def _tiny_ours(state: dict | None = None) -> dict:
+    state = {k: v.contiguous() for k, v in make_net("train").state_dict().items()} if state is None else state
+    return {"format": "m2ae", "version": 1, "config": TINY.to_dict(), "deploy": False, "state_dict": state,
+            "meta": {}}
+
+
+_PEAK = """
+import resource, sys
+from m2ae_infer.checkpoint import CheckpointError, load_checkpoint
+try:
+    load_checkpoint(sys.argv[1])
+    outcome = "loaded"
+except CheckpointError as exc:
+    outcome = str(exc)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, outcome)
+"""
+
+
+def _peak_rss_kb(path: pathlib.Path) -> tuple[int, str]:
+    """Peak RSS (kB) of a fresh process that loads ``path``, and what the load said."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak, outcome = proc.stdout.strip().split(" ", 1)
+    return int(peak), outcome
+
+
+def test_refusing_or_loading_hostile_files_costs_no_more_memory_than_a_normal_refusal(tmp_path):
+    """Issue 18: a 1 MB .pth declaring a 1 GiB tensor peaked at 1.3 GB before its keys were checked. Each file here
+    is judged in its own process against a small bad checkpoint refused the same way (the reference)."""
+    files = {
+        "reference": lambda p: torch.save({"state_dict": {"x": torch.zeros(16)}}, p),
+        "bomb in the state dict": lambda p: p.write_bytes(deflated_checkpoint(
+            "x", lambda: {"state_dict": {"x": torch.empty(GIB // 4)}})),
+        "bomb beside the weights": lambda p: p.write_bytes(deflated_checkpoint(
+            "beside", lambda: {**_tiny_ours(), "junk": torch.empty(GIB // 16)})),
+        # torch.save's own (uncompressed) layout is memory-mapped: 1 GiB beside the weights is never read
+        "1 GiB stored beside the weights": lambda p: sparse_checkpoint({**_tiny_ours(), "junk": torch.empty(GIB // 4)},
+                                                                       p),
+    }
+    peaks, outcomes = {}, {}
+    for name, write in files.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.pth"
+        write(path)
+        assert path.stat().st_blocks * 512 < 8 * 2**20, "the test files themselves stay small on disk"
+        peaks[name], outcomes[name] = _peak_rss_kb(path)
+    for name, peak in peaks.items():   # first: the bound the issue sets
+        assert peak <= peaks["reference"] + 50 * 1024, (name, peaks)
+    assert "unexpected keys (1) [x]" in outcomes["reference"]
+    assert "unexpected keys (1) [x]" in outcomes["bomb in the state dict"]
+    declared = re.search(r"records declare (\d+) bytes", outcomes["bomb beside the weights"])
+    assert declared and int(declared.group(1)) >= GIB // 4
+    assert "refusing to inflate" in outcomes["bomb beside the weights"]
+    assert outcomes["1 GiB stored beside the weights"] == "loaded"
+
+
+def test_object_pickle_over_the_cap_is_refused_from_the_zip_directory(tmp_path, monkeypatch):
+    """A compressed data.pkl may unpack to gigabytes (a 512 MiB string took 1.8 GB): its declared size is read off
+    the zip directory and refused before torch.load unpickles anything."""
+    from m2ae_infer import checkpoint_source
+    path = tmp_path / "big_meta.pth"
+    torch.save({**_tiny_ours(), "meta": {"note": "a" * 5000}}, path)
+    monkeypatch.setattr(checkpoint_source, "MAX_PICKLE_BYTES", 4096)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran"))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "data.pkl declares", "more than the 4096", "refusing to unpack it")
+
+
+def test_compressed_checkpoint_within_the_budget_still_loads(tmp_path, image):
+    """The reference for the bombs: the same tiny checkpoint re-zipped with ZIP_DEFLATED loads bit for bit."""
+    net = make_net("train")
+    stored, path = tmp_path / "stored.pth", tmp_path / "deflated.pth"
+    save_checkpoint(net, stored)
+    with zipfile.ZipFile(stored) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert_same(load_checkpoint(path), net, image)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_colliding_prefixes_are_refused_not_a_silent_choice(tmp_path, suffix, prefix):
+    """Issue 18: the shipped weights plus zeroed ``module.`` copies loaded the zeros for 44 of 52 tensors, exit 0.
+    Stripping now refuses two keys landing on one name, as key_map does, listing them."""
+    state = {k: v.contiguous() for k, v in make_net("train").state_dict().items()}
+    both = {**state, **{prefix + k: torch.zeros_like(v) for k, v in state.items()}}
+    path = tmp_path / f"ddp{suffix}"
+    save_file(both, path) if suffix == ".safetensors" else torch.save(both, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    message = assert_one_line_error(exc, path, "stripping the module./_orig_mod. prefixes maps several keys onto "
+                                    f"one name: ({len(state)}) [", "keep one copy")
+    name, *sources = re.search(r"one name: \(\d+\) \[(\S+) <- (\S+) \+ (\S+),", message).groups()
+    assert sorted(sources) == sorted([name, prefix + name]), message
+
+
+@pytest.mark.parametrize("entry, text", [("config", "[" * 100000 + "]" * 100000),
+                                         ("meta", "{\"a\": " * 5000 + "1" + "}" * 5000),
+                                         ("config", "{\"channels\": 1e999999}"), ("meta", "[1, 2]")])
+def test_odd_or_deeply_nested_json_metadata_is_a_checkpoint_error(tmp_path, entry, text):
+    """Issue 18: a "[" * 100000 config raised a raw RecursionError, and the CLI line did not name the file."""
+    path = _with_stored_config(tmp_path, ".safetensors", TINY.to_dict())
+    with safe_open(path, framework="pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, path, metadata={**metadata, entry: text})
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "re-save")
+
+
+def test_deeply_nested_meta_in_a_pth_is_a_checkpoint_error(tmp_path):
+    meta: dict = {}
+    for _ in range(40):
+        meta = {"a": meta}
+    path = tmp_path / "nested.pth"
+    torch.save({**_tiny_ours(), "meta": meta}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "stored meta", "nested more than 32 levels deep")
+
+
+def test_huge_safetensors_header_length_is_diagnosed_as_such(tmp_path):
+    """Issue 18: a header length of 0x80 + 2**40 (first byte 0x80, like a pickle) was called 'content is torch'."""
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(struct.pack("<Q", 0x80 + 2**40) + b'{"x": 1}' + bytes(64))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    message = assert_one_line_error(exc, path, f"header length field says {0x80 + 2**40} bytes", "damaged")
+    assert "torch" not in message
+
+
+def test_oversized_safetensors_header_is_refused_before_parsing(tmp_path, monkeypatch):
+    from m2ae_infer import checkpoint_source
+    path = _with_stored_config(tmp_path, ".safetensors", TINY.to_dict())
+    monkeypatch.setattr(checkpoint_source, "MAX_HEADER_BYTES", 1024)
+    import safetensors
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("the header was parsed"))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "more than the 1024 bytes")
+
+
+def test_safetensors_tensors_are_read_only_after_the_structure_fits(tmp_path, monkeypatch):
+    """A small header may declare a huge tensor (the data a hole of a sparse file): the misfit is refused from the
+    header (shapes on the meta device); no tensor is read."""
+    path = tmp_path / "huge.safetensors"
+    header = json.dumps({"x": {"dtype": "F32", "shape": [GIB // 4], "data_offsets": [0, GIB]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + GIB)
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("load_file read everything"))
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path, "unexpected keys (1) [x]")
+
+
+def test_empty_and_control_character_keys_are_shown_escaped(tmp_path):
+    state = {k: v.contiguous() for k, v in make_net("train").state_dict().items()}
+    path = tmp_path / "odd.pth"
+    torch.save({**state, "module.": torch.zeros(1), "evil\nkey\x1b[2J": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path, config=TINY)
+    assert_one_line_error(exc, path, "unexpected keys (2) ['', evil\\nkey\\x1b[2J]")
+
+
+def test_file_name_with_control_characters_is_shown_escaped(tmp_path):
+    path = tmp_path / "bad\nname\r.pth"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    message = str(exc.value)
+    assert "\n" not in message and "\r" not in message and "bad\\nname\\r.pth: is empty" in message
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_sparse_and_dataless_tensors_are_checkpoint_errors(tmp_path, kind):
+    """Issue 18: these raised raw NotImplementedError / RuntimeError from the value check."""
+    state = {k: v.contiguous() for k, v in make_net("train").state_dict().items()}
+    state["stem.bias"] = state["stem.bias"].to_sparse() if kind == "sparse" else torch.empty_like(
+        state["stem.bias"], device="meta")
+    path = tmp_path / f"{kind}.pth"
+    torch.save(_tiny_ours(state), path)
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(path)
+    assert_one_line_error(exc, path, "sparse tensors" if kind == "sparse" else "tensors without data", "stem.bias")

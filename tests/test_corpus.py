@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from helpers import random_net, shipped_tiling
+from helpers import GIB, deflated_checkpoint, random_net, shipped_tiling
 from PIL import Image
 
 from m2ae_infer import M2AEConfig, save_checkpoint
@@ -152,6 +152,60 @@ def _plain_pickle(obj: Callable[[Path], object]) -> Callable[[Path], None]:
     return write
 
 
+def _ours_st(state: dict, **metadata: str) -> Callable[[Path], None]:
+    """``state`` in our safetensors format with the tiny config (``metadata`` overrides entries)."""
+    def write(path: Path) -> None:
+        from safetensors.torch import save_file
+        save_file(state, str(path), metadata={"format": "m2ae", "version": "1", "deploy": "false", "meta": "{}",
+                                              "config": json.dumps(TINY.to_dict()), **metadata})
+    return write
+
+
+def _zip_bomb(path: Path) -> None:
+    """Issue 18: 1 MB of zip that declares a 1 GiB tensor "x" (torch.load used to inflate it before the check)."""
+    path.write_bytes(deflated_checkpoint("x", lambda: {"state_dict": {"x": torch.empty(GIB // 4)}}))
+
+
+def _zip_bomb_beside_the_weights(path: Path) -> None:
+    """Our tiny checkpoint with 256 MiB of compressed zeros beside its state dict (the key check cannot see them)."""
+    path.write_bytes(deflated_checkpoint("beside", lambda: {**_ours(_state()), "junk": torch.empty(GIB // 16)}))
+
+
+def _safetensors_declaring(nbytes: int) -> Callable[[Path], None]:
+    """A small header declaring a tensor "x" of ``nbytes``, its data a hole of a sparse file (no disk used)."""
+    def write(path: Path) -> None:
+        header = json.dumps({"x": {"dtype": "F32", "shape": [nbytes // 4], "data_offsets": [0, nbytes]}}).encode()
+        header += b" " * (-len(header) % 8)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            f.truncate(8 + len(header) + nbytes)
+    return write
+
+
+def _tiff(array_factory: Callable[[], np.ndarray], **kw) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        tifffile = pytest.importorskip("tifffile")
+        tifffile.imwrite(path, array_factory(), **kw)
+    return write
+
+
+def _big_exif(path: Path) -> None:
+    """A PNG (named .jpg) whose EXIF is 70 000 bytes: more than a JPEG APP1 segment holds."""
+    exif = _exif(1)
+    exif[0x010E] = "x" * 70000            # ImageDescription
+    Image.fromarray(PHOTO).save(path, format="PNG", exif=exif)
+
+
+def _dangling_output(case_dir: Path) -> None:
+    (case_dir / "out").mkdir()
+    os.symlink(case_dir / "nowhere.png", case_dir / "out" / "photo.png")
+
+
+def _dangling_output_untouched(case_dir: Path) -> None:
+    link = case_dir / "out" / "photo.png"
+    assert link.is_symlink() and not (case_dir / "nowhere.png").exists(), "written through or over the link"
+
+
 def _good_ckpt_bytes(suffix: str) -> Callable[[Path], bytes]:
     def read(tmp: Path) -> bytes:
         path = tmp / f"good{suffix}"
@@ -205,6 +259,7 @@ class Case:
     extra: tuple[str, ...] = ()
     output: str = "out"
     after: Callable[[Path], None] | None = None       # extra assertions, given the case folder
+    setup: Callable[[Path], None] | None = None       # prepares the case folder before the run
     warning: str = ""                                 # ok cases: text of the one-line warning they must print
 
     @property
@@ -268,6 +323,13 @@ CASES: dict[str, Case] = {
     "output-folder-unwritable": Case(GOOD, output="readonly/out", code=2, needle="cannot write to output folder"),
     "output-under-a-file": Case(GOOD, output="in/photo.png/out", code=2, needle="cannot write to output folder"),
     "alpha-to-jpeg": Case(_save(Image.fromarray(PHOTO).convert("RGBA")), output="out/photo.jpg", needle="alpha"),
+    "output-is-a-dangling-symlink": Case(GOOD, output="out/photo.png", needle="exists; pass --force to overwrite it",
+                                         setup=_dangling_output, after=_dangling_output_untouched),
+    "name-with-a-newline": Case(_bytes(b""), "ph\noto.png", needle="ph\\noto.png: empty file"),
+    "cmyk-alpha-tiff": Case(_tiff(lambda: np.dstack([PHOTO, PHOTO[..., :2]]), photometric="separated",
+                                  extrasamples=[2]), "photo.tif", needle="CMYK + alpha, 5 samples of 8-bit"),
+    "float32-rgb-tiff": Case(_tiff(lambda: PHOTO.astype(np.float32) / 255, photometric="rgb"), "photo.tif",
+                             needle="RGB, 3 samples of 32-bit float"),
     "mask-name-collides": Case(_folder(("a.png", GOOD), ("a_mask.png", GOOD)), "photos", code=2,
                                needle="both write"),
     # ---- checkpoints: the model cannot load, exit 2, nothing run
@@ -307,6 +369,25 @@ CASES: dict[str, Case] = {
     "ckpt-nan-weights": Case(GOOD, code=2, needle="NaN", ckpt=("nan.pth", lambda p: torch.save(_ours(_state(float("nan"))), p))),
     "ckpt-inf-weights-safetensors": Case(GOOD, code=2, needle="non-finite",
                                          ckpt=("inf.safetensors", _ckpt_nonfinite_st)),
+    "ckpt-zip-bomb": Case(GOOD, code=2, needle="unexpected keys (1) [x]", ckpt=("bomb.pth", _zip_bomb)),
+    "ckpt-zip-bomb-beside-the-weights": Case(GOOD, code=2, needle="refusing to inflate it",
+                                             ckpt=("bomb.pth", _zip_bomb_beside_the_weights)),
+    "ckpt-safetensors-declaring-1gib": Case(GOOD, code=2, needle="unexpected keys (1) [x]",
+                                            ckpt=("huge.safetensors", _safetensors_declaring(GIB))),
+    "ckpt-safetensors-header-over-16mib": Case(GOOD, code=2, needle="header length field says", ckpt=(
+        "meta.safetensors", _ours_st(_state(), meta=json.dumps({"note": "x" * (17 * 2**20)})))),
+    "ckpt-safetensors-header-length-2**40": Case(GOOD, code=2, needle="header length field says 1099511627904", ckpt=(
+        "net.safetensors", _bytes(struct.pack("<Q", 0x80 + 2**40) + b'{"x": 1}' + bytes(64)))),
+    "ckpt-colliding-prefixes": Case(GOOD, code=2, needle="maps several keys onto one name", ckpt=(
+        "ddp.safetensors", lambda p: _ours_st({**_state(), **{f"module.{k}": torch.zeros_like(v)
+                                                            for k, v in _state().items()}})(p))),
+    "ckpt-nested-json-metadata": Case(GOOD, code=2, needle="nested.safetensors: damaged m2ae metadata", ckpt=(
+        "nested.safetensors", _ours_st(_state(), config="[" * 100000 + "]" * 100000))),
+    "ckpt-empty-key-after-stripping": Case(GOOD, code=2, needle="unexpected keys (1) ['']", ckpt=(
+        "net.safetensors", lambda p: _ours_st({**_state(), "module.": torch.zeros(1)})(p))),
+    "ckpt-sparse-tensor": Case(GOOD, code=2, needle="sparse tensors", ckpt=(
+        "sparse.pth", lambda p: torch.save(_ours({k: v.to_sparse() if k == "stem.bias" else v
+                                                  for k, v in _state().items()}), p))),
     "ckpt-missing": Case(GOOD, code=2, needle="no such file", ckpt=("nope.pth", lambda p: None)),
     "ckpt-is-a-folder": Case(GOOD, code=2, needle="is a directory", ckpt=("dir.pth", lambda p: p.mkdir())),
     "ckpt-onnx-extension": Case(GOOD, code=2, needle="unsupported extension", ckpt=("net.onnx", _bytes(b"\x08\x07"))),
@@ -351,10 +432,18 @@ CASES: dict[str, Case] = {
                          warning="3 frames (animated or multi-page); only the first frame is deblurred"),
     "multi-page-tiff": Case(_frames("TIFF"), "photo.tif", code=0, check=_expect_image((W, H), "RGB", PHOTO),
                             warning="3 frames (animated or multi-page); only the first frame is deblurred"),
+    # EXIF longer than a JPEG holds: dropped, with a warning (the orientation is applied to the pixels)
+    "exif-over-64kb-to-jpeg": Case(_big_exif, "photo.jpg", code=0, check=_expect_image((W, H), "RGB"),
+                                   warning="is longer than JPEG can hold (65533)",
+                                   after=lambda d: _no_exif(d / "out" / "photo.jpg")),
     # Pillow decodes 16-bit colour PNGs at 8 bits: the output is a correct 8-bit image (README: limits)
     "16-bit-rgb-png": Case(lambda p: _write_png16_rgb(p), code=0, check=_expect_image((W, H), "RGB"),
                            warning="16-bit colour is decoded at 8 bits"),
 }
+
+
+def _no_exif(path: Path) -> None:
+    assert "exif" not in Image.open(path).info
 
 
 def _write_png16_rgb(path: Path) -> None:
@@ -367,7 +456,8 @@ VALID = [name for name, case in CASES.items() if case.ok]
 
 
 def test_corpus_size():
-    assert len(CASES) >= 30 and len(ERRORS) >= 30 and len(VALID) >= 10
+    # 70 cases (50 errors, 20 valid) before issue 18 added its 14 findings
+    assert len(CASES) >= 84 and len(ERRORS) >= 63 and len(VALID) >= 21
 
 
 def _run_case(case: Case, root: Path, capsys) -> tuple[int, str, str, Path]:
@@ -381,6 +471,8 @@ def _run_case(case: Case, root: Path, capsys) -> tuple[int, str, str, Path]:
             case = Case(case.make, case.name, case.code, case.needle, output=str(sysfs / "m2ae-corpus-out"))
     source = root / "in" / case.name
     case.make(source)
+    if case.setup is not None:
+        case.setup(root)
     if case.output == "out/photo.png" and case.needle == "exists":
         (root / "out").mkdir()
         (root / "out" / "photo.png").write_bytes(b"old")

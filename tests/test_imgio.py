@@ -509,3 +509,60 @@ def test_mask_to_image(shape: tuple[int, ...]) -> None:
                                   torch.zeros(7, dtype=torch.bool)], ids=["float", "batch2", "1d"])
 def test_mask_to_image_rejects_bad_masks(mask: torch.Tensor) -> None:
     _assert_one_line_error(lambda: mask_to_image(mask), "mask")
+
+
+# ----------------------------------------------------------------------------------- issue 18
+def _big_exif_image(description_bytes: int, orientation: int = 6) -> Image.Image:
+    img = Image.fromarray(_u8(5, 9, 3))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010E] = "x" * description_bytes      # ImageDescription
+    img.info["exif"] = exif.tobytes()
+    return img
+
+
+def test_exif_longer_than_jpeg_holds_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    """Issue 18: > 64 KB of EXIF to JPEG failed with 'check the folder is writable'. Now the EXIF is dropped, the
+    orientation applied to the pixels (so the file displays like the image), and an ImageWarning says so."""
+    from PIL import ImageOps
+    img = _big_exif_image(70000)
+    with pytest.warns(imgio.ImageWarning, match=r"EXIF \(\d+ bytes\) is longer than JPEG can hold \(65533\)"):
+        save_image(img, tmp_path / "big.jpg")
+    with Image.open(tmp_path / "big.jpg") as back:
+        assert "exif" not in back.info and back.size == ImageOps.exif_transpose(img).size == (5, 9)
+    # the reference: EXIF that fits is kept, orientation and all, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_image(_big_exif_image(60000), tmp_path / "fits.jpg")
+    with Image.open(tmp_path / "fits.jpg") as back:
+        assert back.getexif()[0x0112] == 6 and back.size == (9, 5)
+
+
+@pytest.mark.parametrize("array, kw, variant", [
+    (np.zeros((6, 7, 5), np.uint8), dict(photometric="separated", extrasamples=[2]),
+     "CMYK + alpha, 5 samples of 8-bit unsigned"),
+    (np.zeros((6, 7, 3), np.float32), dict(photometric="rgb"), "RGB, 3 samples of 32-bit float"),
+    (np.zeros((6, 7, 4), np.float32), dict(photometric="rgb", extrasamples=[2]),
+     "RGB + alpha, 4 samples of 32-bit float"),
+    (np.zeros((6, 7), np.float64), {}, "gray, 1 sample of 64-bit float"),
+], ids=["cmyk-alpha", "rgb-float32", "rgba-float32", "gray-float64"])
+def test_tiff_variants_pillow_cannot_read_are_named(tmp_path: Path, array, kw, variant) -> None:
+    """Issue 18: CMYK+alpha and float RGB TIFFs (as tifffile writes them) were 'not an image'."""
+    tifffile = pytest.importorskip("tifffile")
+    path = tmp_path / "x.tif"
+    tifffile.imwrite(path, array, **kw)
+    _assert_one_line_error(lambda: load_image(path), f"a TIFF variant Pillow cannot read ({variant})", "16-bit")
+
+
+def test_existing_output_error_speaks_python(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    save_image(_u8(3, 2), path)
+    msg = _assert_one_line_error(lambda: save_image(_u8(3, 2), path), "exists; pass overwrite=True to replace it")
+    assert "--force" not in msg
+
+
+def test_file_names_with_control_characters_are_escaped(tmp_path: Path) -> None:
+    path = tmp_path / "a\nb\x1b.png"
+    path.write_bytes(b"")
+    msg = _assert_one_line_error(lambda: load_image(path), "a\\nb\\x1b.png: empty file")
+    assert "\x1b" not in msg
