@@ -22,10 +22,11 @@ The check runs on the file's *structure* (its tensors on the ``meta`` device, no
 :mod:`m2ae_infer.checkpoint_source`) against the network built on the ``meta`` device, so a config or a tensor
 that does not fit, however large it claims to be, is refused before any of its memory is allocated; compressed
 records that would inflate to far more than the network's weights are refused from the zip directory, and the
-stripping of prefixes refuses two keys landing on one name as ``key_map`` does. When ``torch.load`` fails, the file's main pickle is read with :mod:`pickletools` (which
-parses opcodes, never executes them) to tell code, a pickle that weights-only loading cannot read
-(``pickle.dump`` files, protocol >= 4) and a truncated or corrupt file apart. Messages name the Python
-argument and the CLI option together: of the CLIs only ``m2ae-train`` takes an architecture (``--config``).
+stripping of prefixes refuses two keys landing on one name as ``key_map`` does. When ``torch.load`` fails,
+the file's main pickle is read with :mod:`pickletools` (which parses opcodes, never executes them) to tell
+code, a pickle that weights-only loading cannot read (``pickle.dump`` files, protocol >= 4) and a truncated or
+corrupt file apart. Messages name the Python argument and the CLI option together: of the CLIs only
+``m2ae-train`` takes an architecture (``--config``).
 """
 from __future__ import annotations
 

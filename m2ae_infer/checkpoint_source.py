@@ -299,7 +299,8 @@ def listing(items: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ failures
 def _load_failure(path: Path, exc: Exception) -> CheckpointError:
-    """Why ``torch.load(weights_only=True)`` failed, from the file's main pickle (see :func:`m2ae_infer.pickle_scan.scan_main_pickle`)."""
+    """Why ``torch.load(weights_only=True)`` failed, from the file's main pickle
+    (see :func:`m2ae_infer.pickle_scan.scan_main_pickle`)."""
     scan = scan_main_pickle(path)
     text = str(exc)
     if scan is None:  # not even the container opens (a zip cut short, ...)
