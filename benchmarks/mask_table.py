@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 DEV_SEED, INDEPENDENT_SEED = 4242, 4343
 
 
