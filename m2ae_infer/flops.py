@@ -42,7 +42,13 @@ def count_isolated(fn: Callable[[], object]) -> int:
 
     thread = threading.Thread(target=work, name="m2ae-flop-count")
     thread.start()
-    thread.join()
+    try:
+        thread.join()
+    except BaseException:
+        # Ctrl-C while waiting: let the count finish (milliseconds) before the interrupt propagates, so no
+        # thread is still inside torch when the interpreter shuts down (that aborted the process, exit -6).
+        thread.join()
+        raise
     if "error" in result:
         raise result["error"]
     return result["flops"]
