@@ -40,10 +40,10 @@ setup(
     entry_points={
         "console_scripts": [
             "m2ae-deblur=m2ae_infer.cli:main",
-            "m2ae-train=m2ae_infer.train:main",
+            "m2ae-train=m2ae_infer.entry:train",
             "m2ae-eval=m2ae_infer.evaluate:main",
             "m2ae-export=m2ae_infer.export.cli:main",
-            "m2ae-bench=m2ae_infer.benchmarks.cli:main",
+            "m2ae-bench=m2ae_infer.entry:bench",
             "m2ae-data=m2ae_infer.data.corpus:main",
         ],
     },

@@ -157,3 +157,18 @@ def test_tensorrt_profile_refuses_sides_above_the_limit():
     Profile(max=(MAX_SIDE, MAX_SIDE))                      # the limit itself is fine
     with pytest.raises(ValueError, match="largest image side is 8192"):
         Profile(max=(MAX_SIDE + 1, 2000))
+
+
+@pytest.mark.parametrize("launcher, prog", [("train", "m2ae-train"), ("bench", "m2ae-bench")])
+def test_a_ctrl_c_while_the_cli_module_imports_is_exit_130_and_one_line(monkeypatch, capsys, launcher, prog):
+    """m2ae-train and m2ae-bench import torch at the top of their modules (~1.5 s): their launchers catch a
+    Ctrl-C that lands there."""
+    import importlib
+    from m2ae_infer import entry
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert getattr(entry, launcher)() == 130
+    err = capsys.readouterr().err
+    assert err == f"{prog}: interrupted\n"
