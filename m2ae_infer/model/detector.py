@@ -29,6 +29,7 @@ Why these pieces:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,18 +142,19 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 def _init_derivative_filters(weight: torch.Tensor) -> None:
     """Start the filter bank as first and second derivatives of Gaussians at two scales and four orientations
     (then learned): the training starts from features that already see direction."""
-    n = weight.shape[0]
-    y, x = torch.meshgrid(torch.arange(-2.0, 3.0), torch.arange(-2.0, 3.0), indexing="ij")
+    # Built in numpy: torch ops here would run under the checkpoint loader's meta-device mode, whose first
+    # arange/meshgrid imports torch._dynamo (and with it triton) in a plain CPU process.
+    y, x = np.mgrid[-2:3, -2:3].astype(np.float64)
     bank = []
     for sigma in (0.8, 1.6):
-        g = torch.exp(-(x * x + y * y) / (2 * sigma * sigma))
-        for theta in torch.arange(4) * torch.pi / 4:
-            u = x * torch.cos(theta) + y * torch.sin(theta)
-            bank.append(-u * g)                                    # first derivative across direction theta
-        for theta in torch.arange(2) * torch.pi / 2:
-            u = x * torch.cos(theta) + y * torch.sin(theta)
-            bank.append((u * u / sigma ** 2 - 1) * g)              # second derivative
-    for i in range(n):
-        f = bank[i % len(bank)] if i < len(bank) else torch.randn(5, 5)
+        g = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
+        for theta in np.arange(4) * np.pi / 4:
+            bank.append(-(x * np.cos(theta) + y * np.sin(theta)) * g)          # first derivative across theta
+        for theta in np.arange(2) * np.pi / 2:
+            u = x * np.cos(theta) + y * np.sin(theta)
+            bank.append((u * u / sigma ** 2 - 1) * g)                         # second derivative
+    rng = np.random.default_rng(0)
+    for i in range(weight.shape[0]):
+        f = bank[i] if i < len(bank) else rng.standard_normal((5, 5))
         f = f - f.mean()
-        weight[i, 0] = f / f.norm().clamp(min=1e-6)
+        weight[i, 0] = torch.from_numpy((f / max(np.linalg.norm(f), 1e-6)).astype(np.float32))
