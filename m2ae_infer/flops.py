@@ -9,8 +9,9 @@ Here:
   same code the real call runs (so it equals what ``FlopCounterMode`` sees on the real call), and cached;
 * the sparse body's FLOPs are affine in the number of active working pixels (every active pixel runs the same
   GEMM rows), so two counts per shape (0 and 1 active pixel) give the count for any mask exactly;
-* each count runs in a thread of its own: torch's dispatch-mode stack (``FlopCounterMode``, profilers built on
-  ``TorchDispatchMode``) is thread-local, so a counter around the caller never sees the meta run.
+* when a ``TorchDispatchMode`` (a ``FlopCounterMode``, say) is active around the caller, the count runs in a
+  thread of its own: the dispatch-mode stack is thread-local, so that counter never sees the meta run. Without
+  one it runs inline (a helper thread inside torch at a Ctrl-C aborted the process at shutdown, exit -6).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .model.mask import pad_to_even
 
 
 def count_isolated(fn: Callable[[], object]) -> int:
-    """FLOPs of ``fn()`` under a fresh ``FlopCounterMode``, run in its own thread (see the module doc)."""
+    """FLOPs of ``fn()`` under a fresh ``FlopCounterMode``, hidden from any dispatch mode around the caller."""
     # Imported here: torch.utils.flop_counter imports triton when it is installed, and importing m2ae_infer
     # must not (tests/test_lazy_imports.py).
     from torch.utils.flop_counter import FlopCounterMode
@@ -40,6 +41,22 @@ def count_isolated(fn: Callable[[], object]) -> int:
         except BaseException as exc:   # re-raised in the caller's thread
             result["error"] = exc
 
+    if not _dispatch_modes_active():
+        work()      # nothing around the caller to hide from: count inline (no thread outlives a Ctrl-C)
+    else:
+        _in_own_thread(work)
+    if "error" in result:
+        raise result["error"]
+    return result["flops"]
+
+
+def _dispatch_modes_active() -> bool:
+    """Whether a TorchDispatchMode (a FlopCounterMode, say) is active in this thread; True if torch cannot say."""
+    length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return length is None or length() > 0
+
+
+def _in_own_thread(work: Callable[[], None]) -> None:
     thread = threading.Thread(target=work, name="m2ae-flop-count")
     thread.start()
     try:
@@ -49,9 +66,6 @@ def count_isolated(fn: Callable[[], object]) -> int:
         # thread is still inside torch when the interpreter shuts down (that aborted the process, exit -6).
         thread.join()
         raise
-    if "error" in result:
-        raise result["error"]
-    return result["flops"]
 
 
 class AffineFlops:
