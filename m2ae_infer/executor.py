@@ -131,8 +131,8 @@ class TorchExecutor:
 
         Counted once per shape by ``FlopCounterMode`` on a meta-device twin running this executor's own
         code, so the count equals what ``FlopCounterMode`` sees on the real call; sparse counts are affine in
-        ``active`` (:class:`~m2ae_infer.flops.AffineFlops`), and the counting never shows in a counter or
-        profiler around the caller (:func:`~m2ae_infer.flops.count_isolated`). Gathers and scatters move bytes,
+        ``active`` (:class:`~m2ae_infer.flops.AffineFlops`), and the counting never shows in a ``FlopCounterMode``
+        (or any ``TorchDispatchMode``) around the caller (:func:`~m2ae_infer.flops.count_isolated`). Gathers and scatters move bytes,
         not FLOPs, and count zero.
         """
         return self._flops((batch, height, width, execution, predict_mask), active, execution != "dense")

@@ -79,6 +79,7 @@ class AffineFlops:
         self._cache: dict[tuple, tuple[int, int]] = {}
 
     def __call__(self, key: tuple, active: int, affine: bool = True) -> int:
+        """``affine=False``: the count does not depend on ``active`` (dense), one count per key."""
         if key not in self._cache:
             fixed = self._count(key, 0)
             self._cache[key] = (fixed, self._count(key, 1) - fixed if affine else 0)
@@ -92,15 +93,13 @@ class MaskPassFlops:
 
     def __init__(self, net: torch.nn.Module):
         self.net = copy.deepcopy(net).to("meta")
-        self._flops = AffineFlops(self._count)
+        self._cache: dict[tuple[int, int, int], int] = {}
 
     def __call__(self, batch: int, height: int, width: int) -> int:
-        return self._flops((batch, height, width), 0, affine=False)
-
-    def _count(self, key: tuple, active: int) -> int:
-        batch, height, width = key
-
-        def call() -> None:
-            padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
-            self.net.mask_head.coarse_logits(padded, self.net.stem_features(padded))
-        return count_isolated(call)
+        key = (batch, height, width)
+        if key not in self._cache:
+            def call() -> None:
+                padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
+                self.net.mask_head.coarse_logits(padded, self.net.stem_features(padded))
+            self._cache[key] = count_isolated(call)
+        return self._cache[key]
