@@ -38,7 +38,7 @@ from .config import M2AEConfig
 from .model.mask import working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
-from .reparam import reparameterize_model
+from .reparam import expand_model, reparameterize_model
 from .cliutil import path_arg, progress_stream, say
 from .messages import one_line
 
@@ -47,7 +47,9 @@ RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, we
                     clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
                     gate="annotated", init=None, defocus=0.0, train="all", fresh_head=False,
                     exclude_photos="", data="")
-TRAINABLE = ("all", "mask")   # --train: the whole network, or the blur-mask head alone (everything else frozen)
+# --train: the whole network; the blur-mask head alone (everything else frozen); or everything but the mask head
+# (the body learns to restore and to leave alone what a fixed, already trained detector flags)
+TRAINABLE = ("all", "mask", "body")
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 RUN_FILES = ("last.pth", "last_state.pt", "train_log.csv", "final_deploy.safetensors")   # what a run writes
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
@@ -96,21 +98,28 @@ def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, ma
     source = sharp if settings["reblur_source"] == "sharp" else out.restored
     rb = reblur_loss(source, blurry, out.trajectory, mask, model.config.motion_points)
     mk = mask_loss(out.mask_logits, work, settings["pos_weight"])
-    total = rec + settings["w_reblur"] * rb + settings["w_mask"] * mk
+    # --train body: the mask head is frozen, so its loss is reported but not optimised (it would otherwise
+    # pull the shared stem towards the mask for a head that reads stem features)
+    w_mask = 0.0 if settings.get("train") == "body" else settings["w_mask"]
+    total = rec + settings["w_reblur"] * rb + w_mask * mk
     return {"loss": total, "rec": rec, "reblur": rb, "mask": mk}
 
 
 def build_model(settings: dict) -> M2AENet:
     """The network a run starts from: fresh (``init_for_training``), or ``--init`` weights.
 
-    ``train="all"`` needs ``--init`` in training form and of the run's architecture. ``train="mask"`` freezes
-    everything but the mask head, so it may start from a deploy checkpoint (the shipped one) and the run's
-    config may give the mask head another size: the head then starts fresh (as with ``fresh_head``), the rest is
-    copied."""
+    ``train="all"`` needs ``--init`` in training form and of the run's architecture. ``train="body"`` keeps
+    the mask head frozen and may start from either form of the run's architecture: a deploy checkpoint trains
+    its merged convs as they are (no RepVGG branches to re-grow). ``train="mask"`` freezes everything but the
+    mask head, so it may start from a deploy checkpoint (the shipped one) and the run's config may give the mask
+    head another size: the head then starts fresh (as with ``fresh_head``), the rest is copied."""
     config = M2AEConfig.from_spec(settings["config"])
     if not settings["init"]:
-        _check(settings["train"] == "all", "--train mask needs --init: the weights of the frozen network")
+        _check(settings["train"] == "all", f"--train {settings['train']} needs --init: the weights of the frozen "
+               "part of the network")
         return init_for_training(M2AENet(config))
+    if settings["train"] == "body":   # a deploy init grows its training branches back, exactly (frozen norms)
+        return expand_model(load_checkpoint(settings["init"], config=config), inplace=True)
     if settings["train"] == "all":   # config=: bare state dicts load too, a stored config must agree
         start = load_checkpoint(settings["init"], config=config)
         _check(not start.inference_mode, f"--init {settings['init']} is a deploy (re-parameterized) checkpoint; "
@@ -131,12 +140,30 @@ def build_model(settings: dict) -> M2AENet:
 
 
 def trainable_parameters(model: M2AENet, settings: dict) -> list[torch.nn.Parameter]:
-    """``train="mask"``: the mask head's parameters; everything else gets ``requires_grad=False``."""
-    if settings.get("train", "all") == "all":
+    """``train="mask"``: the mask head's parameters; everything else gets ``requires_grad=False``.
+    ``train="body"``: every parameter but the mask head's."""
+    mode = settings.get("train", "all")
+    if mode == "all":
         return list(model.parameters())
+    if mode == "body":
+        model.mask_head.requires_grad_(False)
+        return [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
     model.mask_head.requires_grad_(True)
     return list(model.mask_head.parameters())
+
+
+def set_train_mode(model: M2AENet, settings: dict) -> None:
+    """Train mode, except with ``--train body`` every BatchNorm stays in eval mode: the frozen mask head's
+    statistics are part of the detector being kept, and the body's norms (grown back from a deploy init by
+    :func:`expand_model`, with no batch statistics of their own) keep the network exactly what it was at
+    step 0; their affine weights still train, so the block stays re-parameterizable."""
+    model.train()
+    if settings.get("train") == "body":
+        model.mask_head.eval()
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def init_for_training(model: M2AENet) -> M2AENet:
@@ -295,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from DIR/last.pth + last_state.pt")
     p.add_argument("--config", help="architecture: tiny | default | large, optionally with field overrides, e.g. "
                                     f"'default,mask_channels=32,mask_layers=4' (default {d['config']})")
-    p.add_argument("--train", choices=TRAINABLE, help="what is trained: the whole network, or the blur-mask head "
-                                                      "alone with everything else frozen (needs --init; default all)")
+    p.add_argument("--train", choices=TRAINABLE, help="what is trained: the whole network (all), the blur-mask head "
+                   "alone with everything else frozen (mask), or everything but the mask head (body; best with "
+                   "--gate union); mask and body need --init (default all)")
     p.add_argument("--fresh-head", action="store_const", const=True,
                    help="with --train mask: start the mask head from random weights instead of --init's")
     p.add_argument("--steps", type=int, help=f"total optimizer steps, sets the schedule (default {d['steps']})")
@@ -426,7 +454,7 @@ def train(args: argparse.Namespace) -> dict:
         step, prev_wall = state["step"], state["meta"].get("wall_time_s", 0.0)
         for group, base in zip(opt.param_groups, sched.base_lrs):  # identical unless --steps changed
             group["lr"] = base * sched.lr_lambdas[0](step)
-    model.train()
+    set_train_mode(model, settings)
     stop = min(settings["steps"], args.stop_after or settings["steps"])
     log_path = out / "train_log.csv"
     old = log_path.read_text().splitlines() if state is not None and log_path.exists() else []

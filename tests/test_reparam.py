@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from m2ae_infer import M2AEConfig, M2AENet, reparameterize_model
+from m2ae_infer.reparam import expand_model
 from helpers import MASK_KINDS, make_mask, random_net
 
 CONFIGS = {
@@ -79,3 +80,36 @@ def test_training_forward_matches_eval_forward_with_hard_mask(mask_kind):
         expected = net(image, full)
         actual = net.forward_train(image, working_mask(full).float()).restored
     assert_close_relative(actual, expected)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("mask_kind", ["predicted", "full", "blobs"])
+def test_expand_is_the_exact_inverse_of_reparameterize(config, mask_kind):
+    """A deploy network grown back into training form (``expand_model``, for ``m2ae-train --train body``)
+    computes what the deploy network computes (eval mode) and re-parameterizes to the same weights."""
+    deploy = reparameterize_model(random_net(CONFIGS[config], seed=SEEDS[config] + 7))
+    expanded = expand_model(deploy)
+    assert deploy.inference_mode and not expanded.inference_mode and not expanded.training
+    image = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(2))
+    mask = None if mask_kind == "predicted" else make_mask(mask_kind, 17, 23, batch=2)
+    with torch.no_grad():
+        assert_close_relative(expanded(image, mask, threshold=0.5), deploy(image, mask, threshold=0.5))
+    again = reparameterize_model(expanded).state_dict()
+    for key, value in deploy.state_dict().items():
+        assert torch.allclose(again[key], value, rtol=1e-6, atol=1e-7), key
+
+
+def test_expanded_branches_train_and_merge_back():
+    """The grown 1x1 and identity branches are live: moving them changes the network, and the merge still
+    matches the (changed) training form exactly."""
+    expanded = expand_model(reparameterize_model(random_net("tiny", seed=9)))
+    image, mask = torch.rand(1, 3, 16, 16), make_mask("full", 16, 16)
+    with torch.no_grad():
+        before = expanded(image, mask)
+        expanded.blocks[0].rbr_1x1.conv.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        expanded.blocks[0].rbr_identity.weight.fill_(0.5)
+        expanded.motion.trajectory.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+        expanded.motion.guide.weight[:, -4:].fill_(0.05)
+        after = expanded(image, mask)
+        assert (after - before).abs().max() > 1e-3
+        assert_close_relative(reparameterize_model(expanded)(image, mask), after)

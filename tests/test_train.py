@@ -310,3 +310,30 @@ def test_train_mask_resume_is_exact(tmp_path):
     assert main(["--out", str(split), "--resume", "-q", "--val-samples", "0"]) == 0
     a, b = load_checkpoint(whole / "last.pth").state_dict(), load_checkpoint(split / "last.pth").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_body_from_a_deploy_checkpoint_keeps_the_mask_head(tmp_path):
+    """--train body from a deploy checkpoint (grown back exactly by expand_model): the mask head comes back
+    bit-identical, the body moves, no BatchNorm statistic moves (frozen norms), and resume is exact."""
+    first = tmp_path / "a"
+    assert main(["--out", str(first), "--steps", "1", *TINY]) == 0
+    init = first / "final_deploy.safetensors"
+    start = load_checkpoint(init).state_dict()
+    common = ["--train", "body", "--gate", "union", "--init", str(init), "--lr", "1e-2", *TINY,
+              "--val-samples", "0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["--out", str(whole), "--steps", "3", *common]) == 0
+    trained = load_checkpoint(whole / "final_deploy.safetensors").state_dict()
+    assert set(trained) == set(start)
+    head = [k for k in start if k.startswith("mask_head.")]
+    assert head and all(torch.equal(trained[k], start[k]) for k in head)
+    assert any(not torch.equal(trained[k], start[k]) for k in start if k.startswith("blocks."))
+    form = load_checkpoint(whole / "last.pth")
+    assert not form.inference_mode
+    stats = {k: v for k, v in form.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    fresh = {k: v for k, v in M2AENet(M2AEConfig.from_spec("tiny")).state_dict().items() if k in stats}
+    assert stats and all(torch.equal(stats[k], fresh[k]) for k in stats if not k.startswith("mask_head."))
+    assert main(["--out", str(split), "--steps", "3", "--stop-after", "1", *common]) == 0
+    assert main(["--out", str(split), "--resume", "-q", "--val-samples", "0"]) == 0
+    a, b = load_checkpoint(whole / "last.pth").state_dict(), load_checkpoint(split / "last.pth").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

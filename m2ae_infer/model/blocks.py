@@ -89,6 +89,26 @@ class RepBlock(nn.Module):
         self.spatial.bias.copy_(bias)
         del self.rbr_3x3, self.rbr_1x1, self.rbr_identity
 
+    @torch.no_grad()
+    def expand(self) -> None:
+        """The inverse of :meth:`reparameterize`, in place (idempotent): training-form branches that merge
+        back into exactly the deploy conv, so a deploy checkpoint can be fine-tuned (``m2ae-train --train
+        body``). The 3x3 branch carries the kernel, its BN the bias (scale ``weight / std`` is exactly 1 in eval
+        mode: the weight is set to that std); the 1x1 and identity branches start at zero and may grow. Exact
+        only while the BatchNorms stay in eval mode (batch statistics would change the output)."""
+        if not self.inference_mode:
+            return
+        weight, bias = self.spatial.weight, self.spatial.bias
+        self.rbr_3x3, self.rbr_1x1 = ConvBN(self.channels, 3).to(weight), ConvBN(self.channels, 1).to(weight)
+        self.rbr_identity = nn.BatchNorm2d(self.channels).to(weight)
+        self.rbr_3x3.conv.weight.copy_(weight)
+        self.rbr_1x1.conv.weight.zero_()
+        for bn, shift in ((self.rbr_3x3.bn, bias), (self.rbr_1x1.bn, None), (self.rbr_identity, None)):
+            bn.weight.copy_((bn.running_var + bn.eps).sqrt())   # scale weight / std == 1 exactly
+            bn.bias.copy_(shift) if shift is not None else bn.bias.zero_()
+        self.rbr_identity.weight.zero_()                      # the identity branch contributes nothing yet
+        del self.spatial
+
     def sparse_stage(self) -> SparseStage:
         """Deploy weights packed as GEMM matrices for the sparse executors."""
         if not self.inference_mode:

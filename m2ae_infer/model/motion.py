@@ -65,6 +65,22 @@ class MotionAnalyzer(nn.Module):
         del self.trajectory
         self.guide = merged
 
+    @torch.no_grad()
+    def expand(self) -> None:
+        """The inverse of :meth:`reparameterize`, in place (idempotent): a zero trajectory head and a guide
+        whose trajectory columns are zero, so ``guide(cat(h, trajectory(h)))`` is exactly the deploy map;
+        fine-tuning (``m2ae-train --train body``) then grows the trajectories through the reblur loss."""
+        if not self.inference_mode:
+            return
+        merged = self.guide
+        self.trajectory = nn.Conv2d(self.hidden, TRAJECTORY_PARAMS, 1).to(merged.weight)
+        self.trajectory.weight.zero_()
+        self.trajectory.bias.zero_()
+        self.guide = nn.Conv2d(self.hidden + TRAJECTORY_PARAMS, merged.out_channels, 1).to(merged.weight)
+        self.guide.weight.zero_()
+        self.guide.weight[:, : self.hidden].copy_(merged.weight)
+        self.guide.bias.copy_(merged.bias)
+
     def sparse_stage(self) -> SparseStage:
         if not self.inference_mode:
             raise RuntimeError("call reparameterize() before packing the motion analyzer")
