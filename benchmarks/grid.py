@@ -13,15 +13,17 @@ from typing import Callable
 import torch
 
 from ..api import Deblurrer
+from ..backends import Backend, backend_entry, make_backend
 from ..cliutil import progress_stream
 from ..model import M2AENet
+from ..reparam import reparameterize_model
 from .baselines import DEFAULT_BASELINES, build_baseline, parameter_count
 from .latency import peak_memory, time_interleaved
 from .masks import MASK_KINDS, working_density_mask
 from .photos import real_photos
 
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
-BACKENDS = ("torch", "onnxruntime", "triton", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "triton", "tensorrt")   # the bench's default order (registry names)
 MASK_SOURCES = (*MASK_KINDS, "real")
 MB = 2 ** 20
 
@@ -74,34 +76,22 @@ QUICK = BenchSettings(resolutions=("480p",), densities=(0.05, 0.2, 0.5, 1.0), ma
                       baselines=DEFAULT_BASELINES[:1], photos=1)
 
 
-@dataclass
-class Backend:
-    name: str
-    executor: object                # TorchExecutor's interface: run, count_flops, choose
-    measure_memory: bool = True     # False where an arena allocator hides the per-call peak
-
-
-def make_backends(net: M2AENet, names, device: str, threads: int | None) -> tuple[list[Backend], dict[str, str]]:
-    """Executors for ``names`` (None: all of :data:`BACKENDS`), and ``{name: why not}`` for those that cannot run."""
+def make_backends(net: M2AENet, names, device: str, threads: int | None) -> tuple[list, dict[str, str]]:
+    """Engines (:class:`~m2ae_infer.backends.Backend`) for ``names`` (None: all of :data:`BACKENDS`), and
+    ``{name: why not}`` for those that cannot run, or whose timings mean nothing on ``device``.
+    ``threads``: engines with their own thread pool (ONNX Runtime) get torch's count."""
     ready, skipped = [], {}
     for name in names or BACKENDS:
-        if name == "triton" and torch.device(device).type != "cuda":
-            skipped[name] = ("needs a CUDA GPU; on a CPU the kernels run only in the Triton interpreter, "
-                             "which checks correctness, not speed")
+        entry = backend_entry(name)
+        if not entry.timed_on(device):
+            skipped[name] = entry.untimed_reason
             continue
         try:
-            if name == "onnxruntime" and torch.device(device).type == "cpu":
-                from ..export.ort import OrtExecutor      # built here to give ORT the same thread count as torch
-                executor = OrtExecutor(net, threads=threads)
-                # ORT's CPU arena keeps its memory between runs: a per-call RSS peak would read ~0.
-                ready.append(Backend(name, executor, measure_memory=False))
-                continue
-            else:
-                executor = Deblurrer(net, device=device, backend=name, execution="sparse").executor
+            # a deploy copy each: engines may change their network's memory format or device
+            deploy = reparameterize_model(net).to(device)
+            ready.append(make_backend(name, deploy, device=device, execution="sparse", threads=threads))
         except (ValueError, ImportError, RuntimeError) as exc:
             skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            continue
-        ready.append(Backend(name, executor))
     return ready, skipped
 
 
@@ -130,7 +120,7 @@ def cases_for(height: int, width: int, settings: BenchSettings, device: str) -> 
 
 def measure_cell(backend: Backend, case: Case, settings: BenchSettings) -> dict:
     """Dense vs sparse for one backend on one case: a result row."""
-    ex = backend.executor
+    ex = backend
     run: Callable[[str], object] = lambda execution: ex.run(case.image, case.mask, execution=execution)  # noqa: E731
     dense_out, sparse_out = run("dense"), run("sparse")
     height, width = case.image.shape[-2:]
@@ -140,7 +130,7 @@ def measure_cell(backend: Backend, case: Case, settings: BenchSettings) -> dict:
     flops_sparse = ex.count_flops(1, height, width, active, "sparse", predicted)
     t = time_interleaved({"dense": lambda: run("dense"), "sparse": lambda: run("sparse")},
                          warmup=settings.warmup, repeats=settings.repeats)
-    measure = settings.memory and backend.measure_memory
+    measure = settings.memory and backend.measures_memory
     mem = {k: peak_memory(lambda: run(k), settings.device) if measure else None for k in ("dense", "sparse")}
     return {
         "backend": backend.name, "mask": case.source, "photo": case.photo, "target_density": case.target,

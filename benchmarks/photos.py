@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli import EXAMPLE_PHOTO
+from ..shipped import EXAMPLE_PHOTO
 
 
 def _fit(img: Image.Image, height: int, width: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..kernels.reference import activation, neighbour_offsets, padded_rows, shuf
 from ..model import M2AENet
 from ..model.mask import binarize
 from ..model.network import SHUFFLE
+from ..packing import pack_stages, pack_tail
 
 
 def pad_to_even_gather(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class SparseGraph(ExportGraph):
         super().__init__(net, **kwargs)
         # The stages packed as GEMM matrices (the executor's SparseStage), registered as buffers so that
         # they become the graph's initializers (the unused conv weights are dropped by the exporter).
-        stages = [stage.sparse_stage() for stage in self.net.stages()]
+        stages = pack_stages(self.net)
         self._acts = [s.act for s in stages]
         self._mixer_counts = [len(s.mixers) for s in stages]
         for i, s in enumerate(stages):
@@ -121,8 +122,9 @@ class SparseGraph(ExportGraph):
             for j, (w, b) in enumerate(s.mixers):
                 self.register_buffer(f"stage{i}_mixer{j}_weight", w)              # [C_a, C_b]
                 self.register_buffer(f"stage{i}_mixer{j}_bias", b)
-        self.register_buffer("tail_weight", self.net.tail.weight.detach().flatten(1).t().contiguous())  # [C, 12]
-        self.register_buffer("tail_bias", self.net.tail.bias.detach().clone())
+        tail_weight, tail_bias = pack_tail(self.net)
+        self.register_buffer("tail_weight", tail_weight)   # [C, 12]
+        self.register_buffer("tail_bias", tail_bias)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return torch.matmul(x, getattr(self, f"{name}_weight")) + getattr(self, f"{name}_bias")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
+from ..errors import M2AEError
 from ..model import M2AENet
 from ..model.mask import full_resolution
 from .graphs import build_graph
@@ -48,7 +49,7 @@ MASK_FLIPS = {"fp32": 1e-3, "fp16": 1e-2}
 _SAMPLE = (37, 50)        # trace size: odd and even sides, nothing the exporter could specialise on
 
 
-class ExportError(RuntimeError):
+class ExportError(M2AEError, RuntimeError):
     """The export or its verification failed; the message is one line."""
 
 
@@ -294,10 +295,10 @@ def example_inputs(odd_crop: tuple[int, int] = (1, 3)) -> list[tuple[str, torch.
     """The bundled example photo and its blur mask, whole and cropped to an odd size (``H-1 x W-3``)."""
     from PIL import Image
 
-    from ..cli import EXAMPLE_PHOTO
+    from ..shipped import EXAMPLE_MASK, EXAMPLE_PHOTO
 
     rgb = np.asarray(Image.open(EXAMPLE_PHOTO).convert("RGB"), dtype=np.float32) / 255.0
-    blur = np.asarray(Image.open(EXAMPLE_PHOTO.with_name("example_mask.png")).convert("L")) > 127
+    blur = np.asarray(Image.open(EXAMPLE_MASK).convert("L")) > 127
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
     mask = torch.from_numpy(blur)[None, None]
     h, w = image.shape[-2] - odd_crop[0], image.shape[-1] - odd_crop[1]

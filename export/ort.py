@@ -37,6 +37,7 @@ class OrtExecutor(GraphExecutor):
     """
 
     name = "onnxruntime"
+    measures_memory = False     # ORT's CPU arena keeps its memory between runs: a per-call RSS peak reads ~0
 
     def __init__(self, net: M2AENet, *, dense_above: float = ORT_DENSE_ABOVE, device: str | torch.device = "cpu",
                  threads: int | None = None, fp16: bool = False, opset: int = DEFAULT_OPSET):

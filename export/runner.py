@@ -1,4 +1,4 @@
-"""Executors that run exported graphs, with :class:`~m2ae_infer.executor.TorchExecutor`'s interface.
+"""Executors that run exported graphs: :class:`~m2ae_infer.backends.Backend` for ONNX Runtime and TensorRT.
 
 A backend (ONNX Runtime, TensorRT) only has to turn a :class:`GraphSpec` into something that runs one
 image; this module handles batches, user masks, the ``auto`` choice and FLOP counting.
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..executor import ExecutionResult, TorchExecutor
+from ..backends import ExecutionResult
+from ..executor import TorchExecutor
 from ..model import M2AENet
 from ..model.mask import full_resolution, working_mask
 from .onnx import DEFAULT_OPSET, GraphSpec
@@ -33,6 +34,7 @@ class GraphExecutor:
     """
 
     name = "graph"
+    measures_memory = True
     auto_policy = "measure"     # or "dense": auto runs the dense graph without measuring the mask
 
     def __init__(self, net: M2AENet, *, dense_above: float, fp16: bool = False, opset: int = DEFAULT_OPSET):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import M2AEError
 from ..executor import DENSE_ABOVE
 from ..model import M2AENet
 from .onnx import DEFAULT_OPSET, GraphSpec, export_onnx
@@ -36,7 +37,7 @@ from ..messages import one_line
 NOT_INSTALLED = "TensorRT is not installed (its libraries come only from NVIDIA's package index)"
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(M2AEError, RuntimeError):
     """TensorRT or a CUDA GPU is missing, or the engine could not be built; one-line message."""
 
 

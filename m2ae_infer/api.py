@@ -4,26 +4,25 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
+from .errors import InvalidArgument
 
 DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
-from .executor import DENSE_ABOVE, EXECUTIONS, TorchExecutor
+from .backends import EXECUTIONS, backend_entry, make_backend
 from .flops import MaskPassFlops
 from .imgio import ImageError, check_tensor, load_image, prepare_image
 from .messages import one_line
 from .model import M2AENet
 from .model.mask import full_resolution
 from .reparam import reparameterize_model
+from .shipped import DEFAULT_CHECKPOINT
 from .tiling import Tiling, receptive_field, run_tiled
 
-DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "m2ae_default.safetensors"
-BACKENDS = ("auto", "torch", "triton", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -99,21 +98,22 @@ class Deblurrer:
                  backend: str = "auto", execution: str = "auto", threshold: float | None = None, dilation: int = 0,
                  config=None, key_map=None, dense_above: float | None = None, tile: int | str | None = "auto",
                  tile_overlap: int | None = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "auto":
+            backend_entry(backend)    # an unknown name fails here, before the checkpoint loads
         if execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+            raise InvalidArgument("execution", f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-            raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {threshold!r}")
+            raise InvalidArgument("threshold", f"threshold must be a probability strictly between 0 and 1, "
+                                  f"got {threshold!r}")
         if not (isinstance(dilation, int) and dilation >= 0):
-            raise ValueError(f"dilation must be a non-negative int, got {dilation!r}")
+            raise InvalidArgument("dilation", f"dilation must be a non-negative int, got {dilation!r}")
         self.device = _resolve_device(device)
         self.execution = execution
         net, stored = self._load(checkpoint, config, key_map)
         self.threshold, self.dilation = float(stored if threshold is None else threshold), dilation
         self.network = reparameterize_model(net).to(self.device)
-        self.executor = _make_executor(backend, self.network, self.device, execution, self.threshold,
-                                       dilation, dense_above)
+        self.executor = make_backend(backend, self.network, device=self.device, execution=execution,
+                                     threshold=self.threshold, dilation=dilation, dense_above=dense_above)
         self.backend = self.executor.name
         self.tiling = Tiling.resolve(tile, tile_overlap, receptive_field(self.network))
         self._mask_flops = None   # the tiled runs' FLOP counter, made on first use
@@ -245,20 +245,6 @@ class Deblurrer:
             mask = changed[:, 0].to(img.device)
             return mask if img.dim() == 4 else mask[0]
         return changed[0, 0].numpy()
-
-
-def _make_executor(backend: str, network: M2AENet, device: torch.device, execution: str, threshold: float,
-                   dilation: int, dense_above: float | None):
-    """The engine behind ``backend``: anything with TorchExecutor's ``run``/``count_flops``/``choose``/``name``."""
-    if backend in ("auto", "torch"):
-        return TorchExecutor(network, dense_above=DENSE_ABOVE if dense_above is None else dense_above)
-    if backend == "triton":
-        from .triton_executor import TRITON_DENSE_ABOVE, TritonExecutor   # imports triton only now
-        return TritonExecutor(network, dense_above=TRITON_DENSE_ABOVE if dense_above is None else dense_above,
-                              device=device)
-    from .export import make_executor   # exports the network (ONNX in memory) for these backends
-    return make_executor(backend, network, device=device, execution=execution, threshold=threshold,
-                         dilation=dilation, dense_above=dense_above)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

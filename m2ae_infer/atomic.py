@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from .errors import M2AEError
 from .messages import shown
 
 __all__ = ["atomic_path", "atomic_write", "prepare_folder", "OutputExistsError", "TEMP_PREFIX"]
@@ -24,7 +25,7 @@ __all__ = ["atomic_path", "atomic_write", "prepare_folder", "OutputExistsError",
 TEMP_PREFIX = ".tmp-"
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(M2AEError, FileExistsError):
     """The target exists and ``overwrite`` is false. The message speaks Python (``overwrite=True``); a CLI words
     it for its users from :attr:`path` (``--force``: :func:`m2ae_infer.cliutil.cli_message`)."""
 

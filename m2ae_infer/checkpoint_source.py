@@ -33,6 +33,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
+from .errors import M2AEError
 from .messages import one_line, shown
 from .pickle_scan import scan_main_pickle
 
@@ -58,7 +59,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(M2AEError, ValueError):
     """A checkpoint could not be written or read; the message is one line naming the file, problem and fix."""
 
     def __init__(self, path: PathLike, problem: str = "", fix: str = ""):

@@ -18,11 +18,11 @@ from .atomic import prepare_folder
 from .cliutil import OneLineArgumentParser, check_device, cli_main, cli_message, device_arg, progress_stream, say
 from .formats import FORMATS, writable_suffixes
 from .messages import one_line, shown
+from .shipped import EXAMPLE_PHOTO
 
 PROG = "m2ae-deblur"
 SHOWN = 10  # failed files named in the closing summary line
 IMAGE_SUFFIXES = set(FORMATS)   # read from folders; the writable ones are imgsave.writable_suffixes()
-EXAMPLE_PHOTO = Path(__file__).parent / "assets" / "example_blurry.png"
 EXAMPLE_OUTPUT = "m2ae_out"      # -o default with --example
 MIN_TILE_OVERLAPS = 2            # --tile must be at least this many overlaps (see check_tiling)
 
@@ -152,16 +152,8 @@ def _pillow_suffixes() -> dict[str, str]:
 
 
 def check_tiling(deblurrer, args) -> None:
-    """--tile and --tile-overlap against the loaded network, with errors that name the flags (the API's
-    own checks name its parameters). Sets ``deblurrer.tiling``; raises ValueError (one line)."""
-    from .tiling import Tiling, receptive_field
-    minimum = deblurrer.tiling.overlap   # built with the default overlap: this network's minimum
-    overlap = minimum if args.tile_overlap is None else args.tile_overlap
-    if overlap < minimum:
-        raise ValueError(f"--tile-overlap {overlap} is smaller than this network's receptive field: tiles need "
-                         f"at least {minimum} pixels of overlap to match the untiled result; leave "
-                         "--tile-overlap out for the minimum")
-    deblurrer.tiling = Tiling.resolve(args.tile, args.tile_overlap, receptive_field(deblurrer.network))
+    """--tile against the loaded network's tile overlap (the API accepts any tile size; the CLI refuses
+    tiles that would mostly compute overlap). Raises ValueError (one line)."""
     least = MIN_TILE_OVERLAPS * deblurrer.tiling.overlap
     if isinstance(args.tile, int) and 0 < args.tile < least:
         # Each tile also computes --tile-overlap pixels of context on every side: below 2x the overlap a
@@ -218,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         outputs = plan_outputs(files, args.output, args.example, args.save_mask)
         check_device(args.device)
         from .api import Deblurrer   # after argument checks: importing torch takes a second
-        # tile_overlap is checked by check_tiling, whose errors name the CLI flags.
+        # The API's argument errors name its parameters; cli_message words them as the flags.
         deblurrer = Deblurrer(args.checkpoint, device=args.device, execution=args.execution,
-                              threshold=args.threshold, dilation=args.dilation, tile=args.tile)
+                              threshold=args.threshold, dilation=args.dilation, tile=args.tile,
+                              tile_overlap=args.tile_overlap)
         check_tiling(deblurrer, args)
         prepare_folders(outputs.values())
     except (ValueError, OSError, RuntimeError) as exc:   # CheckpointError is a ValueError

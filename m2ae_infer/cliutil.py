@@ -21,20 +21,32 @@ from .messages import one_line, shown
 INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a process stopped by Ctrl-C
 
 
-def cli_main(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorate a console script's ``main(argv) -> int``: a Ctrl-C that reaches it (wherever it struck: an import,
-    an export, a write) becomes ``PROG: interrupted`` on stderr and exit code 130, never a traceback. Cleaning up
-    is the writers' job: every output goes through :mod:`m2ae_infer.atomic`, so nothing partial is left. While
-    ``main`` runs, Ctrl-C is also counted, for :func:`stop_if_interrupted`."""
+def cli_main(prog: str, usage: tuple[type[BaseException], ...] = ()) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a console script's ``main(argv) -> int`` with the exit-code ladder every CLI shares:
+
+    * argparse's exits (``--help``: 0, a usage error already printed: 2) pass through as ``SystemExit``;
+    * an exception of a ``usage`` type (bad options, an input that cannot be used): ``PROG: error: ...``, 2;
+    * a Ctrl-C that reaches it (wherever it struck: an import, an export, a write): ``PROG: interrupted``, 130;
+    * any other exception: ``PROG: error: Type: ...``, 1.
+
+    Each is one line on stderr, never a traceback. Cleaning up is the writers' job: every output goes through
+    :mod:`m2ae_infer.atomic`, so nothing partial is left. While ``main`` runs, Ctrl-C is also counted, for
+    :func:`stop_if_interrupted`."""
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(*args, **kwargs) -> int:
             previous = _count_interrupts()
             try:
                 return main(*args, **kwargs)
-            except KeyboardInterrupt:
-                say(f"{prog}: interrupted", sys.stderr)
+            except KeyboardInterrupt as exc:   # KeyboardInterrupt("at step 5, saved") adds what was kept
+                say(f"{prog}: interrupted" + (f": {exc}" if str(exc) else ""), sys.stderr)
                 return INTERRUPTED
+            except usage as exc:
+                say(f"{prog}: error: {cli_message(exc)}", sys.stderr)
+                return 2
+            except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+                say(f"{prog}: error: {type(exc).__name__}: {one_line(exc)}", sys.stderr)
+                return 1
             finally:
                 if previous is not None:
                     signal.signal(signal.SIGINT, previous)
@@ -72,13 +84,17 @@ def stop_if_interrupted() -> None:
 
 
 def cli_message(exc: BaseException) -> str:
-    """The one line a CLI prints for a library error. The library speaks Python (``overwrite=True``); an
-    existing output (:class:`m2ae_infer.atomic.OutputExistsError`, raised or the cause of the error raised) is
-    worded with the CLI's ``--force`` instead."""
+    """The one line a CLI prints for a library error. The library speaks Python (``overwrite=True``,
+    ``tile_overlap=5``); an existing output (:class:`m2ae_infer.atomic.OutputExistsError`, raised or the cause
+    of the error raised) is worded with the CLI's ``--force`` instead, and an
+    :class:`~m2ae_infer.errors.InvalidArgument` with the flag of the same name (``--tile-overlap 5``)."""
     from .atomic import OutputExistsError
+    from .errors import InvalidArgument
     exists = next((e for e in (exc, exc.__cause__) if isinstance(e, OutputExistsError)), None)
     if exists is not None:
         return f"{shown(exists.path)} exists; pass --force to overwrite it"
+    if isinstance(exc, InvalidArgument):   # the API's parameter name, spelled as the flag that set it
+        return one_line(exc.for_flag("--" + exc.parameter.replace("_", "-")))
     return one_line(exc)
 
 

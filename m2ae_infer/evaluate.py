@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         return _error(_INSTALL_HINT)
     import torch
-    from .api import DEFAULT_CHECKPOINT
+    from .shipped import DEFAULT_CHECKPOINT
     from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
     from .data.synth import check_training_photos, photo_names
     photos = None if args.photos is None else photo_names(args.photos)

@@ -11,34 +11,23 @@ Both paths share the dense stages (pad, stem, mask prediction) and differ in how
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 
 from .allocator import keep_freed_memory
+from .backends import ExecutionResult, choose_execution
 from .flops import AffineFlops, count_isolated
 from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets,
                                 sparse_stage_, sparse_tail_, to_padded_buffer)
 from .model import M2AENet
 from .model.mask import pad_to_even, working_mask
 from .model.network import SHUFFLE
-
-EXECUTIONS = ("auto", "sparse", "dense")
+from .packing import pack_stages, pack_tail
 
 # Active fraction above which `auto` runs the dense path. Measured with m2ae-bench on the project's 2-core AVX-512
 # CPU, default config, 2 threads, dense and sparse timed alternately: sparse/dense latency 0.85-0.92 at 40 %
 # active and 1.01-1.12 at 50 %, at 480p and 720p, blob and scattered masks (README, Performance).
 DENSE_ABOVE = 0.45
-
-
-@dataclass(frozen=True)
-class ExecutionResult:
-    """Output of one call: the restored image and how it was computed."""
-
-    output: torch.Tensor        # [B, 3, H, W]
-    mask: torch.Tensor          # working mask [B, 1, ceil(H/2), ceil(W/2)] bool
-    execution: str              # "sparse" or "dense": what actually ran
-    active_pixels: int          # True pixels of the working mask (over the batch)
 
 
 def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, threshold: float,
@@ -56,7 +45,8 @@ def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, th
 
 
 class TorchExecutor:
-    """Runs a deploy-form :class:`M2AENet` with torch ops on any device torch supports.
+    """Runs a deploy-form :class:`M2AENet` with torch ops on any device torch supports
+    (the ``torch`` :class:`~m2ae_infer.backends.Backend`).
 
     Args:
         net: the network in deploy form (``reparameterize_model`` first).
@@ -64,6 +54,7 @@ class TorchExecutor:
     """
 
     name = "torch"
+    measures_memory = True
 
     def __init__(self, net: M2AENet, dense_above: float = DENSE_ABOVE):
         if not net.inference_mode:
@@ -75,18 +66,17 @@ class TorchExecutor:
         if all(p.device.type == "cpu" for p in net.parameters()):
             keep_freed_memory()     # dense calls re-fault hundreds of MB per call otherwise (see allocator.py)
         self.dense_above = dense_above
-        self.stages = [stage.sparse_stage() for stage in net.stages()]
-        self.tail_weight = net.tail.weight.detach().flatten(1).t().contiguous()   # [C, 12]
-        self.tail_bias = net.tail.bias.detach().clone()
+        self.stages = pack_stages(net)
+        self.tail_weight, self.tail_bias = pack_tail(net)   # [C, 12], [12]
         self._meta: TorchExecutor | None = None    # meta-device twin for FLOP counting
         self._flops = AffineFlops(self._count_on_meta)
 
     def choose(self, execution: str, active: int, total: int) -> str:
-        if execution not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        if execution != "auto":
-            return execution
-        return "dense" if active > self.dense_above * total else "sparse"
+        return choose_execution(execution, active, total, self.dense_above)
+
+    def prepare(self, execution: str, threshold: float = 0.5, dilation: int = 0) -> None:
+        """Nothing to build ahead: eager torch."""
+        choose_execution(execution, 0, 1, self.dense_above)   # validates the name
 
     @torch.inference_mode()
     def run(self, image: torch.Tensor, mask: torch.Tensor | None = None, *, threshold: float = 0.5,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import M2AEError
 from .formats import DEEP_GRAY
 from .messages import one_line, shown
 
@@ -24,7 +25,7 @@ __all__ = ["ImageError", "ImageWarning", "DEEP_GRAY", "PreparedImage", "load_ima
            "check_tensor"]
 
 
-class ImageError(ValueError):
+class ImageError(M2AEError, ValueError):
     """A bad image or path; the message is one line naming the problem and the fix."""
 
 

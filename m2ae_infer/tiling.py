@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import InvalidArgument
 from .flops import MaskPassFlops
 from .model.mask import binarize, full_resolution, pad_to_even
 from .model.network import SHUFFLE, M2AENet
@@ -202,9 +203,9 @@ class Tiling:
         if overlap is None:
             overlap = minimum
         elif isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-            raise ValueError(f"tile_overlap must be None or an int >= {minimum}, got {overlap!r}")
+            raise InvalidArgument("tile_overlap", f"tile_overlap must be None or an int >= {minimum}, got {overlap!r}")
         elif overlap < minimum:
-            raise ValueError(f"tile_overlap={overlap} is smaller than this network's receptive field: tiles "
+            raise InvalidArgument("tile_overlap", f"tile_overlap={overlap} is smaller than this network's receptive field: tiles "
                              f"need at least {minimum} pixels of overlap to match the untiled result; "
                              "leave tile_overlap unset for the minimum")
         align = field.align
@@ -214,8 +215,8 @@ class Tiling:
         if tile is None or tile == 0:
             return cls(None, overlap, 0, align)
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
-            raise ValueError(f"tile must be 'auto', None/0 (never tile) or a positive int (tile size in "
-                             f"pixels), got {tile!r}")
+            raise InvalidArgument("tile", f"tile must be 'auto', None/0 (never tile) or a positive int (tile size "
+                                  f"in pixels), got {tile!r}")
         return cls(_round_up(tile, align), overlap, 0, align)
 
     def tiles(self, batch: int, height: int, width: int) -> list[Tile] | None:

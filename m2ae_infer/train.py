@@ -39,8 +39,7 @@ from .model.mask import working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
 from .reparam import expand_model, reparameterize_model
-from .cliutil import path_arg, progress_stream, say
-from .messages import one_line
+from .cliutil import OneLineArgumentParser, cli_main, path_arg, progress_stream, say
 
 # Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
 RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
@@ -309,14 +308,9 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = RUN_DEFAULTS
-    p = _Parser(prog="m2ae-train", description="Train M2AENet on synthetic local motion blur "
+    p = OneLineArgumentParser(prog="m2ae-train", description="Train M2AENet on synthetic local motion blur "
                 "(scikit-image photos; the held-out photos are never used for training).")
     p.add_argument("--out", required=True, metavar="DIR", type=path_arg, help="run folder: checkpoints, log, deploy weights")
     p.add_argument("--resume", action="store_true", help="continue exactly from DIR/last.pth + last_state.pt")
@@ -516,8 +510,7 @@ def train(args: argparse.Namespace) -> dict:
             stopped = "stop-after"
     except KeyboardInterrupt:
         _save_state(out, model, opt, sched, settings, step, meta("interrupted"))
-        say(f"m2ae-train: interrupted at step {step}, saved; continue with --resume", sys.stderr)
-        raise
+        raise KeyboardInterrupt(f"at step {step}, saved; continue with --resume") from None
     finally:
         bar.close()
     final = meta(stopped)
@@ -529,35 +522,32 @@ def train(args: argparse.Namespace) -> dict:
     return final
 
 
+@cli_main("m2ae-train", usage=(UsageError, ImportError, CheckpointError))
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad options, scikit-image missing or an --init that cannot be used (the message
+    names the file), 1 a run-time failure, 130 interrupted (state saved)."""
     try:
         args = build_parser().parse_args(argv)
-        final = train(args)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:   # --help (0) or a one-line usage error (2), returned as the exit code
         return int(exc.code or 0)
-    except (UsageError, ImportError) as exc:  # bad options, or scikit-image missing
-        say(f"m2ae-train: error: {one_line(exc)}", sys.stderr)
-        return 2
-    except CheckpointError as exc:  # --init (or a resumed last.pth) cannot be used; the message names the file
-        say(f"m2ae-train: error: {one_line(exc)}", sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        say(f"m2ae-train: error: {type(exc).__name__}: {one_line(exc)}", sys.stderr)
-        return 1
+    report(train(args), Path(args.out))
+    return 0
+
+
+def report(final: dict, out: Path) -> None:
+    """The run's closing lines: where it stopped, the recent losses, the validation score, the files."""
     val, f4 = final["validation"], lambda v, d=4: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
     say(f"m2ae-train: step {final['step']}/{final['steps']} ({final['stopped']}), "
         f"{final['wall_time_s'] / 60:.1f} min; mean of the last 100 steps: "
         + ", ".join(f"{k} {f4(v)}" for k, v in final["losses"].items()))
     if val:
-        where = ("dev photos " + ",".join(val["photos"]) if isinstance(val["photos"], list)
-                 else "new samples on the training photos")
+        photos = val["photos"]
+        where = ("dev photos " + ",".join(photos) if isinstance(photos, list)
+                 else "new samples on the training photos" if photos == "training photos" else photos)
         say(f"m2ae-train: validation, {where} ({val['samples']} x {val['crop']} px): PSNR in mask blurry "
             f"{f4(val['psnr_blurry_in_mask'], 2)} dB -> restored {f4(val['psnr_restored_in_mask'], 2)} dB, "
             f"mask IoU {val['mask_iou']:.3f}")
-    say(f"m2ae-train: wrote {Path(args.out) / 'last.pth'} and {Path(args.out) / 'final_deploy.safetensors'}")
-    return 0
+    say(f"m2ae-train: wrote {out / 'last.pth'} and {out / 'final_deploy.safetensors'}")
 
 
 if __name__ == "__main__":

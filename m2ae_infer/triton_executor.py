@@ -15,7 +15,9 @@ import os
 
 import torch
 
-from .executor import DENSE_ABOVE, ExecutionResult, TorchExecutor, dense_front
+from .backends import ExecutionResult
+from .errors import M2AEError
+from .executor import DENSE_ABOVE, TorchExecutor, dense_front
 from .model import M2AENet
 from .model.network import SHUFFLE
 
@@ -24,7 +26,7 @@ from .model.network import SHUFFLE
 TRITON_DENSE_ABOVE = DENSE_ABOVE
 
 
-class TritonUnavailable(ValueError):
+class TritonUnavailable(M2AEError, ValueError):
     """The Triton backend cannot run here (no CUDA and no interpreter, or no triton package)."""
 
 
@@ -56,7 +58,8 @@ def _interpret_requested() -> bool:
 
 
 class TritonExecutor:
-    """Runs a deploy-form :class:`M2AENet` with the Triton sparse-pixel kernels (interface of TorchExecutor).
+    """Runs a deploy-form :class:`M2AENet` with the Triton sparse-pixel kernels (the ``triton``
+    :class:`~m2ae_infer.backends.Backend`).
 
     Args:
         net: the network in deploy form, on ``device``.
@@ -68,6 +71,7 @@ class TritonExecutor:
     """
 
     name = "triton"
+    measures_memory = True
 
     def __init__(self, net: M2AENet, dense_above: float = TRITON_DENSE_ABOVE, device=None,
                  dtype: torch.dtype = torch.float32, block_m: int | None = None):
@@ -86,6 +90,10 @@ class TritonExecutor:
 
     def choose(self, execution: str, active: int, total: int) -> str:
         return self.torch.choose(execution, active, total)
+
+    def prepare(self, execution: str, threshold: float = 0.5, dilation: int = 0) -> None:
+        """Nothing to build ahead: the kernels compile on their first launch."""
+        self.torch.prepare(execution, threshold, dilation)
 
     @torch.inference_mode()
     def run(self, image: torch.Tensor, mask: torch.Tensor | None = None, *, threshold: float = 0.5,

@@ -39,6 +39,7 @@ def _probe(**env) -> tuple[str, int, int]:
     return kept, int(first), int(third)
 
 
+@pytest.mark.slow
 def test_dense_calls_reuse_freed_feature_maps():
     kept, first, third = _probe()
     if kept != "True":
@@ -48,5 +49,6 @@ def test_dense_calls_reuse_freed_feature_maps():
     assert first > 10_000 and third < 0.4 * first, f"third call {third} page faults, first {first}"
 
 
+@pytest.mark.slow
 def test_environment_variable_leaves_the_allocator_alone():
     assert _probe(M2AE_KEEP_MALLOC="1")[0] == "False"

@@ -155,6 +155,7 @@ def test_parse_resolution(name, expected):
         assert parse_resolution(name) == expected
 
 
+@pytest.mark.slow
 def test_cli_tiny_run_and_refusal_to_overwrite(tmp_path, capsys):
     args = ["--resolutions", "24x30", "--densities", "10%,1", "--masks", "blobs", "--backends", "torch",
             "--baselines", "none", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "b")]
@@ -194,6 +195,7 @@ def test_cli_unwritable_out_is_refused_before_the_benchmark(tmp_path, capsys, mo
     assert err.startswith("m2ae-bench: error: cannot write to --out") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_onnxruntime_cells_agree_with_torch(deploy_net):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     pytest.importorskip("onnxscript", reason="the onnx extra is not installed")

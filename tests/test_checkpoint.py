@@ -460,6 +460,7 @@ def test_absurd_config_is_refused_before_any_network_exists(tmp_path, monkeypatc
     (dict(num_blocks=200), "missing keys (3564)"),
     (dict(num_blocks=1), "unexpected keys"),
 ])
+@pytest.mark.slow
 def test_config_that_does_not_match_the_tensors_is_refused_without_allocating(tmp_path, monkeypatch, suffix,
                                                                              source, sizes, needle):
     config = {**TINY.to_dict(), **sizes}
@@ -616,6 +617,7 @@ def _peak_rss_kb(path: pathlib.Path) -> tuple[int, str]:
     return int(peak), outcome
 
 
+@pytest.mark.slow
 def test_refusing_or_loading_hostile_files_costs_no_more_memory_than_a_normal_refusal(tmp_path):
     """Issue 18: a 1 MB .pth declaring a 1 GiB tensor peaked at 1.3 GB before its keys were checked. Each file here
     is judged in its own process against a small bad checkpoint refused the same way (the reference)."""

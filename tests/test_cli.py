@@ -33,6 +33,7 @@ def workdir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_folder_in_folder_out_with_masks(workdir, tmp_path):
     code, out, err = run_cli(workdir / "photos", "-o", tmp_path / "out", "--checkpoint", workdir / "tiny.pth",
                              "--save-mask", cwd=tmp_path)
@@ -46,6 +47,7 @@ def test_folder_in_folder_out_with_masks(workdir, tmp_path):
     assert "of pixels" in out and "GFLOP" in out and "saved" in out
 
 
+@pytest.mark.slow
 def test_single_file_to_file_and_no_overwrite(workdir, tmp_path):
     target = tmp_path / "x.png"
     args = (workdir / "photos" / "a.png", "-o", target, "--checkpoint", workdir / "tiny.pth")
@@ -65,6 +67,7 @@ def test_output_equal_to_input_is_refused_even_with_force(workdir, tmp_path):
     assert src.read_bytes() == (workdir / "photos" / "a.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_bad_files_in_a_batch_are_skipped_and_reported(workdir, tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -86,6 +89,7 @@ def test_bad_files_in_a_batch_are_skipped_and_reported(workdir, tmp_path):
     (["--threshold", "2"], "threshold"),
     (["--device", "cuda"], "CUDA"),
 ])
+@pytest.mark.slow
 def test_setup_errors_are_one_line_exit_2(workdir, tmp_path, args, needle):
     (tmp_path / "garbage.pth").write_bytes(b"\x00" * 100)
     args = [a.format(tmp=tmp_path) for a in args]
@@ -174,6 +178,7 @@ def test_read_formats_and_output_names(workdir, tmp_path, capsys):
     assert code == 0 and (tmp_path / "one.tga").is_file(), err
 
 
+@pytest.mark.slow
 def test_closed_stdout_does_not_fail_written_files(workdir, tmp_path):
     # `m2ae-deblur ... | head -0`: the reader is gone before the first report line.
     proc = subprocess.Popen([sys.executable, "-m", "m2ae_infer.cli", workdir / "photos", "-o", tmp_path / "o",

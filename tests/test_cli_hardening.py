@@ -108,6 +108,7 @@ def test_export_interrupt_swallowed_by_a_library_stops_before_writing(checkpoint
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_export_ctrl_c_as_a_real_process(checkpoint, tmp_path):
     """SIGINT into a running ``m2ae-export`` once it prints that the export began: exit 130, one stderr line, no
     traceback, no file (it printed a traceback and died of SIGINT, exit -2)."""

@@ -495,6 +495,7 @@ def _creatable(folder: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_corpus(name, tmp_path, capsys):
     case = CASES[name]
@@ -524,6 +525,7 @@ def test_corpus(name, tmp_path, capsys):
         case.after(root)
 
 
+@pytest.mark.slow
 def test_batch_of_the_whole_image_corpus(tmp_path, capsys):
     """Every single-file case in one folder: the valid ones are written, every bad one is skipped and named at
     the end, exit 1, no temp file, no output for a bad file."""
@@ -549,6 +551,7 @@ def test_batch_of_the_whole_image_corpus(tmp_path, capsys):
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(TEMP_PREFIX)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["decompression-bomb", "ckpt-pickled-code", "negative-tile", "truncated-jpeg",
                                   "ckpt-plain-pickle-code", "ckpt-absurd-num-blocks"])
 def test_corpus_as_a_real_process(name, tmp_path):

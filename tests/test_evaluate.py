@@ -126,6 +126,7 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "m2ae_infer.evaluate", "--checkpoint", str(tiny_ckpt),

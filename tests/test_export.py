@@ -79,6 +79,7 @@ def assert_passthrough(restored, image, working):
 
 
 # ----------------------------------------------------------------------------------- ORT vs torch
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_user_mask_graph_matches_torch(models, reference, kind, mask_kind):
@@ -97,6 +98,7 @@ def test_user_mask_graph_matches_torch(models, reference, kind, mask_kind):
             assert torch.equal(restored, image)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_predicted_mask_graph_matches_torch(models, reference, kind):
     _, model, session = models(kind, False)
@@ -115,6 +117,7 @@ def test_predicted_mask_graph_matches_torch(models, reference, kind):
     assert meta["m2ae.graph"] == kind and meta["m2ae.threshold"] == "0.5" and meta["m2ae.dilation"] == "1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
 def test_v2_detector_graph_matches_torch(kind):
     """Network v2 (the multi-scale blur detector reads the image, 1/8 cells, log energies) exports too."""
@@ -175,6 +178,7 @@ def test_dense_graph_uses_convolutions(models, net):
     assert len(stage_convs) == 2 + 3 * len(net.blocks) and ops["Where"] >= len(net.stages())
 
 
+@pytest.mark.slow
 def test_fp16_graph_within_documented_tolerance(net, reference):
     spec = GraphSpec("sparse", mask_input=True, fp16=True)
     model = export_onnx(net, spec)
@@ -188,6 +192,7 @@ def test_fp16_graph_within_documented_tolerance(net, reference):
 
 
 # ----------------------------------------------------------------------------------- Deblurrer
+@pytest.mark.slow
 @pytest.mark.parametrize("execution", ["sparse", "dense", "auto"])
 def test_deblurrer_onnxruntime_equals_torch(net, execution):
     # One switch point for both, so that "auto" must choose alike (their defaults differ by measurement).
@@ -232,6 +237,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_cli_writes_verified_onnx_and_refuses_to_overwrite(checkpoint, tmp_path, capsys):
     out = tmp_path / "m2ae.onnx"
     assert export_main([str(checkpoint), "-o", str(out)]) == 0
@@ -250,6 +256,7 @@ def test_cli_writes_verified_onnx_and_refuses_to_overwrite(checkpoint, tmp_path,
     assert read_metadata(onnx.load(str(out)))["m2ae.graph"] == "dense"
 
 
+@pytest.mark.slow
 def test_cli_trt_without_tensorrt_writes_onnx_and_fails(checkpoint, tmp_path, capsys):
     if unavailable_reason() is None:
         pytest.skip("TensorRT is available here: the engine would really be built")
@@ -353,6 +360,7 @@ def test_deblurrer_tensorrt_equals_torch(net):
     assert (out - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_each_backend_takes_its_own_measured_dense_switch():
     from m2ae_infer.executor import DENSE_ABOVE
     from m2ae_infer.export.ort import ORT_DENSE_ABOVE

@@ -23,6 +23,7 @@ def net(request):
     return random_net(request.param, seed=31)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiled", [False, True], ids=["untiled", "tiled"])
 @pytest.mark.parametrize("execution", ["sparse", "dense", "auto"])
 @pytest.mark.parametrize("mask_kind", ["predicted", "blobs", "random0.05", "empty"])

@@ -33,6 +33,7 @@ def test_wheel_declares_console_script(wheel):
     assert "m2ae-deblur = m2ae_infer.cli:main" in zf.read(entry).decode()
 
 
+@pytest.mark.slow
 def test_non_editable_install_imports_from_its_own_copy(wheel, tmp_path):
     """`pip install .` (a wheel) works on its own, away from the repo checkout."""
     target = tmp_path / "site"

@@ -122,6 +122,7 @@ MODES = [("predicted", "dense"), ("predicted", "sparse"), ("predicted", "auto"),
          ("blobs", "sparse"), ("full", "sparse"), ("full", "dense")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", SIZES, ids=str)
 @pytest.mark.parametrize("mask_kind,execution", MODES, ids="-".join)
 def test_tiled_equals_untiled_random_net(size, execution, mask_kind):
@@ -139,6 +140,7 @@ def test_tiled_equals_untiled_random_net(size, execution, mask_kind):
         assert info.flops_executed < 0.9 * info.flops_dense
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(53, 71), (37, 101), (90, 3)], ids=str)
 @pytest.mark.parametrize("mask_kind,execution", MODES[:3] + MODES[4:6], ids="-".join)
 def test_tiled_equals_untiled_v2_detector(size, execution, mask_kind):
@@ -154,6 +156,7 @@ def test_tiled_equals_untiled_v2_detector(size, execution, mask_kind):
     assert all(t.top % 8 == 0 and t.left % 8 == 0 for t in plan_tiles(*size, 16, receptive_field(net).min_overlap, 8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("execution", ["dense", "sparse"])
 def test_tiled_equals_untiled_default_config_dilated_mask(execution):
     net = random_net("default", seed=4)
@@ -163,6 +166,7 @@ def test_tiled_equals_untiled_default_config_dilated_mask(execution):
     assert diff <= 1e-5 and info.tiles == 15
 
 
+@pytest.mark.slow
 def test_tiled_equals_untiled_shipped_checkpoint():
     photo = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:397, :389]     # odd sizes
     ref, ref_info = Deblurrer(tile=None).run(photo, return_info=True)
@@ -296,6 +300,7 @@ def test_flops_are_the_sum_of_exact_per_tile_counts():
     assert info.execution == "sparse" and info.flops_executed == expected and info.flops_dense == expected_dense
 
 
+@pytest.mark.slow
 def test_cli_tile_option_gives_the_untiled_output(tmp_path, capsys):
     from m2ae_infer.cli import main
     overlap, least = shipped_tiling()    # the smallest tile the CLI takes: 2 x the shipped network's overlap
@@ -313,6 +318,7 @@ def test_cli_tile_option_gives_the_untiled_output(tmp_path, capsys):
     assert np.array_equal(*masks)
 
 
+@pytest.mark.slow
 def test_tiles_run_on_other_backends():
     """The body pass goes through the executor's public run(image, mask): ONNX Runtime tiles too."""
     pytest.importorskip("onnxruntime")

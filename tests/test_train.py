@@ -85,6 +85,7 @@ def test_exclude_photos_keeps_dev_photos_out(tmp_path, capsys):
         assert bad in err and "\n" not in err and not (tmp_path / bad).exists()
 
 
+@pytest.mark.slow
 def test_overfit_one_batch_decreases_loss():
     # a long schedule (steps=1000) keeps the learning rate up during these 60 steps
     settings = dict(RUN_DEFAULTS, config="tiny", batch=4, crop=32, pool=4, steps=1000, warmup=2, lr=5e-3)

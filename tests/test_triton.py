@@ -34,8 +34,9 @@ from m2ae_infer.model.mask import full_resolution   # noqa: E402
 from m2ae_infer.triton_executor import TritonExecutor   # noqa: E402
 from helpers import make_mask, random_net   # noqa: E402
 
-pytestmark = pytest.mark.skipif(not kernels_interpreted(triton_stage._sparse_stage_kernel),
-                                reason="kernels were compiled for a GPU before TRITON_INTERPRET=1 was set")
+# Interpreted kernels take minutes: the whole module is in the slow tier (pytest -m 'not slow' skips it).
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not kernels_interpreted(triton_stage._sparse_stage_kernel),
+                                reason="kernels were compiled for a GPU before TRITON_INTERPRET=1 was set")]
 
 DTYPES = list(RESOLUTION)
 WORKING_MASKS = ["empty", "one_pixel", "corners", "borders", "random0.3", "full"]

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import TEMP_PREFIX, atomic_write
-from ..cliutil import OneLineArgumentParser, path_arg, progress_stream, say
+from ..cliutil import OneLineArgumentParser, cli_main, path_arg, progress_stream, say
+from ..errors import M2AEError
 from ..messages import one_line
 from . import sources as S
 from .rcc import dep5_license, unpack_deb
@@ -37,7 +38,7 @@ KINDS, SPLITS = ("photo", "cutout", "video"), ("train", "dev", "heldout")
 DEV_EVERY, DEV_INDEX = 8, 3
 
 
-class CorpusError(ValueError):
+class CorpusError(M2AEError, ValueError):
     """A corpus folder that cannot be used; the message is one line naming the file and what to do."""
 
 
@@ -356,26 +357,19 @@ def build_parser() -> OneLineArgumentParser:
     return p
 
 
+@cli_main("m2ae-data", usage=(CorpusError,))
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "list":
-            for row in summary(read_manifest(args.dir)):
-                say(row)
-            return 0
-        names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
-        records = fetch(args.dir, cache=args.cache, max_side=args.max_side, names=names, force=args.force,
-                        heldout=args.heldout)
-    except SystemExit as exc:   # --help, or a usage error already printed
+    except SystemExit as exc:   # --help (0) or a one-line usage error (2), returned as the exit code
         return int(exc.code or 0)
-    except CorpusError as exc:
-        say(f"m2ae-data: error: {one_line(exc)}", sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-        say(f"m2ae-data: error: {type(exc).__name__}: {one_line(exc)}", sys.stderr)
-        return 1
+    if args.command == "list":
+        for row in summary(read_manifest(args.dir)):
+            say(row)
+        return 0
+    names = [n.strip() for n in args.sources.split(",") if n.strip()] if args.sources else None
+    records = fetch(args.dir, cache=args.cache, max_side=args.max_side, names=names, force=args.force,
+                    heldout=args.heldout)
     for row in summary(records):
         say(row)
     say(f"m2ae-data: wrote {len(records)} file(s) and {Path(args.dir) / 'manifest.json'}")

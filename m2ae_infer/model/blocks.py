@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import SparseStage, activation
+from ..kernels.reference import activation
 
 
 class ConvBN(nn.Sequential):
@@ -109,8 +109,8 @@ class RepBlock(nn.Module):
         self.rbr_identity.weight.zero_()                      # the identity branch contributes nothing yet
         del self.spatial
 
-    def sparse_stage(self) -> SparseStage:
-        """Deploy weights packed as GEMM matrices for the sparse executors."""
-        if not self.inference_mode:
-            raise RuntimeError("call reparameterize() before packing a block for sparse execution")
-        return SparseStage.from_convs(self.spatial, self.act, [self.mix_in, self.mix_out])
+    @property
+    def pointwise(self) -> tuple[nn.Conv2d, ...]:
+        """The per-pixel maps after ``act(spatial(x))``, in order, a simple gate between each two: what the
+        sparse executors pack (:mod:`m2ae_infer.packing`) next to ``spatial``."""
+        return self.mix_in, self.mix_out

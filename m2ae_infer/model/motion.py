@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import SparseStage, activation
+from ..kernels.reference import activation
 
 TRAJECTORY_PARAMS = 4  # (u_x, u_y, v_x, v_y)
 
@@ -81,10 +81,10 @@ class MotionAnalyzer(nn.Module):
         self.guide.weight[:, : self.hidden].copy_(merged.weight)
         self.guide.bias.copy_(merged.bias)
 
-    def sparse_stage(self) -> SparseStage:
-        if not self.inference_mode:
-            raise RuntimeError("call reparameterize() before packing the motion analyzer")
-        return SparseStage.from_convs(self.spatial, self.act, [self.guide])
+    @property
+    def pointwise(self) -> tuple[nn.Conv2d, ...]:
+        """The per-pixel map after ``act(spatial(x))`` in deploy form (see ``RepBlock.pointwise``)."""
+        return (self.guide,)
 
 
 def trajectory_points(params: torch.Tensor, points: int) -> torch.Tensor:

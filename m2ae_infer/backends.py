@@ -1,0 +1,172 @@
+"""One interface for every engine that runs the deploy network, and the registry that builds them.
+
+Every engine implements :class:`Backend`; :func:`make_backend` builds one by name and is the only place that
+knows which class serves which name. The API (``Deblurrer(backend=...)``), tiling, export and ``m2ae-bench``
+all go through it. The engines registered here:
+
+==============  ==========================================  =====================================
+name            class                                       runs on
+==============  ==========================================  =====================================
+``torch``       :class:`m2ae_infer.executor.TorchExecutor`   CPU, CUDA
+``triton``      :class:`m2ae_infer.triton_executor.TritonExecutor`  CUDA (CPU: interpreter, checks only)
+``onnxruntime`` :class:`m2ae_infer.export.ort.OrtExecutor`   CPU (CUDA with onnxruntime-gpu)
+``tensorrt``    :class:`m2ae_infer.export.trt.TrtExecutor`   CUDA with TensorRT
+==============  ==========================================  =====================================
+
+A new engine implements the protocol and calls :func:`register_backend` with a factory; nothing else names
+engines. Factories import their heavy dependencies (triton, onnxruntime, tensorrt) only when called.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from .errors import InvalidArgument
+
+EXECUTIONS = ("auto", "sparse", "dense")
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """Output of one call: the restored image and how it was computed."""
+
+    output: torch.Tensor        # [B, 3, H, W]
+    mask: torch.Tensor          # working mask [B, 1, ceil(H/2), ceil(W/2)] bool
+    execution: str              # "sparse" or "dense": what actually ran
+    active_pixels: int          # True pixels of the working mask (over the batch)
+
+
+def choose_execution(execution: str, active: int, total: int, dense_above: float) -> str:
+    """The rule every backend applies: ``auto`` runs dense above ``dense_above`` active fraction."""
+    if execution not in EXECUTIONS:
+        raise InvalidArgument("execution", f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if execution != "auto":
+        return execution
+    return "dense" if active > dense_above * total else "sparse"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What an engine offers. Contracts (tests/test_backends.py and the per-engine tests): ``run`` equals the
+    dense masked torch reference within the engine's tolerance and leaves unmasked pixels bit-identical;
+    ``count_flops`` equals ``FlopCounterMode`` on the torch reference of the same call.
+
+    Attributes:
+        name: the registry name.
+        dense_above: active fraction above which ``execution="auto"`` runs dense.
+        measures_memory: whether a per-call RSS peak means anything (an arena allocator keeps memory).
+    """
+
+    name: str
+    dense_above: float
+    measures_memory: bool
+
+    def choose(self, execution: str, active: int, total: int) -> str:
+        """``"sparse"`` or ``"dense"`` for a call with ``active`` of ``total`` working pixels."""
+
+    def prepare(self, execution: str, threshold: float = 0.5, dilation: int = 0) -> None:
+        """Build now what the first call with these settings would build (graphs, engines); may do nothing."""
+
+    def run(self, image: torch.Tensor, mask: torch.Tensor | None = None, *, threshold: float = 0.5,
+            dilation: int = 0, execution: str = "auto") -> ExecutionResult:
+        """Restore ``image`` ``[B, 3, H, W]`` float32 in [0, 1]; ``mask``: optional ``[B, 1, H, W]`` bool
+        (predicted with ``threshold``/``dilation`` when omitted)."""
+
+    def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
+                    predict_mask: bool = True) -> int:
+        """FLOPs one call of that shape executes with ``active`` working pixels (without running it)."""
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """A registered engine: how to build it and what its timings mean where it runs."""
+
+    factory: Callable[..., Backend]
+    summary: str
+    # Devices on which its latency is meaningful; elsewhere it may still run (for checks), but the bench
+    # skips it with ``untimed_reason``.
+    timed_devices: tuple[str, ...] = ("cpu", "cuda")
+    untimed_reason: str = ""
+
+    def timed_on(self, device: str | torch.device) -> bool:
+        return torch.device(device).type in self.timed_devices
+
+
+_REGISTRY: dict[str, BackendEntry] = {}
+
+
+def register_backend(name: str, factory: Callable[..., Backend], summary: str, **entry) -> None:
+    """Add an engine: ``factory(network, *, device, execution, threshold, dilation, dense_above, threads)``
+    returns a :class:`Backend` or raises ValueError (one line: why it cannot run here, what to install)."""
+    _REGISTRY[name] = BackendEntry(factory, summary, **entry)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Registered engine names, in registration order (``"auto"`` is not one: it means ``torch``)."""
+    return tuple(_REGISTRY)
+
+
+def backend_entry(name: str) -> BackendEntry:
+    if name not in _REGISTRY:
+        raise InvalidArgument("backend", f"backend must be one of {('auto', *_REGISTRY)}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def make_backend(name: str, network, *, device: str | torch.device = "cpu", execution: str = "auto",
+                 threshold: float = 0.5, dilation: int = 0, dense_above: float | None = None,
+                 threads: int | None = None) -> Backend:
+    """The engine ``name`` (``"auto"``: torch) for a deploy-form ``network`` on ``device``.
+
+    ``execution``, ``threshold`` and ``dilation`` let engines that export or compile prepare what the first
+    call will need; ``dense_above=None`` takes the engine's measured switch; ``threads``: the engine's own
+    thread pool where it has one (torch uses ``torch.set_num_threads``). Raises ValueError when the engine
+    cannot run here."""
+    entry = backend_entry("torch" if name == "auto" else name)
+    return entry.factory(network, device=torch.device(device), execution=execution, threshold=threshold,
+                         dilation=dilation, dense_above=dense_above, threads=threads)
+
+
+# ------------------------------------------------------------------------------------ the engines
+def _torch(network, *, device, dense_above, **_):
+    from .executor import DENSE_ABOVE, TorchExecutor
+    return TorchExecutor(network.to(device), dense_above=DENSE_ABOVE if dense_above is None else dense_above)
+
+
+def _triton(network, *, device, dense_above, **_):
+    from .triton_executor import TRITON_DENSE_ABOVE, TritonExecutor   # imports triton only now
+    return TritonExecutor(network, dense_above=TRITON_DENSE_ABOVE if dense_above is None else dense_above,
+                          device=device)
+
+
+def _onnxruntime(network, *, device, execution, threshold, dilation, dense_above, threads):
+    try:
+        from .export.ort import OrtExecutor
+        switch = {} if dense_above is None else {"dense_above": dense_above}
+        executor = OrtExecutor(network, device=device, threads=threads, **switch)
+        executor.prepare(execution, threshold, dilation)   # exports the graph ``execution`` needs, in memory
+    except ImportError as exc:
+        raise ValueError(f"backend 'onnxruntime' needs onnx, onnxscript and onnxruntime ({exc}); "
+                         "pip install 'm2ae-infer[onnx]'") from None
+    return executor
+
+
+def _tensorrt(network, *, device, execution, threshold, dilation, dense_above, **_):
+    from .export.trt import TensorRTUnavailable, TrtExecutor
+    try:
+        switch = {} if dense_above is None else {"dense_above": dense_above}
+        executor = TrtExecutor(network, device=device, **switch)
+        executor.prepare(execution, threshold, dilation)
+    except TensorRTUnavailable as exc:
+        raise ValueError(f"backend 'tensorrt' is not available: {exc}") from None
+    return executor
+
+
+register_backend("torch", _torch, "torch ops: oneDNN dense convolutions, the per-pixel sparse GEMM path")
+register_backend("triton", _triton, "fused sparse-pixel Triton kernels (CUDA)", timed_devices=("cuda",),
+                 untimed_reason="needs a CUDA GPU; on a CPU the kernels run only in the Triton interpreter, "
+                                "which checks correctness, not speed")
+register_backend("onnxruntime", _onnxruntime, "the exported dense/sparse ONNX graphs in ONNX Runtime")
+register_backend("tensorrt", _tensorrt, "TensorRT engines built from the ONNX graphs (CUDA)",
+                 timed_devices=("cuda",), untimed_reason="needs CUDA and TensorRT")
