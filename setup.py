@@ -33,6 +33,8 @@ setup(
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.18"],
         "trt": ["tensorrt>=10"],
         "train": ["scikit-image>=0.22", "av>=12"],
+        # m2ae-deblur --ray and m2ae-serve (m2ae_infer.distributed, m2ae_infer.serve); tested with ray 2.60.0
+        "ray": ["ray[serve]>=2.9"],
         "bench": ["matplotlib>=3.7", "scikit-image>=0.22", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         "test": ["pytest>=8", "scikit-image>=0.22", "matplotlib>=3.7", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1",
                  "triton==3.7.1; platform_system == 'Linux'"],
@@ -45,6 +47,7 @@ setup(
             "m2ae-export=m2ae_infer.export.cli:main",
             "m2ae-bench=m2ae_infer.entry:bench",
             "m2ae-data=m2ae_infer.data.corpus:main",
+            "m2ae-serve=m2ae_infer.entry:serve",
         ],
     },
 )

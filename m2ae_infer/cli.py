@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png beside each output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-file lines and no progress bar")
+    ray = p.add_argument_group("Ray (pip install 'm2ae-infer[ray]'; docs/ray.md)")
+    ray.add_argument("--ray", nargs="?", const="default", metavar="ADDRESS",
+                     help="run on a Ray cluster: HOST:PORT or ray://HOST:PORT, auto (the running one), local (a new "
+                          "one on this machine); alone: RAY_ADDRESS, else a running one, else a new one. Complete "
+                          "outputs that exist are skipped, so running the same command again resumes")
+    ray.add_argument("--workers", type=int, metavar="N",
+                     help="with --ray: deblurring workers (default: as many as the cluster's CPUs or GPUs hold)")
+    ray.add_argument("--threads-per-worker", type=int, default=1, metavar="N",
+                     help="with --ray: torch threads (Ray CPUs) per worker (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="F",
+                     help="with --ray: GPUs per worker (fractions share one); workers then run on CUDA")
     return p
 
 
@@ -202,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give at least one input image or folder (or --example)")
         if not args.output:
             parser.error("give an output with -o OUT")
+        if args.ray is None and (args.workers, args.threads_per_worker, args.gpus_per_worker) != (None, 1, 0.0):
+            parser.error("--workers, --threads-per-worker and --gpus-per-worker need --ray")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if args.ray is not None:
+        from .distributed import cli_run   # imports Ray only when the job runs
+        return cli_run(args)
 
     files, problems = collect_inputs(args.inputs)
     try:
