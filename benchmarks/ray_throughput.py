@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2ae-deblur (one process, torch's default threads): {wall:.1f} s wall, "
               f"{args.images / wall:.2f} images/s including start-up")
 
+        result["in_process"] = in_process(sorted((tmp / "in").iterdir()))
+
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # the cluster on 127.0.0.1 only
         import logging
 
@@ -123,6 +125,28 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
     ok = all(not r["differing"] for r in result["ray"]) and result["fault"]["ok"]
     return 0 if ok else 1
+
+
+def in_process(paths: list[Path]) -> list[dict]:
+    """One Deblurrer in this process (no Ray, no writing), with 1 and 2 torch threads: the steady state a Ray
+    worker is compared with."""
+    import torch
+
+    from m2ae_infer import Deblurrer
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        deblurrer = Deblurrer(device="cpu")
+        loaded = time.perf_counter() - start
+        start = time.perf_counter()
+        for path in paths:
+            deblurrer.run(path, return_info=True)
+        run = time.perf_counter() - start
+        rows.append({"threads": threads, "load_s": loaded, "run_s": run, "images_per_s": len(paths) / run})
+        print(f"one process, in-process loop, {threads} torch thread(s): checkpoint loaded in {loaded:.1f} s, then "
+              f"{len(paths) / run:.2f} images/s (decode + deblur, no writing)")
+    return rows
 
 
 def fault_run(tmp: Path, workers: int, count: int) -> dict:

@@ -47,6 +47,7 @@ RAY_EXTRA = "pip install 'm2ae-infer[ray]'"
 # it uses 127.0.0.1: a cluster started for one job on one machine listens on the loopback interface only.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 DECODE_AHEAD = 2   # inputs decoded ahead per worker: the next image is ready when an actor frees up
+READY_TIMEOUT_S = 600   # actors that cannot be placed (the cluster busy) for this long: an error, not a hang
 
 
 @dataclass(frozen=True)
@@ -356,7 +357,11 @@ class _Pool:
         self.actors = [actor.remote(options, threads, list(faults)) for _ in range(workers)]
         self.deaths, self.running, self.decoding = 0, {}, {}
         try:   # every actor loads the checkpoint before the first image: a node that cannot is an error here
-            ray.get([a.ready.remote() for a in self.actors])
+            ray.get([a.ready.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ValueError(f"the {workers} Ray workers did not start within {READY_TIMEOUT_S} s: the cluster's "
+                             "CPUs/GPUs are taken by other work; give fewer --workers or free the cluster") from None
         except ray.exceptions.RayError as exc:
             self.close()
             raise ValueError(f"a Ray worker could not start: {_cause(exc)}") from None

@@ -85,7 +85,7 @@ def test_cli_ray_local_writes_the_bytes_of_the_single_process_cli(photos):
 def test_api_bad_file_fails_alone_and_a_rerun_skips_complete_outputs(photos, cluster):
     out = photos / "api"
     seen = []
-    s = deblur_files([photos / "in"], out, workers=2, on_result=seen.append)
+    s = deblur_files([photos / "in"], out, workers=1, on_result=seen.append)
     assert sorted(s.written) == sorted(str(p) for p in (photos / "in").iterdir() if p.name != "bad.png")
     assert len(s.written) == GOOD and s.exit_code == 1 and not s.not_run
     assert [(Path(n).name, "not an image" in r) for n, r in s.failed] == [("bad.png", True)]
@@ -142,7 +142,7 @@ def test_worker_deaths_lose_nothing_and_write_each_output_once(photos, cluster, 
 def test_an_input_that_kills_its_worker_fails_alone_and_the_rerun_completes(photos, cluster, tmp_path):
     good = sorted(p for p in (photos / "in").iterdir() if p.name != "bad.png")
     faults = [{"name": "gray.png", "when": "publish", "marker": str(tmp_path / "died")}]
-    s = deblur_files(good, tmp_path / "out", workers=2, retries=0, _faults=faults)
+    s = deblur_files(good, tmp_path / "out", workers=1, retries=0, _faults=faults)
     assert s.exit_code == 1 and len(s.written) == GOOD - 1
     assert [(Path(n).name, r) for n, r in s.failed] == [
         ("gray.png", "its worker process died while deblurring it (1 time); run it alone to see why")]
