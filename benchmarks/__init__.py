@@ -1,1 +1,1 @@
-"""Benchmarks of sparse vs dense execution: see issue 6."""
+"""Benchmarks of sparse vs dense execution (``m2ae-bench``, docs/performance.md)."""

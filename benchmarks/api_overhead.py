@@ -1,4 +1,4 @@
-"""What the API adds on top of its executor: ``Deblurrer.run`` with and without ``return_info`` (issue 16).
+"""What the API adds on top of its executor: ``Deblurrer.run`` with and without ``return_info`` (docs/performance.md).
 
     python -m m2ae_infer.benchmarks.api_overhead [--resolution 480x720] [--densities 0.05,0.2]
                                                  [--repeats 9] [--threads 2] [--checkpoint CKPT]

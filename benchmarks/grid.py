@@ -141,7 +141,7 @@ def measure_cell(backend: Backend, case: Case, settings: BenchSettings) -> dict:
         "latency_ratio": t["sparse"].median / t["dense"].median, "repeats": settings.repeats,
         "dense_peak_mb": _mb(mem["dense"]), "sparse_peak_mb": _mb(mem["sparse"]),
         "auto_picks": ex.choose("auto", active, total),
-        # sparse must equal dense (contract 2): a benchmark that measured a wrong result would be worthless.
+        # sparse must equal dense (README: Contracts): a benchmark that measured a wrong result would be worthless.
         "max_abs_diff": float((sparse_out.output - dense_out.output).abs().max()),
     }
 

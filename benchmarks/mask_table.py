@@ -1,5 +1,5 @@
 """Mask-only variant table on the corpus *dev* split: flagged fraction on sharp photos and mask IoU on local
-blur, per threshold, for one or more checkpoints (how network v2 and its threshold were chosen; issue 14).
+blur, per threshold, for one or more checkpoints (how network v2 and its threshold were chosen; docs/model_card.md).
 
 Only the mask head runs (dense), so a checkpoint is scored in about a minute on 2 CPU cores::
 

@@ -8,25 +8,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model.mask import full_resolution
+
 MASK_KINDS = ("blobs", "scattered")
 
 
-def working_density_mask(kind: str, height: int, width: int, density: float, seed: int = 0) -> torch.Tensor:
-    """Full-resolution bool mask ``[1, 1, H, W]`` whose working-grid active fraction is ~``density``."""
+def working_grid_mask(kind: str, height: int, width: int, density: float, seed: int = 0) -> torch.Tensor:
+    """Bool mask ``[1, 1, height, width]`` on the working grid itself with exactly ``round(density * h * w)``
+    True pixels: ``blobs`` (a few smooth regions, like moving objects) or ``scattered`` (independent pixels)."""
     if kind not in MASK_KINDS:
         raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must lie in [0, 1], got {density}")
-    h, w = (height + 1) // 2, (width + 1) // 2
     gen = torch.Generator().manual_seed(seed)
     if kind == "scattered":
-        score = torch.rand(1, 1, h, w, generator=gen)
+        score = torch.rand(1, 1, height, width, generator=gen)
     else:   # low-pass noise: a few smooth regions, like moving objects
-        coarse = torch.rand(1, 1, max(h // 24, 2), max(w // 24, 2), generator=gen)
-        score = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+        coarse = torch.rand(1, 1, max(height // 24, 2), max(width // 24, 2), generator=gen)
+        score = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
     # Exactly round(density * h * w) active pixels: rank the scores.
-    k = round(density * h * w)
-    half = torch.zeros(h * w, dtype=torch.bool)
-    half[score.flatten().argsort(descending=True)[:k]] = True
-    full = half.view(1, 1, h, w).repeat_interleave(2, -2).repeat_interleave(2, -1)
-    return full[..., :height, :width]
+    k = round(density * height * width)
+    mask = torch.zeros(height * width, dtype=torch.bool)
+    mask[score.flatten().argsort(descending=True)[:k]] = True
+    return mask.view(1, 1, height, width)
+
+
+def working_density_mask(kind: str, height: int, width: int, density: float, seed: int = 0) -> torch.Tensor:
+    """Full-resolution bool mask ``[1, 1, H, W]`` whose working-grid active fraction is ``density`` (rounded to
+    whole working pixels): :func:`working_grid_mask` on the ``ceil(H/2) x ceil(W/2)`` grid, up-sampled."""
+    half = working_grid_mask(kind, (height + 1) // 2, (width + 1) // 2, density, seed)
+    return full_resolution(half, (height, width))

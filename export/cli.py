@@ -17,8 +17,10 @@ import argparse
 import re
 import sys
 from pathlib import Path
+
 from ..atomic import prepare_folder
-from ..cliutil import OneLineArgumentParser, cli_main, cli_message, path_arg, say, stop_if_interrupted
+from ..cliutil import (OneLineArgumentParser, cli_main, cli_message, dilation_arg, path_arg, say, stop_if_interrupted,
+                       threshold_arg)
 from ..messages import one_line, shown
 
 PROG = "m2ae-export"
@@ -56,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="convolutions everywhere, gated by the mask (default with --trt)")
     graph.add_argument("--mask-input", action="store_true",
                        help="the graph takes mask [1,1,H,W] bool instead of predicting it")
-    graph.add_argument("--threshold", type=float, help="blur probability threshold (default 0.5; not with "
+    graph.add_argument("--threshold", type=threshold_arg, help="blur probability threshold (default 0.5; not with "
                                                             "--mask-input)")
-    graph.add_argument("--dilation", type=int, help="grow the predicted mask by N working pixels (default 0; not "
+    graph.add_argument("--dilation", type=dilation_arg, help="grow the predicted mask by N working pixels (default 0; not "
                                                     "with --mask-input)")
     graph.add_argument("--fp16", action="store_true", help="compute in float16 (inputs/outputs stay float32)")
     graph.add_argument("--opset", type=int, default=18, help="ONNX opset, 18..24 (default 18)")
@@ -93,10 +95,6 @@ def main(argv: list[str] | None = None) -> int:
                      "is: drop them")
     args.threshold = 0.5 if args.threshold is None else args.threshold
     args.dilation = 0 if args.dilation is None else args.dilation
-    if not 0.0 < args.threshold < 1.0:
-        parser.error(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-    if args.dilation < 0:
-        parser.error(f"--dilation must be >= 0, got {args.dilation}")
     from .onnx import MAX_OPSET, MIN_OPSET   # torch loads here (a second or two)
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         parser.error(f"--opset must lie in {MIN_OPSET}..{MAX_OPSET}, got {args.opset}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..kernels.reference import activation, neighbour_offsets, padded_rows, shuffle_targets
 from ..model import M2AENet
+from ..checks import check_mask_settings
 from ..model.mask import binarize
 from ..model.network import SHUFFLE
 from ..packing import pack_stages, pack_tail
@@ -64,10 +65,7 @@ class ExportGraph(nn.Module):
         super().__init__()
         if not net.inference_mode:
             raise ValueError("export needs the deploy form: call reparameterize_model(net) first")
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-        if dilation < 0:
-            raise ValueError(f"dilation must be >= 0, got {dilation}")
+        check_mask_settings(threshold, dilation)
         # A CPU copy: export traces on the CPU, and the caller's network keeps its device and layout.
         self.net = copy.deepcopy(net).eval().to(device="cpu", dtype=dtype, memory_format=torch.contiguous_format)
         self.threshold, self.dilation, self.mask_input, self.dtype = float(threshold), int(dilation), mask_input, dtype

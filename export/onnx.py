@@ -40,7 +40,7 @@ DEFAULT_OPSET = 18        # erf-form GELU; runs in ONNX Runtime >= 1.14 and Tens
 # The exporter writes >= 18 (asked for 17 it still wrote 18); 24 is the newest that ONNX Runtime 1.32 and
 # TensorRT 10.15 both run (20+ use the Gelu op).
 MIN_OPSET, MAX_OPSET = 18, 24
-# Max abs difference vs the torch fp32 deploy network (contract 3). fp16: 2.5 steps of an 8-bit image;
+# Max abs difference vs the torch fp32 deploy network (the backends-agree contract, README: Contracts and the tests that hold them). fp16: 2.5 steps of an 8-bit image;
 # measured 3e-4 .. 8e-4 with random tiny/default networks on the example photo (ONNX Runtime CPU).
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # Share of working pixels whose predicted mask may differ from torch's: only pixels whose blur probability

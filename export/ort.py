@@ -48,7 +48,7 @@ class OrtExecutor(GraphExecutor):
         self.providers: list = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda":
             if "CUDAExecutionProvider" in ort.get_available_providers():
-                # No TF32 for fp32 graphs: the 1e-4 agreement with torch (contract 3) needs full fp32 GEMMs.
+                # No TF32 for fp32 graphs: the 1e-4 agreement with torch (README: Contracts) needs full fp32 GEMMs.
                 self.providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": 0}))
             else:
                 warnings.warn("backend 'onnxruntime': this onnxruntime has no CUDA provider (install "

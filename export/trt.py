@@ -15,7 +15,7 @@ Which graph TensorRT takes — the **dense** graph, by default:
   1.2 notes: stream capture "is not possible ... when using data-dependent dynamic shapes").
 * In the dense graph every shape follows from the input's H and W, so one optimization profile covers it,
   the convolutions get TensorRT's tuned (fp16 tensor-core) tactics, and the engine is CUDA-graph capturable.
-  Pixel sparsity rarely turns into GPU time at pixel granularity (DESIGN.md: SIGE 1.2 % edited pixels ->
+  Pixel sparsity rarely turns into GPU time at pixel granularity (SIGE, Li et al. 2022: 1.2 % edited pixels ->
   2-4x, not 7-18x).
 
 So ``m2ae-export --trt`` and ``backend="tensorrt"`` use the dense graph (``execution="auto"`` means dense);
@@ -89,7 +89,7 @@ def trtexec_command(onnx_path: str, engine_path: str, profile: Profile, spec: Gr
         return ",".join(f"{name}:{'x'.join(map(str, profile.shapes(name)[which]))}" for name in spec.input_names)
 
     # fp16 graphs are typed in the ONNX itself (TensorRT 11 has no FP16 builder flag); fp32 engines keep
-    # full fp32 (no TF32) so that they meet the 1e-4 agreement of contract 3.
+    # full fp32 (no TF32) so that they meet the 1e-4 agreement of the backends-agree contract (README: Contracts and the tests that hold them).
     precision = "--stronglyTyped" if spec.fp16 else "--noTF32"
     return (f"trtexec --onnx={onnx_path} --saveEngine={engine_path} --minShapes={dims(0)} "
             f"--optShapes={dims(1)} --maxShapes={dims(2)} {precision}")

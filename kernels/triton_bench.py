@@ -105,7 +105,7 @@ def stage_timing_cases(channels, sizes, densities, *, dtype, act, ffn_expand, ma
             dense_conv = lambda: F.conv2d(x, *weights[0], padding=1)                          # noqa: E731
             dense_conv_ms = bench(dense_conv)
             for density in densities:
-                m = _mask(mask_kind, density, h, w, gen).to(device)
+                m = _mask(mask_kind, density, h, w, seed + c).to(device)
                 dense_ms = bench(lambda: _dense_stage(x, m, weights, act))
                 compact_ms = bench(lambda: compact_active_rows(m))
                 rows, n = compact_active_rows(m)
@@ -132,17 +132,11 @@ def _dense_stage(x: torch.Tensor, m: torch.Tensor, weights, act: str) -> torch.T
     return torch.where(m, x + F.conv2d(a * b, wo, bo), x)
 
 
-def _mask(kind: str, density: float, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
-    """``[1, 1, h, w]`` bool mask with ~``density`` of its pixels True."""
+def _mask(kind: str, density: float, h: int, w: int, seed: int) -> torch.Tensor:
+    """``[1, 1, h, w]`` bool working-grid mask with ``density`` of its pixels True (the bench's masks)."""
+    from ..benchmarks.masks import working_grid_mask
     if not 0.0 < density <= 1.0:
         raise ValueError(f"densities must lie in (0, 1], got {density}")
-    if kind == "random":
-        score = torch.rand(1, 1, h, w, generator=gen)
-    elif kind == "blobs":
-        coarse = torch.rand(1, 1, max(h // 16, 2), max(w // 16, 2), generator=gen)
-        score = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    else:
+    if kind not in ("blobs", "random"):
         raise ValueError(f"mask_kind must be 'blobs' or 'random', got {kind!r}")
-    if density >= 1.0:
-        return torch.ones(1, 1, h, w, dtype=torch.bool)
-    return score > torch.quantile(score.flatten(), 1.0 - density)
+    return working_grid_mask("scattered" if kind == "random" else kind, h, w, density, seed)

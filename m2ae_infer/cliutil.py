@@ -106,6 +106,28 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
+def threshold_arg(text: str) -> float:
+    """argparse ``type`` of ``--threshold``: :func:`~m2ae_infer.checks.check_mask_settings`'s rule."""
+    return _mask_setting(text, float, "threshold")
+
+
+def dilation_arg(text: str) -> int:
+    """argparse ``type`` of ``--dilation``: :func:`~m2ae_infer.checks.check_mask_settings`'s rule."""
+    return _mask_setting(text, int, "dilation")
+
+
+def _mask_setting(text: str, kind, name: str):
+    from .checks import check_mask_settings
+    from .errors import InvalidArgument
+    try:
+        value = kind(text)
+        check_mask_settings(**{"threshold": 0.5, "dilation": 0, name: value})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(exc.for_flag("").strip() if isinstance(exc, InvalidArgument)
+                                         else f"expected a number, got {text!r}") from None
+    return value
+
+
 def device_arg(text: str) -> str:
     """argparse ``type`` of ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the executors run on CPU and
     CUDA only; meta, mps, ... are refused here, by name, instead of failing deep inside torch)."""

@@ -6,7 +6,7 @@ Both paths share the dense stages (pad, stem, mask prediction) and differ in how
 * ``sparse``: features copied once into a zero-bordered channels-last buffer; each stage gathers the
   3x3 neighbourhoods of the active pixels, runs its GEMMs and adds its update back at those pixels only;
   the tail writes only the active pixels of the output, which starts as a copy of the input.
-* ``auto``: sparse below ``dense_above`` active fraction, dense above (a measured break-even, see README).
+* ``auto``: sparse below ``dense_above`` active fraction, dense above (a measured break-even, docs/performance.md).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from .packing import pack_stages, pack_tail
 
 # Active fraction above which `auto` runs the dense path. Measured with m2ae-bench on the project's 2-core AVX-512
 # CPU, default config, 2 threads, dense and sparse timed alternately: sparse/dense latency 0.85-0.92 at 40 %
-# active and 1.01-1.12 at 50 %, at 480p and 720p, blob and scattered masks (README, Performance).
+# active and 1.01-1.12 at 50 %, at 480p and 720p, blob and scattered masks (docs/performance.md).
 DENSE_ABOVE = 0.45
 
 

@@ -15,8 +15,9 @@ Why a tiled run equals the untiled one (within float rounding):
   image's size when ``h`` is odd: it is *not* local. So a predicted mask is made in two passes: (1) per tile,
   the stem and the mask head's convolutions give the coarse logits of the tile's core, pasted
   into one map for the whole image (``ceil(H/jump) x ceil(W/jump)`` floats), which is then upsampled, thresholded
-  and dilated once, exactly as untiled; (2) per tile, the executor runs the body on the tile plus overlap
-  with that whole-image mask cropped to it (a user mask is cropped the same way).
+  and dilated once, exactly as untiled; (2) per tile, the executor runs the body on the tile grown by the
+  body's own margin only (:attr:`Tiling.body_overlap`, 16 pixels against the v2 detector's 264), with that
+  whole-image mask cropped to it (a user mask is cropped the same way).
 
 The mask pass always runs the torch deploy network (stem and mask head, cheap); the body pass goes through the
 executor's public ``run(image, mask)``, so every backend (torch, Triton, ONNX Runtime, TensorRT) tiles the same way.
@@ -149,14 +150,21 @@ def receptive_field(net: M2AENet) -> ReceptiveField:
 # ------------------------------------------------------------------------------------------ planning
 @dataclass(frozen=True)
 class Tile:
-    """One tile in input pixels: the core ``[top, bottom) x [left, right)`` it restores, and the crop
-    ``(top, bottom, left, right)`` it is run on (the core grown by the overlap, clipped to the image)."""
+    """One tile in input pixels: the core ``[top, bottom) x [left, right)`` it restores, the crop
+    ``(top, bottom, left, right)`` its mask pass runs on (the core grown by the overlap, clipped to the image)
+    and the smaller ``body_crop`` its body pass runs on (grown by the body's own reach only: the mask is already
+    made for the whole image by then, so the detector's far wider context is not needed twice)."""
 
     top: int
     bottom: int
     left: int
     right: int
     crop: tuple[int, int, int, int]
+    body_crop: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.body_crop is None:
+            object.__setattr__(self, "body_crop", self.crop)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -170,14 +178,19 @@ def _spans(length: int, tile: int, align: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int, align: int = ALIGN) -> list[Tile]:
+def plan_tiles(height: int, width: int, tile: int, overlap: int, align: int = ALIGN,
+               body_overlap: int | None = None) -> list[Tile]:
     """Tiles covering an ``height x width`` image, cores of at most ``tile`` pixels (a multiple of ``align``,
-    the network's :attr:`ReceptiveField.align`)."""
-    if tile % align or overlap % align:
-        raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {align}")
-    return [Tile(top, bottom, left, right,
-                 (max(top - overlap, 0), min(bottom + overlap, height), max(left - overlap, 0),
-                  min(right + overlap, width)))
+    the network's :attr:`ReceptiveField.align`); ``body_overlap`` (default ``overlap``) grows the body crops."""
+    body_overlap = overlap if body_overlap is None else body_overlap
+    if tile % align or overlap % align or body_overlap % align:
+        raise ValueError(f"tile ({tile}), overlap ({overlap}) and body overlap ({body_overlap}) must be "
+                         f"multiples of {align}")
+
+    def grown(top, bottom, left, right, by):
+        return max(top - by, 0), min(bottom + by, height), max(left - by, 0), min(right + by, width)
+    return [Tile(top, bottom, left, right, grown(top, bottom, left, right, overlap),
+                 grown(top, bottom, left, right, body_overlap))
             for top, bottom in _spans(height, tile, align) for left, right in _spans(width, tile, align)]
 
 
@@ -187,14 +200,18 @@ class Tiling:
 
     Attributes:
         tile: core size in input pixels (a multiple of ALIGN), or None: never tile.
-        overlap: context on each side of a tile, input pixels (a multiple of ALIGN, >= the minimum).
+        overlap: context on each side of a tile, input pixels (a multiple of ALIGN, >= the minimum); the mask
+            pass reads it all.
         above: tile only images of more than this many pixels (batch x H x W); 0: always.
+        body_overlap: context of the body pass: the body's receptive field, rounded up to ``align`` (at most
+            ``overlap``; the v2 detector needs 264 pixels, the body 16). None: ``overlap``.
     """
 
     tile: int | None
     overlap: int
     above: int
     align: int = ALIGN
+    body_overlap: int | None = None
 
     @classmethod
     def resolve(cls, tile: Any, overlap: Any, field: ReceptiveField) -> "Tiling":
@@ -210,14 +227,15 @@ class Tiling:
                              "leave tile_overlap unset for the minimum")
         align = field.align
         overlap = _round_up(overlap, align)
+        body = min(overlap, _round_up(field.body, align))
         if tile == "auto":
-            return cls(DEFAULT_TILE, overlap, AUTO_TILE_PIXELS, align)
+            return cls(DEFAULT_TILE, overlap, AUTO_TILE_PIXELS, align, body)
         if tile is None or tile == 0:
-            return cls(None, overlap, 0, align)
+            return cls(None, overlap, 0, align, body)
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
             raise InvalidArgument("tile", f"tile must be 'auto', None/0 (never tile) or a positive int (tile size "
                                   f"in pixels), got {tile!r}")
-        return cls(_round_up(tile, align), overlap, 0, align)
+        return cls(_round_up(tile, align), overlap, 0, align, body)
 
     def tiles(self, batch: int, height: int, width: int) -> list[Tile] | None:
         """The tiles for an image of this size, or None to run it whole."""
@@ -225,7 +243,7 @@ class Tiling:
             return None
         if height <= self.tile and width <= self.tile:
             return None  # one tile is the whole image
-        return plan_tiles(height, width, self.tile, self.overlap, self.align)
+        return plan_tiles(height, width, self.tile, self.overlap, self.align, self.body_overlap)
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -305,7 +323,7 @@ def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: t
         core = mask[..., t.top // SHUFFLE:_half(t.bottom), t.left // SHUFFLE:_half(t.right)]
         if not bool(core.any()):
             continue  # nothing to restore here: the output already holds the input, bit for bit
-        top, bottom, left, right = t.crop
+        top, bottom, left, right = t.body_crop
         crop = prepared.region(top, bottom, left, right).to(device)
         crop_mask = full_resolution(mask[..., top // SHUFFLE:_half(bottom), left // SHUFFLE:_half(right)],
                                     (bottom - top, right - left))

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from m2ae_infer import M2AEConfig, M2AENet, reparameterize_model
+from m2ae_infer.benchmarks.masks import working_density_mask
 from m2ae_infer.executor import TorchExecutor
 from m2ae_infer.kernels.reference import (SparseStage, active_pixels, neighbour_offsets, padded_rows,
                                           shuffle_targets, sparse_stage_, sparse_tail_, to_padded_buffer)
@@ -131,7 +132,7 @@ def test_flops_follow_the_mask_default_config(default_executor, mask_kind):
     h, w = 96, 128
     image = torch.rand(1, 3, h, w)
     if mask_kind == "blobs":
-        mask = _blob_mask_with_fraction(h, w, 0.2)
+        mask = working_density_mask("blobs", h, w, 0.2, seed=9)
     else:   # scattered working pixels (a random full-resolution mask would activate far more 2x2 blocks)
         mask = full_resolution(make_mask("random0.2", h // 2, w // 2, seed=2), (h, w))
     frac = default_executor.run(image, mask, execution="sparse").mask.float().mean().item()
@@ -153,11 +154,3 @@ def test_flops_scale_with_active_pixels(default_executor):
     per_pixel = counts[1] - counts[0]
     full_active = 32 * 32
     assert counts[3] - counts[0] == pytest.approx(per_pixel * full_active, rel=1e-9)
-
-
-def _blob_mask_with_fraction(h, w, frac):
-    """A blob mask whose working (half-resolution) active fraction is ~frac."""
-    coarse = torch.rand(1, 1, h // 16, w // 16, generator=torch.Generator().manual_seed(9))
-    smooth = F.interpolate(coarse, size=(h // 2, w // 2), mode="bilinear", align_corners=False)
-    half = smooth > torch.quantile(smooth.flatten(), 1 - frac)
-    return full_resolution(half, (h, w))

@@ -290,10 +290,11 @@ def test_flops_are_the_sum_of_exact_per_tile_counts():
     _, info = deblurrer.run(image, mask=mask, return_info=True)
     working = torch.from_numpy(info.mask[::2, ::2].copy())         # one value per 2x2 block
     expected_dense = expected = 0
-    for t in plan_tiles(45, 62, 16, deblurrer.tiling.overlap):
+    # the body pass runs on each tile grown by the body's margin (Tiling.body_overlap), a user mask needs no mask pass
+    for t in plan_tiles(45, 62, 16, deblurrer.tiling.overlap, body_overlap=deblurrer.tiling.body_overlap):
         if not working[t.top // 2:-(-t.bottom // 2), t.left // 2:-(-t.right // 2)].any():
             continue
-        top, bottom, left, right = t.crop
+        top, bottom, left, right = t.body_crop
         active = int(working[top // 2:-(-bottom // 2), left // 2:-(-right // 2)].sum())
         expected += deblurrer.executor.count_flops(1, bottom - top, right - left, active, "sparse", False)
         expected_dense += deblurrer.executor.count_flops(1, bottom - top, right - left, 0, "dense", False)
@@ -328,3 +329,21 @@ def test_tiles_run_on_other_backends():
     ref = Deblurrer(net, tile=None).run(x, mask=mask)
     out, info = Deblurrer(net, backend="onnxruntime", execution="sparse", tile=16).run(x, mask=mask, return_info=True)
     assert info.tiles == 9 and info.backend == "onnxruntime" and np.abs(out - ref).max() <= 1e-4
+
+
+def test_body_pass_reads_only_the_body_margin_and_still_equals_untiled():
+    """The body pass of a v2 network (detector overlap 264) runs on crops grown by the body's margin only; the
+    output equals the untiled run, and the dense FLOPs of a full-mask tiled run shrink accordingly."""
+    net = random_net("tiny_v2", seed=31)
+    field = receptive_field(reparameterize_model(net))
+    untiled = Deblurrer(net, tile=0)
+    tiled = Deblurrer(net, tile=64)
+    assert tiled.tiling.body_overlap == -(-field.body // field.align) * field.align < tiled.tiling.overlap
+    image = torch.rand(1, 3, 150, 170, generator=torch.Generator().manual_seed(8))
+    for mask in (None, "full"):
+        expected = untiled.run(image, mask=mask)
+        out, info = tiled.run(image, mask=mask, return_info=True)
+        assert info.tiles > 1 and (out - expected).abs().max() <= 1e-5
+    plan = tiled.tiling.tiles(1, 150, 170)
+    area = lambda c: (c[1] - c[0]) * (c[3] - c[2])  # noqa: E731
+    assert sum(area(t.body_crop) for t in plan) < sum(area(t.crop) for t in plan)

@@ -1,4 +1,4 @@
-"""An independent local-motion-blur generator, for *evaluation only* (issue 14). Never train on it.
+"""An independent local-motion-blur generator, for *evaluation only* (docs/independent_generator.md). Never train on it.
 
 The training generators (:mod:`m2ae_infer.data.synth`, :mod:`m2ae_infer.data.scenes`) average bilinearly
 shifted sub-frames of soft-alpha layers (ellipses, blobs, segments) moving along quadratic trajectories. A

@@ -1,4 +1,4 @@
-"""Training scenes v2: samples that teach motion blur apart from everything that is not (issue 14).
+"""Training scenes v2: samples that teach motion blur apart from everything that is not (docs/model_card.md, Data).
 
 The v1 generator (:mod:`m2ae_infer.data.synth`) pastes a *foreign* texture into the photo and smears it: a
 detector trained on it partly learned "a pasted texture with smeared edges" and flagged low-texture areas,

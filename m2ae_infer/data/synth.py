@@ -1,4 +1,4 @@
-"""Synthetic local motion blur on real photographs bundled with scikit-image (issue 4).
+"""Synthetic local motion blur on real photographs bundled with scikit-image (network v1's data, docs/model_card_v1.md).
 
 A sample is built from a random crop of a photo (the static background) and 1-2 soft-edged object
 regions (ellipse, smooth random blob, or an image segment) whose pixels are cut from another crop.

@@ -1,4 +1,4 @@
-"""Real local motion from a static-camera video, for evaluation (issue 14): ``m2ae-eval --set video``.
+"""Real local motion from a static-camera video, for evaluation (docs/model_card.md): ``m2ae-eval --set video``.
 
 A static camera films a static scene with things moving through it (people, cars). Averaging ``2 r + 1``
 consecutive frames in linear light is what a ``2 r + 1`` times longer exposure would have recorded: the moving

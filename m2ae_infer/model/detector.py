@@ -1,4 +1,4 @@
-"""Blur detector v2: its own directional features and a few hundred pixels of context (issue 14).
+"""Blur detector v2: its own directional features and a few hundred pixels of context (docs/model_card.md).
 
 The v1 head (:class:`~m2ae_infer.model.mask.BlurMaskHead`) reads the body's stem features and sees +-31 input
 pixels; it could not tell motion blur from defocus, flat surfaces or low-texture areas. This detector reads the

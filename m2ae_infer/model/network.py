@@ -1,4 +1,4 @@
-"""M2AENet: our reconstruction of the motion-aware adaptive pixel pruning network (DESIGN.md).
+"""M2AENet: our reconstruction of the motion-aware adaptive pixel pruning network (README: What it does).
 
 ::
 
