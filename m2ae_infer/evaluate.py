@@ -141,7 +141,6 @@ def classical_restore(sample, iterations: int = 30) -> tuple[np.ndarray, str]:
     return out, "per-region"
 
 
-# ------------------------------------------------------------------------------------------------- CLI
 # ------------------------------------------------------------------------------------------- evaluation
 def _runners(model, device="auto", threshold=None, dilation=0) -> dict:
     """``{"dense": Deblurrer, "sparse": Deblurrer}`` for a network, a :class:`Deblurrer` (its network, device,
@@ -159,7 +158,8 @@ def evaluate(model, samples: Iterable, *, rows: Sequence[str] = ROWS, device: st
              dilation: int = 0, rl_iterations: int = 30, names: Sequence[str] | None = None, total: int | None = None,
              progress: bool = False, grid: list | None = None, grid_rows: int = 6) -> list[dict]:
     """Score ``samples`` (:class:`~m2ae_infer.data.synth.Sample` s, any iterable, consumed once) and return one
-    dict per sample; :func:`summarize` turns them into the report.
+    dict per sample; :func:`summarize` turns them into the report. The one scorer of the project: ``m2ae-eval``
+    and ``m2ae-train``'s end-of-run validation (:func:`m2ae_infer.train.validate`) both report its figures.
 
     ``model``: an ``M2AENet`` (run dense and sparse with ``device``/``threshold``/``dilation``), a
     :class:`~m2ae_infer.Deblurrer` (its network and settings) or ``{"dense": ..., "sparse": ...}`` Deblurrers.
@@ -177,46 +177,62 @@ def evaluate(model, samples: Iterable, *, rows: Sequence[str] = ROWS, device: st
         if i == 0:
             for r in runners.values():   # warm-up: the first call pays for allocations, not the images
                 r.run(s.blurry)
-        outs, infos = {"blurry": s.blurry}, {}
-        for e, r in runners.items():
-            outs[f"ours_{e}"], infos[e] = r.run(s.blurry, return_info=True)
-        seconds = {f"ours_{e}": infos[e].seconds for e in runners}
-        if "ours_true_mask" in rows:
-            outs["ours_true_mask"], infos["true_mask"] = runners["sparse"].run(s.blurry, mask=s.mask,
-                                                                               return_info=True)
-            seconds["ours_true_mask"] = infos["true_mask"].seconds
-        how = None
-        if "classical" in rows:
-            start = time.perf_counter()
-            outs["classical"], how = classical_restore(s, rl_iterations)
-            seconds["classical"] = time.perf_counter() - start
-        pred = np.asarray(infos["sparse"].mask, bool)
-        row = {"index": i, **({"name": names[i]} if names is not None else {}), "kind": s.kind,
-               "size": list(s.blurry.shape[:2]), "regions": len(s.trajectories),
-               **({"classical_psf": how} if how is not None else {}),
-               "mask": mask_scores(pred, s.mask), "masks_agree": bool(np.array_equal(pred, infos["dense"].mask)),
-               "flagged_fraction": float(pred.mean()),
-               "active_fraction": infos["sparse"].active_fraction, "flops_saved": infos["sparse"].flops_saved,
-               "seconds": seconds,
-               "sparse_dense_max_abs": float(np.abs(outs["ours_sparse"] - outs["ours_dense"]).max()),
-               "changed_outside_mask": {e: _changed_outside(s.blurry, outs[f"ours_{e}"], np.asarray(infos[e].mask))
-                                        for e in infos}}
-        outside = ~np.asarray(s.mask, bool)
-        for name, img in outs.items():
-            row[name] = {"psnr": masked_psnr(img, s.sharp), "ssim": masked_ssim(img, s.sharp),
-                         "psnr_mask": masked_psnr(img, s.sharp, s.mask), "ssim_mask": masked_ssim(img, s.sharp, s.mask),
-                         "vs_input": {"psnr": masked_psnr(img, s.blurry),
-                                      "psnr_outside_true_mask": masked_psnr(img, s.blurry, outside),
-                                      "mean_abs_outside_true_mask": (float(np.abs(img - s.blurry)[outside].mean())
-                                                                     if outside.any() else None)}}
-        per_sample.append(row)
+        outs, infos, seconds, how = _restore(s, runners, rows, rl_iterations)
+        head = {"index": i, **({"name": names[i]} if names is not None else {})}
+        per_sample.append(_score_sample(s, outs, infos, seconds, how, head))
         if grid is not None and len(grid) < grid_rows:
-            fourth = (outs["classical"] if "classical" in outs else
-                      np.repeat(np.asarray(s.mask, np.float32)[..., None], 3, 2) if "ours_true_mask" in outs else
-                      np.clip(np.abs(outs["ours_sparse"] - s.blurry) * 10, 0, 1))
-            grid.append([s.blurry, np.repeat(pred[..., None].astype(np.float32), 3, 2), outs["ours_sparse"], fourth,
-                         s.sharp])
+            grid.append(_grid_row(s, outs, np.asarray(infos["sparse"].mask, bool)))
     return per_sample
+
+
+def _restore(s, runners: dict, rows: Sequence[str], rl_iterations: int) -> tuple[dict, dict, dict, str | None]:
+    """Every row's output for sample ``s``: ``(outputs, run infos, seconds, how the classical row ran)``."""
+    outs, infos = {"blurry": s.blurry}, {}
+    for e, r in runners.items():
+        outs[f"ours_{e}"], infos[e] = r.run(s.blurry, return_info=True)
+    seconds = {f"ours_{e}": infos[e].seconds for e in runners}
+    if "ours_true_mask" in rows:
+        outs["ours_true_mask"], infos["true_mask"] = runners["sparse"].run(s.blurry, mask=s.mask, return_info=True)
+        seconds["ours_true_mask"] = infos["true_mask"].seconds
+    how = None
+    if "classical" in rows:
+        start = time.perf_counter()
+        outs["classical"], how = classical_restore(s, rl_iterations)
+        seconds["classical"] = time.perf_counter() - start
+    return outs, infos, seconds, how
+
+
+def _score_sample(s, outs: dict, infos: dict, seconds: dict, how: str | None, head: dict) -> dict:
+    """One sample's dict (``head``: its index and name first): the mask, cost and exactness figures, then per
+    row the quality against sharp and the do-no-harm figures against the input."""
+    pred = np.asarray(infos["sparse"].mask, bool)
+    row = {**head, "kind": s.kind, "size": list(s.blurry.shape[:2]), "regions": len(s.trajectories),
+           **({"classical_psf": how} if how is not None else {}),
+           "mask": mask_scores(pred, s.mask), "masks_agree": bool(np.array_equal(pred, infos["dense"].mask)),
+           "flagged_fraction": float(pred.mean()),
+           "active_fraction": infos["sparse"].active_fraction, "flops_saved": infos["sparse"].flops_saved,
+           "seconds": seconds,
+           "sparse_dense_max_abs": float(np.abs(outs["ours_sparse"] - outs["ours_dense"]).max()),
+           "changed_outside_mask": {e: _changed_outside(s.blurry, outs[f"ours_{e}"], np.asarray(infos[e].mask))
+                                    for e in infos}}
+    outside = ~np.asarray(s.mask, bool)
+    for name, img in outs.items():
+        row[name] = {"psnr": masked_psnr(img, s.sharp), "ssim": masked_ssim(img, s.sharp),
+                     "psnr_mask": masked_psnr(img, s.sharp, s.mask), "ssim_mask": masked_ssim(img, s.sharp, s.mask),
+                     "vs_input": {"psnr": masked_psnr(img, s.blurry),
+                                  "psnr_outside_true_mask": masked_psnr(img, s.blurry, outside),
+                                  "mean_abs_outside_true_mask": (float(np.abs(img - s.blurry)[outside].mean())
+                                                                 if outside.any() else None)}}
+    return row
+
+
+def _grid_row(s, outs: dict, pred: np.ndarray) -> list[np.ndarray]:
+    """The five tiles of a sample (:data:`GRID_LABELS`): the fourth is the classical output, else the true mask,
+    else (sharp photos) the change made, x10."""
+    fourth = (outs["classical"] if "classical" in outs else
+              np.repeat(np.asarray(s.mask, np.float32)[..., None], 3, 2) if "ours_true_mask" in outs else
+              np.clip(np.abs(outs["ours_sparse"] - s.blurry) * 10, 0, 1))
+    return [s.blurry, np.repeat(pred[..., None].astype(np.float32), 3, 2), outs["ours_sparse"], fourth, s.sharp]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -336,19 +352,60 @@ def _photo_sample(path, max_side: int):
                   np.zeros((0, TRAJ_POINTS, 2), np.float32), np.full((h, w), -1, np.int8))
 
 
+class _Refused(Exception):
+    """A problem with the inputs found after parsing: :func:`main` prints it as one line and returns 2."""
+
+
 @cli_main("m2ae-eval")
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
+        return _run(parser, args)
+    except _Refused as exc:
+        return _error(exc.args[0])
+
+
+def _run(parser, args) -> int:
+    """Everything after parsing: inputs refused before any work, then the scores, the files and the table;
+    0, or 1 when an exactness contract failed."""
+    skimage = _scoring_dependencies()
+    photos, paths = _chosen_photos(parser, args), _corpus_paths(args)
+    if args.set == "video":
+        _check_video(args.video)
+    runners, ckpt, meta = _load_runners(args)
+    outputs = _prepare_outputs(Path(args.out), args.force)
+    per_sample, grid = _score_set(args, runners, photos, paths)
+    summary = summarize(per_sample)
+    notes = [NOTES[args.set]] if args.set in NOTES else []
+    report = {"set": args.set, "notes": notes,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "quiet")},
+              "checkpoint": {"path": str(ckpt.resolve()), "meta": meta},
+              "machine": _machine(runners, skimage), **summary, "per_sample": per_sample}
+    try:
+        _write_json(report, outputs[0], overwrite=args.force)
+        _write_grid(grid, outputs[1], overwrite=args.force, set_name=args.set)
+    except (OSError, ValueError) as exc:
+        raise _Refused(exc) from None
+    say(f"set {args.set}: {len(per_sample)} samples" + "".join(f"\nnote: {n}" for n in notes))
+    say(format_table(summary))
+    say(f"wrote {outputs[0]} and {outputs[1]}")
+    return 0 if summary["contracts"]["pass"] else 1
+
+
+def _scoring_dependencies():
+    """scikit-image (returned, for its version) and scipy, or the install hint."""
+    try:
         import scipy  # noqa: F401
         import skimage
     except ImportError:
-        return _error(_INSTALL_HINT)
-    import torch
-    from .shipped import DEFAULT_CHECKPOINT
-    from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+        raise _Refused(_INSTALL_HINT) from None
+    return skimage
+
+
+def _chosen_photos(parser, args) -> list[str] | None:
+    """``--photos`` as a list of training photo names (``None``: not given)."""
     from .data.synth import check_training_photos, photo_names
     photos = None if args.photos is None else photo_names(args.photos)
     if photos == []:
@@ -356,84 +413,97 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_training_photos(photos or (), "validation photos")
     except ValueError as exc:
-        return _error(f"--photos: {exc}")
-    paths = None
-    if args.photos_dir is not None:         # a missing or bad corpus is refused before any work
-        from .data.corpus import CorpusError, photos as corpus_photos
-        try:
-            paths = corpus_photos(args.photos_dir, args.split, allow_heldout=True)
-        except CorpusError as exc:
-            return _error(f"--photos-dir: {exc}")
-        if not paths:
-            return _error(f"--photos-dir {args.photos_dir}: no photos in the {args.split} split; pick another "
-                          "--split or corpus")
-        if args.samples is not None and args.set == "sharp":
-            paths = paths[:args.samples]
-    if args.set == "video":
-        if not Path(args.video).is_file():
-            return _error(f"--video {args.video} not found; give a video file (e.g. a corpus's "
-                          "videos/opencv-doc/vtest.avi)")
-        try:
-            from .data.video import _av
-            _av()
-        except ImportError as exc:
-            return _error(exc)
+        raise _Refused(f"--photos: {exc}") from None
+    return photos
+
+
+def _corpus_paths(args) -> list[Path] | None:
+    """The photos of ``--split`` in ``--photos-dir`` (the first ``--samples`` for ``--set sharp``), ``None``
+    without a corpus; a missing or bad corpus is refused before any work."""
+    if args.photos_dir is None:
+        return None
+    from .data.corpus import CorpusError, photos as corpus_photos
+    try:
+        paths = corpus_photos(args.photos_dir, args.split, allow_heldout=True)
+    except CorpusError as exc:
+        raise _Refused(f"--photos-dir: {exc}") from None
+    if not paths:
+        raise _Refused(f"--photos-dir {args.photos_dir}: no photos in the {args.split} split; pick another "
+                       "--split or corpus")
+    return paths[:args.samples] if args.samples is not None and args.set == "sharp" else paths
+
+
+def _check_video(video: str) -> None:
+    """``--video`` exists and PyAV, which decodes it, is installed."""
+    if not Path(video).is_file():
+        raise _Refused(f"--video {video} not found; give a video file (e.g. a corpus's "
+                       "videos/opencv-doc/vtest.avi)")
+    try:
+        from .data.video import _av
+        _av()
+    except ImportError as exc:
+        raise _Refused(exc) from None
+
+
+def _load_runners(args) -> tuple[dict, Path, dict]:
+    """Threads and device set, the checkpoint loaded: ``(runners, checkpoint path, its meta)``."""
+    import torch
+    from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+    from .shipped import DEFAULT_CHECKPOINT
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         check_device(args.device)
     except ValueError as exc:
-        return _error(exc)
+        raise _Refused(exc) from None
     ckpt = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     try:
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} not found; pass --checkpoint PATH")
         net, meta = load_checkpoint(ckpt), read_checkpoint(ckpt).meta
-        runners = _runners(net, args.device, args.threshold, args.dilation)
+        return _runners(net, args.device, args.threshold, args.dilation), ckpt, meta
     except (CheckpointError, ValueError, OSError) as exc:
-        return _error(exc)
-    out_dir = Path(args.out)
+        raise _Refused(exc) from None
+
+
+def _prepare_outputs(out_dir: Path, force: bool) -> tuple[Path, Path]:
+    """``(eval.json, eval_grid.png)`` in ``out_dir``, made writable before the work; existing ones need --force."""
     outputs = (out_dir / "eval.json", out_dir / "eval_grid.png")
     if out_dir.exists() and not out_dir.is_dir():
-        return _error(f"--out {out_dir} is a file, not a folder; give a folder name")
+        raise _Refused(f"--out {out_dir} is a file, not a folder; give a folder name")
     existing = [str(p) for p in outputs if p.exists()]
-    if existing and not args.force:
-        return _error(f"{', '.join(existing)} already exist(s); pass --force to replace, or choose another --out")
+    if existing and not force:
+        raise _Refused(f"{', '.join(existing)} already exist(s); pass --force to replace, or choose another --out")
     try:
         prepare_folder(out_dir)   # before the work, not after it
     except OSError as exc:
-        return _error(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder")
+        raise _Refused(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
+    return outputs
+
+
+def _score_set(args, runners: dict, photos, paths) -> tuple[list[dict], list]:
+    """The chosen set made and scored by :func:`evaluate`: ``(per-sample dicts, grid rows)``."""
     try:
         samples, names, total = _make_samples(args, photos, paths)
     except (OSError, ValueError) as exc:     # CorpusError is a ValueError; so are undecodable videos
-        return _error(exc)
+        raise _Refused(exc) from None
     grid = []
     try:
         per_sample = evaluate(runners, samples, rows=SET_ROWS[args.set], rl_iterations=args.rl_iterations,
                               names=names, total=total, progress=not args.quiet, grid=grid)
     except (OSError, ValueError) as exc:
-        return _error(exc)
+        raise _Refused(exc) from None
     if not per_sample:
-        return _error("no samples to evaluate")
-    summary = summarize(per_sample)
-    notes = [NOTES[args.set]] if args.set in NOTES else []
-    report = {"set": args.set, "notes": notes,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "quiet")},
-              "checkpoint": {"path": str(ckpt.resolve()), "meta": meta},
-              "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "scikit-image": skimage.__version__,
-                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "device": str(runners["sparse"].device)},
-              **summary, "per_sample": per_sample}
-    try:
-        _write_json(report, outputs[0], overwrite=args.force)
-        _write_grid(grid, outputs[1], overwrite=args.force, set_name=args.set)
-    except (OSError, ValueError) as exc:
-        return _error(exc)
-    say(f"set {args.set}: {len(per_sample)} samples" + "".join(f"\nnote: {n}" for n in notes))
-    say(format_table(summary))
-    say(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval_grid.png'}")
-    return 0 if summary["contracts"]["pass"] else 1
+        raise _Refused("no samples to evaluate")
+    return per_sample, grid
+
+
+def _machine(runners: dict, skimage) -> dict:
+    """Where the scores were made: the report's ``machine``."""
+    import torch
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "scikit-image": skimage.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(runners["sparse"].device)}
 
 
 def _make_samples(args, photos, paths):

@@ -9,8 +9,10 @@ batch of step s is a pure function of (settings, s), which is what makes ``--res
 
 Files in DIR: ``last.pth`` (training form, our checkpoint format), ``last_state.pt`` (optimizer, scheduler,
 step, RNG, settings; plain tensors, ``weights_only=True`` loads it), ``train_log.csv``, and at the end
-``final_deploy.safetensors`` (re-parameterized) plus a validation score (in the meta of both) on the dev photos
-(``--exclude-photos``) or on new samples of the training photos; the held-out photos are for ``m2ae-eval`` only.
+``final_deploy.safetensors`` (re-parameterized) plus a validation score (in the meta of both, scored by
+``m2ae-eval``'s :func:`~m2ae_infer.evaluate.evaluate`) on the dev photos (``--exclude-photos``) or on new samples
+of the training photos; the held-out photos are for ``m2ae-eval`` only. The settings that define a run:
+:class:`~m2ae_infer.train_settings.RunSettings`.
 Exit codes: 0 done (or stopped cleanly by --time-limit/--stop-after), 1 a run-time failure, 2 bad options,
 130 interrupted (state saved).
 """
@@ -24,6 +26,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -40,22 +43,12 @@ from .model.motion import reblur
 from .model.network import M2AENet
 from .reparam import expand_model, reparameterize_model
 from .cliutil import OneLineArgumentParser, cli_main, path_arg, progress_stream, say
+# the settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps)
+from .train_settings import RUN_DEFAULTS, TRAINABLE, RunSettings, UsageError, require
 
-# Settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps).
-RUN_DEFAULTS = dict(config="default", steps=8000, batch=8, crop=128, lr=1e-3, weight_decay=1e-4, warmup=100,
-                    clip=1.0, seed=0, pool=3072, w_reblur=0.1, w_mask=0.1, pos_weight=2.0, reblur_source="sharp",
-                    gate="annotated", init=None, defocus=0.0, train="all", fresh_head=False,
-                    exclude_photos="", data="")
-# --train: the whole network; the blur-mask head alone (everything else frozen); or everything but the mask head
-# (the body learns to restore and to leave alone what a fixed, already trained detector flags)
-TRAINABLE = ("all", "mask", "body")
 LOG_FIELDS = ("step", "lr", "loss", "rec", "reblur", "mask", "seconds")
 RUN_FILES = ("last.pth", "last_state.pt", "train_log.csv", "final_deploy.safetensors")   # what a run writes
 FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --time-limit
-
-
-class UsageError(ValueError):
-    """A bad option: one line on stderr, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -82,29 +75,29 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 2.
 
 
 def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, mask: torch.Tensor,
-                   settings: dict) -> dict[str, torch.Tensor]:
+                   settings: RunSettings) -> dict[str, torch.Tensor]:
     """Forward pass (body gated by the annotated working mask) and the three losses plus their total.
     With ``train="mask"`` only the mask loss, unweighted (reconstruction and reblur are reported as 0)."""
     work = working_mask(mask).to(blurry.dtype)
-    if settings.get("train") == "mask":   # the frozen rest need not run: stem features -> mask head only
+    if settings.train == "mask":   # the frozen rest need not run: stem features -> mask head only
         with torch.no_grad():
             features = None if model.mask_head.reads_image else model.stem_features(blurry)
-        mk = mask_loss(model.mask_logits(blurry, features), work, settings["pos_weight"])
+        mk = mask_loss(model.mask_logits(blurry, features), work, settings.pos_weight)
         zero = mk.new_zeros(())
         return {"loss": mk, "rec": zero, "reblur": zero, "mask": mk}
-    out = model.forward_train(blurry, work, gate_predicted=settings.get("gate") == "union")
+    out = model.forward_train(blurry, work, gate_predicted=settings.gate == "union")
     rec = charbonnier(out.restored, sharp)
-    source = sharp if settings["reblur_source"] == "sharp" else out.restored
+    source = sharp if settings.reblur_source == "sharp" else out.restored
     rb = reblur_loss(source, blurry, out.trajectory, mask, model.config.motion_points)
-    mk = mask_loss(out.mask_logits, work, settings["pos_weight"])
+    mk = mask_loss(out.mask_logits, work, settings.pos_weight)
     # --train body: the mask head is frozen, so its loss is reported but not optimised (it would otherwise
     # pull the shared stem towards the mask for a head that reads stem features)
-    w_mask = 0.0 if settings.get("train") == "body" else settings["w_mask"]
-    total = rec + settings["w_reblur"] * rb + w_mask * mk
+    w_mask = 0.0 if settings.train == "body" else settings.w_mask
+    total = rec + settings.w_reblur * rb + w_mask * mk
     return {"loss": total, "rec": rec, "reblur": rb, "mask": mk}
 
 
-def build_model(settings: dict) -> M2AENet:
+def build_model(settings: RunSettings) -> M2AENet:
     """The network a run starts from: fresh (``init_for_training``), or ``--init`` weights.
 
     ``train="all"`` needs ``--init`` in training form and of the run's architecture. ``train="body"`` keeps
@@ -112,39 +105,38 @@ def build_model(settings: dict) -> M2AENet:
     its merged convs as they are (no RepVGG branches to re-grow). ``train="mask"`` freezes everything but the
     mask head, so it may start from a deploy checkpoint (the shipped one) and the run's config may give the mask
     head another size: the head then starts fresh (as with ``fresh_head``), the rest is copied."""
-    config = M2AEConfig.from_spec(settings["config"])
-    if not settings["init"]:
-        _check(settings["train"] == "all", f"--train {settings['train']} needs --init: the weights of the frozen "
-               "part of the network")
+    config = M2AEConfig.from_spec(settings.config)
+    if not settings.init:
+        require(settings.train == "all", f"--train {settings.train} needs --init: the weights of the frozen "
+                "part of the network")
         return init_for_training(M2AENet(config))
-    if settings["train"] == "body":   # a deploy init grows its training branches back, exactly (frozen norms)
-        return expand_model(load_checkpoint(settings["init"], config=config), inplace=True)
-    if settings["train"] == "all":   # config=: bare state dicts load too, a stored config must agree
-        start = load_checkpoint(settings["init"], config=config)
-        _check(not start.inference_mode, f"--init {settings['init']} is a deploy (re-parameterized) checkpoint; "
-               "fine-tuning the whole network needs the training form (a run's last.pth)")
+    if settings.train == "body":   # a deploy init grows its training branches back, exactly (frozen norms)
+        return expand_model(load_checkpoint(settings.init, config=config), inplace=True)
+    if settings.train == "all":   # config=: bare state dicts load too, a stored config must agree
+        start = load_checkpoint(settings.init, config=config)
+        require(not start.inference_mode, f"--init {settings.init} is a deploy (re-parameterized) checkpoint; "
+                "fine-tuning the whole network needs the training form (a run's last.pth)")
         return start
     with torch.random.fork_rng():   # loading builds a network too: keep the seeded draws for the fresh head
-        start = load_checkpoint(settings["init"])   # its own config: the mask head may differ from the run's
+        start = load_checkpoint(settings.init)   # its own config: the mask head may differ from the run's
     outside_head = lambda cfg: {k: v for k, v in cfg.to_dict().items()  # noqa: E731
                                 if not k.startswith("mask_") and k != "detector"}
-    _check(outside_head(config) == outside_head(start.config),
-           f"--init {settings['init']} ({start.config}) differs from --config {settings['config']} outside the "
-           "mask head, which --train mask keeps frozen")
+    require(outside_head(config) == outside_head(start.config),
+            f"--init {settings.init} ({start.config}) differs from --config {settings.config} outside the "
+            "mask head, which --train mask keeps frozen")
     model = M2AENet(config, inference_mode=start.inference_mode)
-    copy_head = start.config == config and not settings["fresh_head"]
+    copy_head = start.config == config and not settings.fresh_head
     keep = {k: v for k, v in start.state_dict().items() if not k.startswith("mask_head.") or copy_head}
     model.load_state_dict(keep, strict=False)   # only the mask head is missing, when it starts fresh
     return model
 
 
-def trainable_parameters(model: M2AENet, settings: dict) -> list[torch.nn.Parameter]:
+def trainable_parameters(model: M2AENet, settings: RunSettings) -> list[torch.nn.Parameter]:
     """``train="mask"``: the mask head's parameters; everything else gets ``requires_grad=False``.
     ``train="body"``: every parameter but the mask head's."""
-    mode = settings.get("train", "all")
-    if mode == "all":
+    if settings.train == "all":
         return list(model.parameters())
-    if mode == "body":
+    if settings.train == "body":
         model.mask_head.requires_grad_(False)
         return [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)
@@ -152,13 +144,13 @@ def trainable_parameters(model: M2AENet, settings: dict) -> list[torch.nn.Parame
     return list(model.mask_head.parameters())
 
 
-def set_train_mode(model: M2AENet, settings: dict) -> None:
+def set_train_mode(model: M2AENet, settings: RunSettings) -> None:
     """Train mode, except with ``--train body`` every BatchNorm stays in eval mode: the frozen mask head's
     statistics are part of the detector being kept, and the body's norms (grown back from a deploy init by
     :func:`expand_model`, with no batch statistics of their own) keep the network exactly what it was at
     step 0; their affine weights still train, so the block stays re-parameterizable."""
     model.train()
-    if settings.get("train") == "body":
+    if settings.train == "body":
         model.mask_head.eval()
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -223,24 +215,25 @@ def _dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
     return (x.flip(2) if t >= 4 else x).contiguous()
 
 
-def make_loader(settings: dict, start: int, stop: int, workers: int = 0) -> DataLoader:
+def make_loader(settings: RunSettings, start: int, stop: int, workers: int = 0) -> DataLoader:
     """Batches of steps ``start .. stop - 1`` (step s = stream indices ``s*B .. s*B + B - 1``)."""
-    b = settings["batch"]
-    stream = TrainStream(settings["crop"], settings["pool"], settings["seed"], settings.get("defocus", 0.0),
-                         settings.get("exclude_photos", ""), settings.get("data", ""))
+    b = settings.batch
+    stream = TrainStream(settings.crop, settings.pool, settings.seed, settings.defocus, settings.exclude_photos,
+                         settings.data)
     return DataLoader(stream, batch_size=b, sampler=range(start * b, stop * b), num_workers=workers)
 
 
 # ------------------------------------------------------------------------------------ optimizer, state
-def build_optimizer(model: M2AENet, settings: dict):
+def build_optimizer(model: M2AENet, settings: RunSettings):
+    """AdamW (no decay on biases and norms) and its schedule: linear warm-up, then cosine down to 2 %."""
     params = trainable_parameters(model, settings)
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=settings["lr"], betas=(0.9, 0.99))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.99))
 
-    def factor(step: int) -> float:  # read settings at call time: --resume may extend --steps
-        warm, total = min(settings["warmup"], settings["steps"] - 1), settings["steps"]
+    def factor(step: int) -> float:  # on --resume, settings carry a longer --steps if one was given
+        warm, total = min(settings.warmup, settings.steps - 1), settings.steps
         if step < warm:
             return (step + 1) / warm
         progress = min(1.0, (step - warm) / max(1, total - warm))
@@ -261,7 +254,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _save_state(out: Path, model, opt, sched, settings: dict, step: int, meta: dict) -> None:
-    """``last_state.pt`` first, then ``last.pth``; both carry the step, so a torn pair is detected."""
+    """``last_state.pt`` first, then ``last.pth``; both carry the step, so a torn pair is detected. ``settings``:
+    a plain dict (:meth:`RunSettings.to_dict`), which ``torch.load(weights_only=True)`` reads back."""
     with atomic_path(out / "last_state.pt", overwrite=True) as tmp:
         torch.save({"step": step, "settings": settings, "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "rng": _rng_state(), "meta": meta}, tmp)
@@ -269,42 +263,30 @@ def _save_state(out: Path, model, opt, sched, settings: dict, step: int, meta: d
 
 
 # ------------------------------------------------------------------------------------------ validation
-@torch.no_grad()
 def validate(model: M2AENet, n: int = 8, crop: int = 128, photos: Sequence[str] = (), data: str = "") -> dict:
     """End-of-run score on validation samples (``synth.validation_set``), never on the held-out photos: those
     are for ``m2ae-eval`` alone, so a run's printout cannot become a loop that tunes on them. ``photos``: the
     run's dev photos (``--exclude-photos``), scored as unseen photos; empty: new samples on all training photos.
+    ``data``: a corpus folder, scored on v2 scenes of its *dev* split (photos no run trains on).
 
-    PSNR inside the annotated mask of blurry and of restored (predicted mask, deploy form, eval mode; mean over
-    samples with a mask) and the IoU of the predicted working mask. ``data``: a corpus folder, scored on v2
-    scenes of its *dev* split (photos no run trains on)."""
+    Scored by :func:`m2ae_infer.evaluate.evaluate` (a deploy copy of ``model``, predicted mask at threshold 0.5,
+    on the CPU), so the figures are ``m2ae-eval``'s: PSNR inside the annotated mask of blurry and of restored
+    (``masked_psnr``; mean over the samples with a mask) and the pooled full-resolution IoU of the predicted mask."""
     from .data.synth import VALIDATION_SEED, validation_set
-    net = reparameterize_model(model)  # a deep copy in eval mode; ``model`` is untouched
-    psnr_in, psnr_out, inter, union = [], [], 0, 0
+    from .evaluate import ROWS, evaluate, summarize
+    if n < 1:
+        raise ValueError(f"validate needs n >= 1 samples, got {n}")
     if data:
         from .data.scenes import scene_set
         dev_photos, dev_cutouts = corpus_arrays(data, "dev")
         samples = scene_set(dev_photos, n, VALIDATION_SEED, crop, dev_cutouts)
     else:
         samples = validation_set(n, crop=crop, photos=list(photos) or None)
-    for s in samples:
-        x, y = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in (s.blurry, s.sharp))
-        full, features = torch.from_numpy(s.mask)[None, None], net.stem_features(x)
-        pred, target = net.predict_mask(x, features), working_mask(full)
-        restored = net.masked_body(x, features, pred).clamp(0, 1)
-        inter, union = inter + int((pred & target).sum()), union + int((pred | target).sum())
-        if full.any():
-            sel = full.expand_as(x)
-            psnr_in.append(_psnr(x[sel], y[sel]))
-            psnr_out.append(_psnr(restored[sel], y[sel]))
-    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    summary = summarize(evaluate(model, samples, rows=ROWS[:3], device="cpu", threshold=0.5))
     return {"samples": n, "crop": crop, "photos": f"dev split of {data}" if data else list(photos) or "training photos",
-            "psnr_blurry_in_mask": mean(psnr_in),
-            "psnr_restored_in_mask": mean(psnr_out), "mask_iou": inter / union if union else 1.0}
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(10.0 * torch.log10(1.0 / ((a - b) ** 2).mean().clamp(min=1e-12)))
+            "psnr_blurry_in_mask": summary["rows"]["blurry"]["all"]["psnr_mask"],
+            "psnr_restored_in_mask": summary["rows"]["ours_sparse"]["all"]["psnr_mask"],
+            "mask_iou": summary["mask"]["pooled"]["iou"]}
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -366,159 +348,193 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise UsageError(message)
-
-
-def parse_settings(args: argparse.Namespace, stored: dict | None) -> dict:
-    """Run settings: stored ones on --resume (only --steps may change), else the defaults plus options."""
-    given = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
-    for k, v in given.items():
-        old = None if stored is None else stored.get(k, RUN_DEFAULTS[k])   # runs saved before a setting existed
-        _check(stored is None or k == "steps" or v == old, f"--{k.replace('_', '-')} {v} differs from the "
-               f"resumed run's {old}")
-    s = {**RUN_DEFAULTS, **(stored or {}), **given}
-    try:
-        M2AEConfig.from_spec(s["config"])
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    _check(s["train"] in TRAINABLE, f"--train must be one of {', '.join(TRAINABLE)}, got {s['train']}")
-    _check(s["train"] == "mask" or not s["fresh_head"], "--fresh-head needs --train mask")
-    from .data.synth import photo_names, training_photos
-    try:
-        training_photos(photo_names(s["exclude_photos"]))
-    except ValueError as exc:
-        raise UsageError(f"--exclude-photos: {exc}") from None
-    _check(not s["data"] or Path(s["data"], "manifest.json").is_file(),
-           f"--data {s['data']} holds no manifest.json: build the corpus with m2ae-data fetch {s['data']}")
-    _check(0.0 <= s["defocus"] <= 1.0, f"--defocus must lie in [0, 1], got {s['defocus']}")
-    _check(0 <= s["seed"] < 2**32, f"--seed must lie in 0..{2**32 - 1} (torch and numpy seeds), got {s['seed']}")
-    for k in ("steps", "batch", "pool", "warmup", "lr", "clip", "pos_weight", "w_reblur", "w_mask",
-              "weight_decay"):
-        low = 1 if k in ("steps", "batch", "pool") else None if k in ("lr", "clip", "pos_weight") else 0
-        ok = math.isfinite(s[k]) and (s[k] > 0 if low is None else s[k] >= low)
-        _check(ok, f"--{k.replace('_', '-')} must be {'> 0' if low is None else f'>= {low}'}, got {s[k]}")
-    for name, v in (("crop", s["crop"]), ("val-crop", args.val_crop)):
-        _check(v >= 16 and v % 2 == 0, f"--{name} must be even and >= 16, got {v}")
-    _check(math.isfinite(args.time_limit) and args.time_limit > 0,
-           f"--time-limit must be > 0, got {args.time_limit}")
+def _check_options(args: argparse.Namespace) -> None:
+    """The options of this session that are no run setting (a resumed run may change them)."""
+    require(args.val_crop >= 16 and args.val_crop % 2 == 0, f"--val-crop must be even and >= 16, got {args.val_crop}")
+    require(math.isfinite(args.time_limit) and args.time_limit > 0,
+            f"--time-limit must be > 0, got {args.time_limit}")
     for k in ("save_every", "threads", "stop_after", "workers", "val_samples"):
         low, v = int(k not in ("workers", "val_samples")), getattr(args, k)
-        _check(v is None or v >= low, f"--{k.replace('_', '-')} must be >= {low}, got {v}")
-    return s
+        require(v is None or v >= low, f"--{k.replace('_', '-')} must be >= {low}, got {v}")
+
+
+@dataclass
+class _Run:
+    """A run being trained: where it writes, what it trains, how far it got, the recent losses."""
+    out: Path
+    settings: RunSettings
+    model: M2AENet
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    data: dict                 # what it trains on, for the meta
+    threads: int
+    t0: float                  # perf_counter at the start of this session
+    step: int = 0
+    prev_wall: float = 0.0     # seconds spent by the sessions before this one (--resume)
+    recent: dict = field(default_factory=lambda: {k: [] for k in ("loss", "rec", "reblur", "mask")})
+
+    def wall_time(self) -> float:
+        return self.prev_wall + time.perf_counter() - self.t0
+
+    def meta(self, stopped: str) -> dict:
+        avg = {k: float(np.mean(v[-100:])) if v else None for k, v in self.recent.items()}
+        return {"step": self.step, "steps": self.settings.steps, "completed": self.step >= self.settings.steps,
+                "stopped": stopped, "wall_time_s": self.wall_time(), "losses": avg,
+                "settings": self.settings.to_dict(), "data": self.data, "threads": self.threads,
+                "torch": str(torch.__version__)}
+
+    def save(self, meta: dict) -> None:
+        _save_state(self.out, self.model, self.opt, self.sched, self.settings.to_dict(), self.step, meta)
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run (or resume) a training; returns the final meta. Options are parsed by :func:`main`."""
+    run = _open_run(args)
+    stopped = _train_loop(run, args)
+    return _finish(run, args, stopped)
+
+
+def _open_run(args: argparse.Namespace) -> _Run:
+    """Check the options and ``--out``, then a new run (seeded model, fresh optimizer) or the resumed one (its
+    settings, weights, optimizer, schedule and RNG); ``train_log.csv`` ends at the step it starts from."""
     t0 = time.perf_counter()
     out = Path(args.out)
-    _check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
-    state = None
-    if args.resume:
-        _check((out / "last.pth").is_file() and (out / "last_state.pt").is_file(),
-               f"--resume: {out} holds no last.pth + last_state.pt to resume from")
-        state = torch.load(out / "last_state.pt", weights_only=True)
-    else:
-        held = [name for name in RUN_FILES if (out / name).exists()]
-        _check(not held, f"{out} already holds {', '.join(held)}: pass --resume to continue that run, or pick a "
-               "new --out (a new run would replace those files)")
-    settings = parse_settings(args, state and state["settings"])
+    state = _read_state(out, args.resume)
+    settings = RunSettings.from_args(args, state and state["settings"])
+    _check_options(args)
     if state is not None:
-        _check(settings["steps"] >= state["step"], f"--steps {settings['steps']} is below the step the resumed "
-               f"run already reached ({state['step']}); give --steps {state['step'] + 1} or more")
+        require(settings.steps >= state["step"], f"--steps {settings.steps} is below the step the resumed "
+                f"run already reached ({state['step']}); give --steps {state['step'] + 1} or more")
     torch.set_num_threads(args.threads)
-    seed = settings["seed"]
-    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    torch.manual_seed(settings.seed), random.seed(settings.seed), np.random.seed(settings.seed)
     model = build_model(settings) if state is None else load_checkpoint(out / "last.pth")
     try:   # only now: a run refused above (bad --init, bad options) leaves no empty folder behind
         prepare_folder(out)
     except OSError as exc:
         raise UsageError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from None
     opt, sched = build_optimizer(model, settings)
-    step, prev_wall = 0, 0.0
+    run = _Run(out, settings, model, opt, sched, _data_meta(settings), args.threads, t0)
     if state is not None:
-        saved = read_checkpoint(out / "last.pth").meta
-        if saved.get("step") != state["step"]:
-            raise RuntimeError(f"{out}: last.pth (step {saved.get('step')}) and last_state.pt "
-                               f"(step {state['step']}) do not belong together")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, prev_wall = state["step"], state["meta"].get("wall_time_s", 0.0)
-        for group, base in zip(opt.param_groups, sched.base_lrs):  # identical unless --steps changed
-            group["lr"] = base * sched.lr_lambdas[0](step)
+        _restore(run, state)
     set_train_mode(model, settings)
-    stop = min(settings["steps"], args.stop_after or settings["steps"])
-    log_path = out / "train_log.csv"
-    old = log_path.read_text().splitlines() if state is not None and log_path.exists() else []
-    with atomic_write(log_path, "w", overwrite=True, newline="") as f:  # drop rows past the resumed step
+    _rewrite_log(out / "train_log.csv", run.step if state is not None else None)
+    return run
+
+
+def _read_state(out: Path, resume: bool) -> dict | None:
+    """``last_state.pt`` of the run in ``out`` (``--resume``), else ``None`` once ``out`` is known to hold no run."""
+    require(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    if resume:
+        require((out / "last.pth").is_file() and (out / "last_state.pt").is_file(),
+                f"--resume: {out} holds no last.pth + last_state.pt to resume from")
+        return torch.load(out / "last_state.pt", weights_only=True)
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    require(not held, f"{out} already holds {', '.join(held)}: pass --resume to continue that run, or pick a "
+            "new --out (a new run would replace those files)")
+    return None
+
+
+def _restore(run: _Run, state: dict) -> None:
+    """Continue from ``state`` exactly: optimizer, schedule, RNG, step and time spent."""
+    saved = read_checkpoint(run.out / "last.pth").meta
+    if saved.get("step") != state["step"]:
+        raise RuntimeError(f"{run.out}: last.pth (step {saved.get('step')}) and last_state.pt "
+                           f"(step {state['step']}) do not belong together")
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    run.step, run.prev_wall = state["step"], state["meta"].get("wall_time_s", 0.0)
+    for group, base in zip(run.opt.param_groups, run.sched.base_lrs):  # identical unless --steps changed
+        group["lr"] = base * run.sched.lr_lambdas[0](run.step)
+
+
+def _rewrite_log(path: Path, resumed_step: int | None) -> None:
+    """A new ``train_log.csv``, or (``--resume``) the run's own without the rows past ``resumed_step``."""
+    old = path.read_text().splitlines() if resumed_step is not None and path.exists() else []
+    with atomic_write(path, "w", overwrite=True, newline="") as f:
         csv.DictWriter(f, LOG_FIELDS).writeheader()
-        csv.DictWriter(f, LOG_FIELDS).writerows(r for r in csv.DictReader(old) if int(r["step"]) <= step)
+        csv.DictWriter(f, LOG_FIELDS).writerows(r for r in csv.DictReader(old) if int(r["step"]) <= resumed_step)
+
+
+def _data_meta(settings: RunSettings) -> dict:
+    """What the run trains on, as the meta records it (never a held-out photo)."""
     from .data.synth import HELDOUT_PHOTOS, photo_names, training_photos
-    excluded = photo_names(settings["exclude_photos"])
+    excluded = photo_names(settings.exclude_photos)
     data = {"generator": "m2ae_infer.data.synth", "photos": list(training_photos(excluded)),
-            "excluded_photos": excluded, "heldout_never_used": list(HELDOUT_PHOTOS), "crop": settings["crop"],
-            "pool": settings["pool"], "seed": seed, "augment": "8 dihedral transforms", "defocus": settings["defocus"]}
-    if settings["data"]:
+            "excluded_photos": excluded, "heldout_never_used": list(HELDOUT_PHOTOS), "crop": settings.crop,
+            "pool": settings.pool, "seed": settings.seed, "augment": "8 dihedral transforms",
+            "defocus": settings.defocus}
+    if settings.data:
         from .data import corpus
-        data.update(generator="m2ae_infer.data.scenes", corpus=settings["data"],
-                    photos=[str(p) for p in corpus.photos(settings["data"], "train")], defocus="built in")
-    recent: dict[str, list[float]] = {k: [] for k in ("loss", "rec", "reblur", "mask")}
+        data.update(generator="m2ae_infer.data.scenes", corpus=settings.data,
+                    photos=[str(p) for p in corpus.photos(settings.data, "train")], defocus="built in")
+    return data
 
-    def meta(stopped: str) -> dict:
-        avg = {k: float(np.mean(v[-100:])) if v else None for k, v in recent.items()}
-        return {"step": step, "steps": settings["steps"], "completed": step >= settings["steps"],
-                "stopped": stopped, "wall_time_s": prev_wall + time.perf_counter() - t0, "losses": avg,
-                "settings": settings, "data": data, "threads": args.threads, "torch": str(torch.__version__)}
 
+def _train_loop(run: _Run, args: argparse.Namespace) -> str:
+    """Train up to ``--steps`` / ``--stop-after``, saving every ``--save-every`` steps; returns why it stopped
+    ("steps", "stop-after", "time limit"). Ctrl-C saves the state and says how to continue."""
     from tqdm import tqdm
-    bar = tqdm(total=settings["steps"], initial=step, disable=args.quiet, desc="m2ae-train", unit="step",
+    steps = run.settings.steps
+    stop = min(steps, args.stop_after or steps)
+    bar = tqdm(total=steps, initial=run.step, disable=args.quiet, desc="m2ae-train", unit="step",
                file=progress_stream())
     stopped, step_time = "steps", None
     try:
-        with log_path.open("a", newline="") as logf:
+        with (run.out / "train_log.csv").open("a", newline="") as logf:
             log = csv.DictWriter(logf, LOG_FIELDS)
-            for blurry, sharp, mask in make_loader(settings, step, stop, args.workers):
+            for blurry, sharp, mask in make_loader(run.settings, run.step, stop, args.workers):
                 ts = time.perf_counter()
-                losses = compute_losses(model, blurry, sharp, mask, settings)
-                if not torch.isfinite(losses["loss"]):
-                    raise RuntimeError(f"non-finite loss at step {step}: lower --lr")
-                opt.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings["clip"])
-                lr = opt.param_groups[0]["lr"]
-                opt.step()
-                sched.step()
-                step += 1
-                vals = {k: float(v.detach()) for k, v in losses.items()}
-                recent = {k: recent[k][-99:] + [v] for k, v in vals.items()}
-                log.writerow({"step": step, "lr": f"{lr:.4g}", **{k: f"{v:.6g}" for k, v in vals.items()},
-                              "seconds": f"{prev_wall + time.perf_counter() - t0:.1f}"})
+                vals, lr = _train_step(run, blurry, sharp, mask)
+                log.writerow({"step": run.step, "lr": f"{lr:.4g}", **{k: f"{v:.6g}" for k, v in vals.items()},
+                              "seconds": f"{run.wall_time():.1f}"})
                 bar.update(1)
                 bar.set_postfix(loss=f"{vals['loss']:.4f}", rec=f"{vals['rec']:.4f}",
                                 reblur=f"{vals['reblur']:.4f}", mask=f"{vals['mask']:.3f}", refresh=False)
-                if step % args.save_every == 0 and step < stop:
+                if run.step % args.save_every == 0 and run.step < stop:
                     logf.flush()
-                    _save_state(out, model, opt, sched, settings, step, meta("checkpoint"))
+                    run.save(run.meta("checkpoint"))
                 dt = time.perf_counter() - ts
                 step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
-                if step < stop and time.perf_counter() - t0 + step_time > args.time_limit * 60 - FINAL_RESERVE_S:
+                elapsed = time.perf_counter() - run.t0 + step_time
+                if run.step < stop and elapsed > args.time_limit * 60 - FINAL_RESERVE_S:
                     stopped = "time limit"
                     break
-        if stopped == "steps" and step < settings["steps"]:
+        if stopped == "steps" and run.step < steps:
             stopped = "stop-after"
     except KeyboardInterrupt:
-        _save_state(out, model, opt, sched, settings, step, meta("interrupted"))
-        raise KeyboardInterrupt(f"at step {step}, saved; continue with --resume") from None
+        run.save(run.meta("interrupted"))
+        raise KeyboardInterrupt(f"at step {run.step}, saved; continue with --resume") from None
     finally:
         bar.close()
-    final = meta(stopped)
-    final["validation"] = (validate(model, args.val_samples, args.val_crop, excluded, settings["data"])
-                          if args.val_samples else None)
-    final["wall_time_s"] = prev_wall + time.perf_counter() - t0
-    _save_state(out, model, opt, sched, settings, step, final)
-    save_checkpoint(reparameterize_model(model), out / "final_deploy.safetensors", meta=final, overwrite=True)
+    return stopped
+
+
+def _train_step(run: _Run, blurry: torch.Tensor, sharp: torch.Tensor, mask: torch.Tensor):
+    """One optimizer step on a batch; returns its losses (floats) and the learning rate it used."""
+    losses = compute_losses(run.model, blurry, sharp, mask, run.settings)
+    if not torch.isfinite(losses["loss"]):
+        raise RuntimeError(f"non-finite loss at step {run.step}: lower --lr")
+    run.opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.settings.clip)
+    lr = run.opt.param_groups[0]["lr"]
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    vals = {k: float(v.detach()) for k, v in losses.items()}
+    run.recent = {k: run.recent[k][-99:] + [v] for k, v in vals.items()}
+    return vals, lr
+
+
+def _finish(run: _Run, args: argparse.Namespace, stopped: str) -> dict:
+    """The validation score, the last state and the deploy checkpoint; returns the final meta."""
+    final = run.meta(stopped)
+    final["validation"] = (validate(run.model, args.val_samples, args.val_crop, run.data["excluded_photos"],
+                                    run.settings.data) if args.val_samples else None)
+    final["wall_time_s"] = run.wall_time()
+    run.save(final)
+    save_checkpoint(reparameterize_model(run.model), run.out / "final_deploy.safetensors", meta=final, overwrite=True)
     return final
 
 

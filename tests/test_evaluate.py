@@ -371,3 +371,37 @@ def test_evaluate_callable_with_a_net_or_a_deblurrer(tiny_ckpt):
     assert set(s["rows"]) == {"blurry", "ours_dense", "ours_sparse"} and "do_no_harm" in s
     assert s["do_no_harm"]["output_below_input"]["ours_sparse"] == sum(
         r["ours_sparse"]["psnr"] < r["blurry"]["psnr"] for r in a)
+
+
+def test_train_validate_and_evaluate_report_one_float64_psnr(tiny_ckpt):
+    """m2ae-train's end-of-run score is m2ae-eval's: both match a float64 PSNR over the annotated mask (mean over
+    the samples that have one) of the network's own dense output, and the pooled full-resolution mask IoU."""
+    from m2ae_infer import load_checkpoint
+    from m2ae_infer.data.synth import validation_set
+    from m2ae_infer.model.mask import full_resolution
+    from m2ae_infer.reparam import reparameterize_model
+    from m2ae_infer.train import validate
+    net = load_checkpoint(tiny_ckpt)
+    samples = validation_set(10, crop=32)           # 8 local, 1 sharp (no mask), 1 global
+    deploy = reparameterize_model(net)
+    psnr_in, psnr_out, inter, union = [], [], 0, 0
+    with torch.no_grad():
+        for s in samples:
+            x = torch.from_numpy(s.blurry).permute(2, 0, 1)[None]
+            restored = deploy(x).clamp(0, 1)[0].permute(1, 2, 0).double().numpy()
+            pred = full_resolution(deploy.predict_mask(x, deploy.stem_features(x)), x.shape[-2:])[0, 0].numpy()
+            inter, union = inter + int((pred & s.mask).sum()), union + int((pred | s.mask).sum())
+            if s.mask.any():
+                for out, img in ((psnr_in, s.blurry), (psnr_out, restored)):
+                    out.append(10 * np.log10(1 / np.mean((img.astype(np.float64) - s.sharp)[s.mask] ** 2)))
+    assert psnr_in and len(psnr_in) < len(samples)          # some samples without a mask: left out of the mean
+    assert 0 < inter < union                                 # a partial mask: the IoU means something
+    scored = validate(net, n=10, crop=32)
+    summary = ev.summarize(ev.evaluate(net, samples, rows=ev.ROWS[:3], device="cpu"))
+    for value, ref in ((scored["psnr_blurry_in_mask"], np.mean(psnr_in)),
+                       (summary["rows"]["blurry"]["all"]["psnr_mask"], np.mean(psnr_in)),
+                       (scored["psnr_restored_in_mask"], np.mean(psnr_out)),
+                       (summary["rows"]["ours_sparse"]["all"]["psnr_mask"], np.mean(psnr_out))):
+        assert value == pytest.approx(ref, rel=1e-5)
+    assert scored["mask_iou"] == summary["mask"]["pooled"]["iou"] == pytest.approx(inter / union)
+    assert np.mean(psnr_out) != pytest.approx(np.mean(psnr_in), rel=1e-3)   # the network really changed pixels

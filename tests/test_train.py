@@ -2,6 +2,7 @@
 resume, the CLI's files and its one-line errors. Tiny config, 32 px crops, a few steps each."""
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 
@@ -14,8 +15,8 @@ pytest.importorskip("skimage", reason="the synthetic training data needs scikit-
 from m2ae_infer import M2AEConfig, M2AENet, load_checkpoint  # noqa: E402
 from m2ae_infer.checkpoint import read_checkpoint  # noqa: E402
 from m2ae_infer.data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
-from m2ae_infer.train import (RUN_DEFAULTS, TrainStream, build_optimizer, charbonnier,  # noqa: E402
-                              compute_losses, init_for_training, main, mask_loss, reblur_loss)
+from m2ae_infer.train import (RUN_DEFAULTS, RunSettings, TrainStream, UsageError, build_optimizer,  # noqa: E402
+                              charbonnier, compute_losses, init_for_training, main, mask_loss, reblur_loss)
 
 TINY = ["--config", "tiny", "--batch", "2", "--crop", "32", "--pool", "8", "--warmup", "1", "--threads", "2",
         "--val-samples", "1", "--val-crop", "32", "-q"]
@@ -88,8 +89,8 @@ def test_exclude_photos_keeps_dev_photos_out(tmp_path, capsys):
 @pytest.mark.slow
 def test_overfit_one_batch_decreases_loss():
     # a long schedule (steps=1000) keeps the learning rate up during these 60 steps
-    settings = dict(RUN_DEFAULTS, config="tiny", batch=4, crop=32, pool=4, steps=1000, warmup=2, lr=5e-3)
-    stream = TrainStream(settings["crop"], settings["pool"], seed=3)
+    settings = RunSettings(config="tiny", batch=4, crop=32, pool=4, steps=1000, warmup=2, lr=5e-3)
+    stream = TrainStream(settings.crop, settings.pool, seed=3)
     blurry, sharp, mask = (torch.stack(x) for x in zip(*(stream[i] for i in range(4))))
     assert mask.sum() > 0
     torch.manual_seed(0)
@@ -101,7 +102,7 @@ def test_overfit_one_batch_decreases_loss():
         history.append({k: v.item() for k, v in losses.items()})
         opt.zero_grad()
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
         opt.step()
         sched.step()
     first, last = history[0], history[-1]
@@ -180,6 +181,37 @@ def test_cli_bad_options_one_line_exit_2(tmp_path, capsys, argv):
     err = capsys.readouterr().err.strip()
     assert err.startswith("m2ae-train: error:") and "\n" not in err, err
     assert not (tmp_path / "run").exists()   # a refused run leaves no folder behind
+
+
+# values the CLI cannot give (its parser refuses them first) or that test_cli_bad_options does not try
+@pytest.mark.parametrize("field,value", [
+    ("batch", 0), ("pool", 0), ("warmup", -1), ("clip", 0.0), ("lr", float("inf")), ("pos_weight", 0.0),
+    ("w_reblur", -0.5), ("weight_decay", float("nan")), ("crop", 8), ("defocus", -0.1), ("train", "head"),
+    ("gate", "both"), ("reblur_source", "noise"), ("steps", 2.5), ("seed", True), ("config", 3),
+    ("fresh_head", "yes"), ("init", 7), ("exclude_photos", "nowhere"), ("data", "no/such/corpus"),
+])
+def test_run_settings_refuse_a_bad_value_in_one_line(field, value):
+    with pytest.raises(UsageError) as exc:
+        RunSettings(**{"config": "tiny", field: value})
+    message = str(exc.value)
+    assert "\n" not in message and "--" + field.replace("_", "-") in message, message
+    assert str(value) in message, message
+
+
+def test_run_settings_on_resume(tmp_path):
+    """Only --steps may change; a setting the run predates takes its default, one it no longer has is dropped;
+    the stored form is a plain dict that weights_only loading reads back."""
+    assert RunSettings().to_dict() == RUN_DEFAULTS
+    stored = {k: v for k, v in RunSettings(config="tiny", batch=3).to_dict().items() if k != "defocus"}
+    given = lambda **kw: argparse.Namespace(**{k: kw.get(k) for k in RUN_DEFAULTS})  # noqa: E731
+    resumed = RunSettings.from_args(given(steps=9000), {**stored, "retired_setting": 1})
+    assert resumed == RunSettings(config="tiny", batch=3, steps=9000) and resumed.defocus == 0.0
+    assert RunSettings.from_args(given(batch=3), stored).batch == 3            # the same value: fine
+    for option, value in (("batch", 4), ("defocus", 0.5)):
+        with pytest.raises(UsageError, match=f"--{option} {value} differs from the resumed run's"):
+            RunSettings.from_args(given(**{option: value}), stored)
+    torch.save({"settings": resumed.to_dict()}, tmp_path / "state.pt")
+    assert RunSettings(**torch.load(tmp_path / "state.pt", weights_only=True)["settings"]) == resumed
 
 
 def test_cli_bad_init_is_exit_2_and_leaves_no_folder(tmp_path, capsys):
