@@ -68,8 +68,9 @@ def table(checkpoint: str, corpus_dir: str, video: str | None) -> dict:
               "independent_local": mask_scores(net, [s for s in independent_set(dev, 40, INDEPENDENT_SEED, 256)
                                                      if s.kind == "local"])}
     if video:
-        from ..data.video import clip_set
-        report["video"] = mask_scores(net, [s for s in clip_set(video, 8, 3, 0) if s.mask.any()])
+        from ..data.video import TRAIN_FRAMES, clip_set   # the frames m2ae-train --video never sees
+        report["video"] = mask_scores(net, [s for s in clip_set(video, 8, 3, 0, frames=(TRAIN_FRAMES, None))
+                                            if s.mask.any()])
     return report
 
 
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m m2ae_infer.benchmarks.mask_table", description=__doc__.split("\n")[0])
     p.add_argument("corpus", help="corpus folder (m2ae-data fetch DIR); its dev split is scored")
     p.add_argument("checkpoints", nargs="+")
-    p.add_argument("--video", help="a static-camera dev video (e.g. DIR/videos/opencv-doc/vtest.avi)")
+    p.add_argument("--video", help="a static-camera dev video (e.g. DIR/videos/opencv-doc/vtest.avi), scored on its "
+                   "frames from video.TRAIN_FRAMES on (those before it may train: m2ae-train --video)")
     p.add_argument("--out", help="write the reports as JSON")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a corpus folder (m2ae-data fetch DIR; DIR/manifest.json): the photos of --split for "
                         "--set sharp (required) and --set independent (default: the held-out scikit-image photos)")
     p.add_argument("--video", metavar="PATH", type=path_arg, help="--set video: a static-camera video file")
+    p.add_argument("--frames", metavar="A:B", help="--set video: windows only within frames A..B-1 (e.g. 400: for "
+                   "vtest.avi, whose frames before 400 may train the detector: m2ae-train --video); default all")
     p.add_argument("--radius", type=int, default=3,
                    help="--set video: frames averaged each side of the centre frame (default 3: 7 frames)")
     p.add_argument("--max-side", type=int, default=1024,
@@ -321,6 +323,14 @@ def _check_args(parser, args) -> None:
         parser.error("--set sharp needs --photos-dir DIR (a corpus folder made by m2ae-data fetch DIR)")
     if (args.video is not None) != (args.set == "video"):
         parser.error("--set video needs --video PATH" if args.video is None else "--video needs --set video")
+    if args.frames is not None:
+        from .data.video import parse_frames
+        if args.set != "video":
+            parser.error("--frames is for --set video")
+        try:
+            parse_frames(args.frames)
+        except ValueError as exc:
+            parser.error(f"--{exc}")
     corpus = args.photos_dir is not None
     allowed = ("dev", "heldout") if corpus else ("heldout", "validation") if args.set == "synthetic" else \
         ("heldout",) if args.set == "independent" else (None,)
@@ -533,9 +543,9 @@ def _make_samples(args, photos, paths):
         root = Path(args.photos_dir).absolute()
         names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
         return (_photo_sample(p, args.max_side) for p in paths), names, len(paths)
-    from .data.video import clip_set
+    from .data.video import clip_set, parse_frames
     say_(f"decoding {args.samples} windows of {2 * args.radius + 1} frames from {args.video}")
-    samples = clip_set(args.video, args.samples, args.radius, args.seed)
+    samples = clip_set(args.video, args.samples, args.radius, args.seed, frames=parse_frames(args.frames))
     return samples, None, len(samples)
 
 

@@ -171,11 +171,12 @@ class TrainStream(Dataset):
     """Stream index n -> sample: pool entry ``perm_epoch[n % pool]`` under dihedral transform ``t(n)``."""
 
     def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0, exclude_photos: str = "",
-                 data: str = ""):
+                 data: str = "", video: str = "", video_share: float = 0.0):
         if data:     # a photo corpus (m2ae-data fetch): the v2 scenes on its training split
             from .data.scenes import SceneDataset
             photos, cutouts = corpus_arrays(data, "train")
-            self.base = SceneDataset(photos, cutouts, size=pool, seed=seed, crop=crop)
+            self.base = SceneDataset(photos, cutouts, size=pool, seed=seed, crop=crop,
+                                     videos=video_windows(video, seed) if video else (), video_share=video_share)
         else:
             from .data.synth import SyntheticBlurDataset, photo_names, training_photos
             photos = training_photos(photo_names(exclude_photos))
@@ -199,6 +200,17 @@ class TrainStream(Dataset):
         return tuple(_dihedral(x.float(), t) for x in self.cache[idx])
 
 
+VIDEO_WINDOWS = 32   # training windows cut from --video (7 frames each, before video.TRAIN_FRAMES)
+
+
+@functools.lru_cache(maxsize=2)
+def video_windows(path: str, seed: int) -> list:
+    """The training windows of ``--video``: :data:`VIDEO_WINDOWS` motion clips (video.motion_clip, radius 3) whose
+    frames all lie before ``video.TRAIN_FRAMES``; the frames after it are the dev clip."""
+    from .data.video import TRAIN_FRAMES, clip_set
+    return clip_set(path, VIDEO_WINDOWS, 3, seed, frames=(0, TRAIN_FRAMES))
+
+
 @functools.lru_cache(maxsize=2)
 def corpus_arrays(root: str, split: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Photos (float RGB) and cut-outs (float RGBA) of one split of a corpus folder, loaded once."""
@@ -219,7 +231,7 @@ def make_loader(settings: RunSettings, start: int, stop: int, workers: int = 0) 
     """Batches of steps ``start .. stop - 1`` (step s = stream indices ``s*B .. s*B + B - 1``)."""
     b = settings.batch
     stream = TrainStream(settings.crop, settings.pool, settings.seed, settings.defocus, settings.exclude_photos,
-                         settings.data)
+                         settings.data, settings.video, settings.video_share)
     return DataLoader(stream, batch_size=b, sampler=range(start * b, stop * b), num_workers=workers)
 
 
@@ -328,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="a photo corpus (m2ae-data fetch DIR): train on the v2 scenes "
                    "(m2ae_infer.data.scenes) of its train split, validate on its dev split (default: the "
                    "scikit-image photos and the v1 generator)")
+    p.add_argument("--video", metavar="PATH", help="a static-camera video (e.g. the corpus's vtest.avi): windows of "
+                   "its frames before video.TRAIN_FRAMES (400) join the --data scenes as real motion and real static "
+                   "video; the later frames stay for dev scoring (needs --video-share)")
+    p.add_argument("--video-share", type=float, help="share of the samples cut from --video's windows (default 0)")
     p.add_argument("--init", metavar="CKPT", help="start from these weights (fine-tuning): training form, or with "
                                                    "--train mask any form; the optimizer and schedule start fresh")
     p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
@@ -468,6 +484,10 @@ def _data_meta(settings: RunSettings) -> dict:
         from .data import corpus
         data.update(generator="m2ae_infer.data.scenes", corpus=settings.data,
                     photos=[str(p) for p in corpus.photos(settings.data, "train")], defocus="built in")
+    if settings.video:
+        from .data.video import TRAIN_FRAMES
+        data.update(video=settings.video, video_share=settings.video_share,
+                    video_frames=f"windows of 7 frames within 0:{TRAIN_FRAMES} ({VIDEO_WINDOWS} windows)")
     return data
 
 

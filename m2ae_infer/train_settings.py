@@ -70,6 +70,8 @@ class RunSettings:
     fresh_head: bool = False         # with train="mask": the mask head starts from random weights
     exclude_photos: str = ""         # "A,B": training photos kept out as dev photos
     data: str = ""                   # a photo corpus folder (m2ae-data fetch DIR); "": the scikit-image photos
+    video: str = ""                  # a static-camera video whose first frames (video.TRAIN_FRAMES) also train
+    video_share: float = 0.0         # share of the samples cut from --video's windows (needs --data)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -93,6 +95,11 @@ class RunSettings:
         require(not self.data or Path(self.data, "manifest.json").is_file(),
                 f"--data {self.data} holds no manifest.json: build the corpus with m2ae-data fetch {self.data}")
         require(0.0 <= self.defocus <= 1.0, f"--defocus must lie in [0, 1], got {self.defocus}")
+        require(0.0 <= self.video_share <= 1.0, f"--video-share must lie in [0, 1], got {self.video_share}")
+        require((self.video_share > 0) == bool(self.video), "--video and --video-share > 0 go together: the "
+                "share of samples cut from the video's training windows")
+        require(not self.video or bool(self.data), "--video needs --data: its windows are mixed into the corpus scenes")
+        require(not self.video or Path(self.video).is_file(), f"--video {self.video}: no such file")
         require(0 <= self.seed < 2**32, f"--seed must lie in 0..{2**32 - 1} (torch and numpy seeds), got {self.seed}")
         for name, (low, strict) in _BOUNDS.items():
             value = getattr(self, name)

@@ -405,3 +405,12 @@ def test_train_validate_and_evaluate_report_one_float64_psnr(tiny_ckpt):
         assert value == pytest.approx(ref, rel=1e-5)
     assert scored["mask_iou"] == summary["mask"]["pooled"]["iou"] == pytest.approx(inter / union)
     assert np.mean(psnr_out) != pytest.approx(np.mean(psnr_in), rel=1e-3)   # the network really changed pixels
+
+
+@pytest.mark.parametrize("argv,needle", [(["--frames", "400:"], "--frames is for --set video"),
+                                         (["--set", "video", "--video", "v.avi", "--frames", "9:3"], "--frames")])
+def test_frames_option_is_checked(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        ev.main([*argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and needle in err and "\n" not in err

@@ -119,3 +119,83 @@ def test_missing_and_broken_videos(tmp_path):
     with pytest.raises(ValueError) as exc:
         V.read_frames(junk)
     assert "junk.avi" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_clip_set_keeps_every_window_inside_the_frame_range(tmp_path):
+    """--frames / m2ae-train --video: windows of a range use only its frames (the dev clip never overlaps
+    the training windows), and equal motion_clip on those frames."""
+    frames, _ = moving_square(frames=20)
+    path = tmp_path / "square.mkv"
+    _write_video(path, frames)
+    train, dev = V.clip_set(path, 3, 2, seed=0, frames=(0, 10)), V.clip_set(path, 3, 2, seed=0, frames=(10, None))
+    for samples, (lo, hi) in ((train, (0, 10)), (dev, (10, 20))):
+        centres = [lo + c for c in V.clip_centres(hi - lo, 3, 2, 0)]
+        assert all(lo + 2 <= c <= hi - 3 for c in centres)
+        for s, c in zip(samples, centres):
+            assert np.array_equal(s.blurry, V.motion_clip(frames, c, 2).blurry)
+    with pytest.raises(ValueError, match="hold no window"):
+        V.clip_set(path, 3, 2, seed=0, frames=(17, None))
+
+
+@pytest.mark.parametrize("text,expected", [(None, (0, None)), ("400:", (400, None)), (":10", (0, 10)),
+                                           ("3:9", (3, 9))])
+def test_parse_frames(text, expected):
+    assert V.parse_frames(text) == expected
+
+
+@pytest.mark.parametrize("text", ["400", "a:b", "5:5", "-1:", "9:3"])
+def test_parse_frames_refuses(text):
+    with pytest.raises(ValueError, match="frames"):
+        V.parse_frames(text)
+
+
+def test_window_crop_cuts_labels_with_the_pixels():
+    frames, path = moving_square()
+    clip = V.motion_clip(frames, centre=4, radius=4)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        crop = V.window_crop(clip, 32, rng, toward_motion=1.0)
+        assert crop.blurry.shape == (32, 32, 3) and crop.mask.shape == (32, 32)
+        assert crop.kind == ("local" if crop.mask.any() else "sharp")
+        # the crop is a window of the clip: find it by its mask and pixels
+        ys, xs = np.nonzero((clip.blurry == crop.blurry[0, 0]).all(-1))
+        assert any(np.array_equal(clip.blurry[y:y + 32, x:x + 32], crop.blurry) and
+                   np.array_equal(clip.mask[y:y + 32, x:x + 32], crop.mask) for y, x in zip(ys, xs))
+    assert sum(V.window_crop(clip, 32, rng, toward_motion=1.0).mask.any() for _ in range(20)) == 20
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        V.window_crop(clip, 128, rng)
+
+
+def test_scene_dataset_mixes_video_windows_without_changing_the_scene_samples():
+    """m2ae-train --video: a share of SceneDataset's samples are crops of the video windows; the other samples
+    are exactly those of a dataset without videos (a separate random stream decides)."""
+    from m2ae_infer.data.scenes import SceneDataset
+    frames, _ = moving_square()
+    clip = V.motion_clip(frames, centre=4, radius=4)
+    photos = [np.random.default_rng(i).random((80, 80, 3)).astype(np.float32) for i in range(2)]
+    plain = SceneDataset(photos, size=12, seed=5, crop=32)
+    mixed = SceneDataset(photos, size=12, seed=5, crop=32, videos=[clip], video_share=0.5)
+    differ, exact_cuts = 0, 0
+    for i in range(12):
+        a, b = plain.sample(i), mixed.sample(i)
+        if np.array_equal(a.blurry, b.blurry) and np.array_equal(a.mask, b.mask):
+            continue
+        differ += 1    # from the video: an exact crop, or one with camera/encoding degradations on top
+        exact_cuts += any(np.array_equal(clip.sharp[y:y + 32, x:x + 32], b.sharp) and
+                          np.array_equal(clip.mask[y:y + 32, x:x + 32], b.mask)
+                          for y in range(H - 31) for x in range(W - 31))
+    assert 0 < differ < 12 and exact_cuts >= 1
+    none = SceneDataset(photos, size=12, seed=5, crop=32, videos=[clip], video_share=0.0)
+    assert all(np.array_equal(none.sample(i).blurry, plain.sample(i).blurry) for i in range(12))
+    with pytest.raises(ValueError, match="video"):
+        SceneDataset(photos, videos=[], video_share=0.3)
+
+
+@pytest.mark.parametrize("extra,needle", [({"video_share": 0.3}, "go together"), ({"video": "x.avi"}, "go together"),
+                                          ({"video": "x.avi", "video_share": 0.3}, "needs --data"),
+                                          ({"video_share": 1.5}, "--video-share must lie in [0, 1]")])
+def test_run_settings_refuse_bad_video_options(extra, needle):
+    from m2ae_infer.train_settings import RunSettings, UsageError
+    with pytest.raises(UsageError) as exc:
+        RunSettings(**extra)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)

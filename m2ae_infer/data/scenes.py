@@ -226,10 +226,15 @@ class SceneDataset:
     so it does not depend on worker order. ``photos`` / ``cutouts``: float arrays (see :func:`scene_sample`)."""
 
     def __init__(self, photos: Sequence[np.ndarray], cutouts: Sequence[np.ndarray] = (), size: int = 10_000,
-                 seed: int = 0, crop: int = 256):
+                 seed: int = 0, crop: int = 256, videos: Sequence[Sample] = (), video_share: float = 0.0):
         if not len(photos) or size < 1 or seed < 0 or crop < 16:
             raise ValueError("need at least one photo, size >= 1, seed >= 0 and crop >= 16")
+        if not 0.0 <= video_share <= 1.0 or (video_share > 0 and not len(videos)):
+            raise ValueError("video_share must lie in [0, 1], and above 0 needs video windows")
         self.photos, self.cutouts, self.size, self.seed, self.crop = list(photos), list(cutouts), size, seed, crop
+        # real video windows (video.motion_clip), ``video_share`` of the samples: real movers and real static
+        # video (compression, noise) labelled not blurred, which the photo scenes cannot imitate
+        self.videos, self.video_share = list(videos), video_share
 
     def __len__(self) -> int:
         return self.size
@@ -237,6 +242,13 @@ class SceneDataset:
     def sample(self, index: int) -> Sample:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
+        if self.videos:   # its own stream: without videos the scene samples are those of earlier runs
+            pick = np.random.default_rng([self.seed, index, 7])
+            if pick.random() < self.video_share:
+                from .video import window_crop
+                clip = self.videos[int(pick.integers(len(self.videos)))]
+                sample = window_crop(clip, self.crop, pick)
+                return _degrade(sample, pick) if pick.random() < 0.3 else sample
         return scene_sample(self.photos, np.random.default_rng([self.seed, index]), self.crop, cutouts=self.cutouts)
 
     def __getitem__(self, index: int):

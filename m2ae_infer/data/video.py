@@ -32,14 +32,18 @@ import numpy as np
 
 from .synth import TRAJ_POINTS, Sample
 
-__all__ = ["read_frames", "frame_count", "motion_clip", "clip_set", "moving_mask",
-           "GAMMA", "SMOOTH_SIGMA", "DIFF_THRESHOLD", "MIN_AREA", "GROW"]
+__all__ = ["read_frames", "frame_count", "motion_clip", "clip_set", "moving_mask", "window_crop", "parse_frames",
+           "GAMMA", "SMOOTH_SIGMA", "DIFF_THRESHOLD", "MIN_AREA", "GROW", "TRAIN_FRAMES"]
 
 GAMMA = 2.2
 SMOOTH_SIGMA = 1.5        # px: Gaussian smoothing before differencing (noise / compression blocks)
 DIFF_THRESHOLD = 0.06     # max-channel difference (0-1) of smoothed frames that counts as motion (~15/255)
 MIN_AREA = 64             # px: moving components smaller than this are dropped
 GROW = 3                  # px: the cleaned mask is grown by this much (square structuring element)
+# A dev video also trains the detector (m2ae-train --video): its windows centred before this frame are training
+# data, those at or after it (with no frame of a training window) the dev clip that m2ae-eval --set video --frames
+# 400: and benchmarks.mask_table score.
+TRAIN_FRAMES = 400
 _INSTALL_HINT = 'reading videos needs PyAV: pip install "m2ae-infer[train]"'
 
 
@@ -157,10 +161,32 @@ def clip_centres(total: int, n: int, radius: int, seed: int) -> list[int]:
     return [int(min(hi, np.floor(rng.uniform(a, b)))) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def clip_set(path: str | os.PathLike[str], n: int, radius: int, seed: int) -> list[Sample]:
-    """``n`` samples (:func:`motion_clip`) from the video at ``path``, centres from :func:`clip_centres`.
+def parse_frames(text: str | None) -> tuple[int, int | None]:
+    """``"A:B"`` / ``"A:"`` / ``":B"`` -> ``(A, B)`` frame range (B exclusive, None: to the end); None: all."""
+    if not text:
+        return 0, None
+    start, sep, stop = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        lo, hi = int(start or 0), (int(stop) if stop else None)
+    except ValueError:
+        raise ValueError(f"frames must be START:STOP (either may be left out), got {text!r}") from None
+    if lo < 0 or (hi is not None and hi <= lo):
+        raise ValueError(f"frames {text!r}: need 0 <= START < STOP")
+    return lo, hi
+
+
+def clip_set(path: str | os.PathLike[str], n: int, radius: int, seed: int,
+             frames: tuple[int, int | None] = (0, None)) -> list[Sample]:
+    """``n`` samples (:func:`motion_clip`) from the video at ``path``, centres from :func:`clip_centres` over
+    the frames ``frames = (start, stop)`` (stop exclusive, None: the end; every frame of a window lies inside).
     Decodes the video twice (count, then the windows) holding only the frames the windows need."""
-    centres = clip_centres(frame_count(path), n, radius, seed)
+    start, stop = frames
+    total = frame_count(path) if stop is None else min(stop, frame_count(path))
+    if total - start < 2 * radius + 1:
+        raise ValueError(f"{path}: frames {start}:{total} hold no window of {2 * radius + 1} frames")
+    centres = [start + c for c in clip_centres(total - start, n, radius, seed)]
     needed = {t for c in centres for t in range(c - radius, c + radius + 1)}
     kept = {i: f for i, f in enumerate(_decode(path)) if i in needed}
     samples = []
@@ -168,3 +194,25 @@ def clip_set(path: str | os.PathLike[str], n: int, radius: int, seed: int) -> li
         window = np.stack([kept[t] for t in range(c - radius, c + radius + 1)])
         samples.append(motion_clip(window, radius, radius))
     return samples
+
+
+def window_crop(clip: Sample, crop: int, rng: np.random.Generator, toward_motion: float = 0.5) -> Sample:
+    """A ``crop x crop`` training sample cut from a video window (:func:`motion_clip`): with probability
+    ``toward_motion`` centred near a random moving pixel (movers cover a few percent of a frame), else anywhere.
+    The static rest of the frame is real video (compression, noise, a real scene) labelled not blurred."""
+    h, w = clip.mask.shape
+    if h < crop or w < crop:
+        raise ValueError(f"video frames {w}x{h} are smaller than the crop {crop}")
+    ys, xs = np.nonzero(clip.mask)
+    if len(ys) and rng.random() < toward_motion:
+        i = int(rng.integers(len(ys)))
+        top = int(np.clip(ys[i] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, h - crop))
+        left = int(np.clip(xs[i] - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, w - crop))
+    else:
+        top, left = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+    box = (slice(top, top + crop), slice(left, left + crop))
+    mask = clip.mask[box]
+    return Sample(blurry=np.ascontiguousarray(clip.blurry[box]), sharp=np.ascontiguousarray(clip.sharp[box]),
+                  mask=np.ascontiguousarray(mask), trajectory=clip.trajectory,
+                  kind="local" if mask.any() else "sharp", trajectories=clip.trajectories,
+                  regions=np.ascontiguousarray(clip.regions[box]))
