@@ -9,6 +9,7 @@ PACKAGES = {
     "m2ae_infer": "m2ae_infer",
     "m2ae_infer.model": "m2ae_infer/model",
     "m2ae_infer.data": "m2ae_infer/data",
+    "m2ae_infer.distributed": "m2ae_infer/distributed",
     "m2ae_infer.kernels": "kernels",
     "m2ae_infer.export": "export",
     "m2ae_infer.benchmarks": "benchmarks",

@@ -72,7 +72,7 @@ def assert_same_as_reference(out: Path, ref: Path, extra_ok=()):
 
 
 def test_cli_ray_local_writes_the_bytes_of_the_single_process_cli(photos):
-    code, out, err = run_cli("in", "-o", "cli", "--ray", "local", "--workers", "2", cwd=photos)
+    code, out, err = run_cli("in", "-o", "cli", "--ray", "local", "--workers", "1", cwd=photos)
     assert code == 1, err
     assert_same_as_reference(photos / "cli", photos / "ref")
     lines = err.strip().splitlines()   # the progress bar shares stderr
@@ -94,14 +94,17 @@ def test_api_bad_file_fails_alone_and_a_rerun_skips_complete_outputs(photos, clu
     assert 0 <= info["active_fraction"] <= 1 and info["flops_executed"] <= info["flops_dense"]
     assert_same_as_reference(out, photos / "ref")
 
-    again = deblur_files([photos / "in"], out, workers=1)
-    assert again.written == [] and len(again.skipped) == GOOD and [Path(n).name for n, _ in again.failed] == ["bad.png"]
+    good = sorted(p for p in (photos / "in").iterdir() if p.name != "bad.png")
+    again = deblur_files(good, out, workers=1)
+    assert again.written == [] and len(again.skipped) == GOOD and again.failed == [] and again.exit_code == 0
+    assert again.workers == 0   # nothing left to run: no actor was started
     assert_same_as_reference(out, photos / "ref")
 
 
 def test_refusal_rules_are_the_clis(photos, cluster, tmp_path):
-    """An output that is its input is refused, never skipped, even with force; a folder or an empty file in the
-    way is refused; force rewrites what exists (never an input)."""
+    """An output that is its input is refused, never skipped, even with force; a folder, an empty file or a symlink
+    in the way is refused, and half of an image+mask pair; complete outputs are skipped. (Nothing here reaches the
+    workers: these are decided when the job is planned.)"""
     src = tmp_path / "in.png"
     src.write_bytes((photos / "in" / "photo002.png").read_bytes())
     s = deblur_files([src], src, force=True)
@@ -110,33 +113,41 @@ def test_refusal_rules_are_the_clis(photos, cluster, tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "photo001.png").mkdir()             # a folder where an output goes
-    (out / "photo002.png").write_bytes(b"")    # an empty file: not a complete output
-    s = deblur_files([photos / "in" / n for n in ("photo001.png", "photo002.png", "photo003.png")], out)
-    reasons = dict((Path(n).name, r) for n, r in s.failed)
+    (out / "photo001.png").mkdir()                                     # a folder where an output goes
+    (out / "photo002.png").write_bytes(b"")                            # an empty file: not a complete output
+    (out / "photo003.png").symlink_to(tmp_path / "nowhere.png")        # a dangling symlink
+    (out / "photo000.png").write_bytes(b"complete, as far as we know")  # skipped
+    (out / "photo005.png").write_bytes((photos / "ref" / "photo005.png").read_bytes())   # image, no mask
+    s = deblur_files([photos / "in" / f"photo00{i}.png" for i in (0, 1, 2, 3, 5)], out)
+    reasons = {Path(n).name: r for n, r in s.failed}
     assert "is a folder" in reasons["photo001.png"] and "not a complete output" in reasons["photo002.png"]
-    assert [Path(p).name for p in s.written] == ["photo003.png"]
-    (out / "photo003.png").write_bytes(b"stale")
-    s = deblur_files([photos / "in" / n for n in ("photo002.png", "photo003.png")], out, force=True)
-    assert len(s.written) == 2 and s.exit_code == 0
-    for name in ("photo002.png", "photo003.png"):
-        assert (out / name).read_bytes() == (photos / "ref" / name).read_bytes()
+    assert "not a complete output" in reasons["photo003.png"]
+    assert [Path(p).name for p in s.skipped] == ["photo000.png", "photo005.png"] and s.written == []
+    assert s.workers == 0 and len(s.failed) == 3
+    s = deblur_files([photos / "in" / "photo005.png"], out, save_mask=True)
+    assert [r for _, r in s.failed] == [f"{out / 'photo005.png'} exists; pass --force to overwrite it"]
+    assert not (out / "photo005_mask.png").exists()
 
 
 def test_worker_deaths_lose_nothing_and_write_each_output_once(photos, cluster, tmp_path):
-    """One worker dies with an output's bytes complete in its temporary file, another right after publishing one:
-    the job completes, every output is there once, byte-identical, and no temporary file is left."""
+    """With force over stale files: one worker dies with an output's bytes complete in its temporary file, another
+    right after publishing one. The job completes, every output is there once, byte-identical, no temporary file is
+    left, and the output published before the death is not written again."""
     good = sorted(p for p in (photos / "in").iterdir() if p.name != "bad.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("photo001.png", "alpha.png", "gray.png"):
+        (out / name).write_bytes(b"stale")
     faults = [{"name": "photo001.png", "when": "publish", "marker": str(tmp_path / "died-1")},
               {"name": "alpha.png", "when": "return", "marker": str(tmp_path / "died-2")}]
     seen = {}
-    s = deblur_files(good, tmp_path / "out", workers=2, on_result=lambda r: seen.setdefault(Path(r.source).name, r),
-                     _faults=faults)
+    s = deblur_files(good, out, workers=2, force=True, _faults=faults,
+                     on_result=lambda r: seen.setdefault(Path(r.source).name, r))
     assert (tmp_path / "died-1").exists() and (tmp_path / "died-2").exists()   # both deaths happened
-    assert s.worker_deaths == 2 and s.retried == 2 and s.exit_code == 0 and len(s.written) == GOOD
+    assert s.worker_deaths == 2 and s.retried == 2 and s.exit_code == 0
     assert sorted(s.written) == sorted(map(str, good))   # each once
     assert seen["alpha.png"].message == "written before its worker died"   # published once, not rewritten
-    assert_same_as_reference(tmp_path / "out", photos / "ref")   # no .tmp- leftovers either
+    assert_same_as_reference(out, photos / "ref")   # no stale bytes and no .tmp- leftovers either
 
 
 def test_an_input_that_kills_its_worker_fails_alone_and_the_rerun_completes(photos, cluster, tmp_path):
