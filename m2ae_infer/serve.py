@@ -107,7 +107,7 @@ class DeblurService:
         """The body, or the 413/400 response: the declared length is checked before reading, the bytes read
         while reading (a chunked body has no length)."""
         too_big = (f"{BODY} is over the {self.max_bytes}-byte limit of this service; send a smaller image "
-                   "(the limit is m2ae-serve --max-bytes)")
+                   "(the limit is m2ae-serve --max-bytes, or max_bytes)")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return _error(413, too_big)
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
     try:
+        # A service manager's stop (SIGTERM) shuts down as Ctrl-C does; set before Serve starts (Ray's own handler
+        # ends the process with a native stack dump).
+        signal.signal(signal.SIGTERM, _terminate)
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
         application = build_app({"checkpoint": args.checkpoint and os.path.abspath(args.checkpoint),
@@ -250,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(application, name="m2ae", route_prefix="/", logging_config={"log_level": "WARNING"})
         say(f"{PROG}: serving on http://{args.host}:{args.port} (POST /deblur, GET /healthz), {args.replicas} "
             f"replica(s); Ctrl-C to stop")
-        signal.signal(signal.SIGTERM, _terminate)   # a service manager's stop: shut down as for Ctrl-C
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
