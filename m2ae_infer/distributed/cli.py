@@ -51,16 +51,16 @@ def cli_run(args) -> int:
         _run(summary, files, problems, outputs, options, address, args.workers, args.threads_per_worker,
              args.gpus_per_worker, 1, 3, report, ())
     except ValueError as exc:   # the cluster cannot be reached, or cannot hold the pool: no image ran
+        _close(bar)
         say(f"{PROG}: error: {one_line(exc)}", sys.stderr)
         return 2
     except KeyboardInterrupt:   # atomic writes: nothing half-written; the same command resumes
+        _close(bar)
         say(f"{PROG}: interrupted; {len(summary.written)} written, {len(summary.skipped)} skipped, "
             f"{len(summary.failed)} failed, {len(summary.not_run)} not run; run the same command to resume",
             sys.stderr)
         return 130
-    finally:
-        if bar is not None:
-            bar.close()
+    _close(bar)
     if summary.exit_code:
         say(f"{PROG}: {summary.line()}", sys.stderr)
     elif not args.quiet:
@@ -85,3 +85,9 @@ def _address_arg(value: str) -> str | None:
 def _progress(total: int):
     from tqdm import tqdm
     return tqdm(total=total, unit="img", file=progress_stream(), dynamic_ncols=True)
+
+
+def _close(bar) -> None:
+    """Close the progress bar before the closing line, so that the line is the last one on the terminal."""
+    if bar is not None:
+        bar.close()

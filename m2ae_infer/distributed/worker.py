@@ -97,7 +97,8 @@ class _DeblurWorker:
         self._die_if(item.source, "return")
         numbers = {k: getattr(info, k) for k in ("active_fraction", "flops_dense", "flops_executed", "flops_untiled",
                                                   "seconds", "execution", "backend", "tiles")}
-        return InputResult(item.source, "written", describe(info), numbers, decoded.warnings + _warned(caught, item.source))
+        noted = decoded.warnings + _warned(caught, item.source)
+        return InputResult(item.source, "written", describe(info), numbers, noted)
 
     @contextlib.contextmanager
     def _fault(self, source: str, when: str):
