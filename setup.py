@@ -31,6 +31,8 @@ setup(
     install_requires=["torch>=2.4", "numpy>=1.24", "pillow>=10", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        # backend="openvino" (export/openvino.py): the ONNX graphs in OpenVINO's CPU plugin; tested with 2026.4.1
+        "openvino": ["openvino>=2024.0", "onnx>=1.16", "onnxscript>=0.1"],
         "gpu": ["triton>=3.0", "onnxruntime-gpu>=1.18"],
         "trt": ["tensorrt>=10"],
         "train": ["scikit-image>=0.22", "av>=12"],

@@ -6,8 +6,13 @@ LayerNorm -> 1x1 -> SimpleGate -> 1x1 feed-forward; both residual with learned s
 down, 1x1 conv + pixel shuffle up, additive skips, a global residual. Built here from the paper's description
 and its published block layout; widths and depths are chosen to match our network's size (see
 :data:`BASELINES`). Random weights: FLOPs and latency do not depend on their values.
+
+Also the dense engines our own network is timed in (:data:`DENSE_ENGINES`: torch eager, ``torch.compile``,
+OpenVINO f32/bf16, ONNX Runtime): the dense rows each sparse cell of ``m2ae-bench`` is compared with.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +118,61 @@ def build_baseline(name: str) -> nn.Module:
 
 def parameter_count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------------ our network, dense elsewhere
+# The dense rows of m2ae-bench: our network run densely by other engines, so that a sparse cell is measured
+# against the fastest dense execution of the same precision, not only against torch eager.
+# name -> (registry backend, precision); "compile" is torch.compile of the dense forward, no registry engine.
+DENSE_ENGINES = {"eager": ("torch", "fp32"), "compile": (None, "fp32"), "openvino-f32": ("openvino", "fp32"),
+                 "openvino-bf16": ("openvino", "bf16"), "onnxruntime": ("onnxruntime", "fp32")}
+_NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino-f32": ("onnx", "onnxscript", "openvino"),
+          "openvino-bf16": ("onnx", "onnxscript", "openvino")}
+
+
+def dense_engine_name(backend: str, precision: str) -> str:
+    """The dense-row name of registry engine ``backend`` at ``precision`` (its own name if not listed)."""
+    return next((n for n, spec in DENSE_ENGINES.items() if spec == (backend, precision)),
+                backend if precision == "fp32" else f"{backend}-{precision}")
+
+
+def default_dense_baselines() -> tuple[str, ...]:
+    """The dense rows run when none are asked for: every one installed here, except ``compile`` (it costs
+    20-70 s of compilation per image size on 2 cores) and bf16 where the CPU lacks it."""
+    from importlib.util import find_spec
+
+    names = [n for n in DENSE_ENGINES if n != "compile" and all(find_spec(m) for m in _NEEDS.get(n, ()))]
+    if "openvino-bf16" in names:
+        from ..export.openvino import cpu_precisions
+        if "bf16" not in cpu_precisions():
+            names.remove("openvino-bf16")
+    return tuple(names)
+
+
+def fastest_dense(rows: list[dict], precision: str) -> dict | None:
+    """The row of ``rows`` (dense rows of one case: ``precision``, ``ms``) with the smallest median at
+    ``precision``; None when none has that precision."""
+    candidates = [r for r in rows if r["precision"] == precision]
+    return min(candidates, key=lambda r: r["ms"]) if candidates else None
+
+
+class CompiledDense:
+    """Our network's dense forward ``net(image, mask)`` compiled by ``torch.compile`` (inductor, static
+    shapes): the ``compile`` dense row. ``compile_seconds``: first-call seconds per (shape, predicted mask),
+    i.e. compilation plus one run; later calls of that signature reuse the compiled graph."""
+
+    name, precision = "compile", "fp32"
+
+    def __init__(self, net: nn.Module, threshold: float = 0.5, dilation: int = 0):
+        self.threshold, self.dilation = threshold, dilation
+        self.compiled = torch.compile(net, dynamic=False)
+        self.compile_seconds: dict[tuple, float] = {}
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        key = (tuple(image.shape), mask is None)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.compiled(image, mask, self.threshold, self.dilation)
+        if key not in self.compile_seconds:
+            self.compile_seconds[key] = time.perf_counter() - start
+        return out

@@ -1,6 +1,8 @@
 """``m2ae-bench``: FLOPs and latency of sparse vs dense execution, per backend, over densities and resolutions.
 
-Writes a terminal table, ``results.json``, ``results.csv``, ``baselines.csv`` and two plots into ``--out``.
+Writes a terminal table, ``results.md``, ``results.json``, ``results.csv``, ``dense.csv``, ``baselines.csv`` and two
+plots into ``--out``. Each sparse cell's headline ratio is against the fastest dense row of its precision in the
+same run (``--dense-baselines``).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 from ..atomic import prepare_folder
 from ..cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, say
 from ..messages import one_line
-from .baselines import BASELINES
+from .baselines import BASELINES, DENSE_ENGINES
 from .grid import BACKENDS, MASK_SOURCES, QUICK, RESOLUTIONS, BenchSettings, run_grid
 
 
@@ -48,12 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--masks", type=_list, help=f"mask sources, comma-separated: {', '.join(MASK_SOURCES)} "
                                                "(real: the mask predictor on real photos)")
     g.add_argument("--backends", type=_list, help=f"comma-separated from {', '.join(BACKENDS)} "
-                                                  "(default: every one that runs here)")
+                                                  "(name:bf16: that engine's bf16 opt-in; default: every one "
+                                                  "that runs here)")
+    g.add_argument("--dense-baselines", type=_list,
+                   help=f"our network run dense by these engines too, each a row the sparse cells are compared "
+                        f"with: {', '.join(DENSE_ENGINES)}, or 'none' (default: every one installed here but "
+                        "compile, which costs 20-70 s of compilation per image size)")
     g.add_argument("--baselines", type=_list, help=f"dense baseline networks: {', '.join(BASELINES)}, or 'none'")
     m = p.add_argument_group("measurement")
     m.add_argument("--repeats", type=int, help="timed calls per measurement (default 5)")
     m.add_argument("--warmup", type=int, help="untimed calls first (default 1)")
-    m.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: torch's choice)")
+    m.add_argument("--threads", type=int, help="torch / ONNX Runtime / OpenVINO threads (default: torch's choice, "
+                                                "for all of them)")
     m.add_argument("--device", type=device_arg, help="cpu (default), cuda or cuda:N")
     m.add_argument("--checkpoint", help="checkpoint to benchmark (default: the shipped one)")
     m.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
@@ -64,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> BenchSettings:
     base = QUICK if args.quick else BenchSettings()
     given = {f.name: getattr(args, f.name) for f in fields(BenchSettings) if getattr(args, f.name, None) is not None}
-    if given.get("baselines") == ("none",):
-        given["baselines"] = ()
+    for name in ("baselines", "dense_baselines"):
+        if given.get(name) == ("none",):
+            given[name] = ()
     if args.no_memory:
         given["memory"] = False
     for name in given.get("baselines", ()):

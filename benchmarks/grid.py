@@ -1,14 +1,17 @@
 """The benchmark grid: mask densities x resolutions x backends, dense vs sparse, measured side by side.
 
-Every cell runs one backend dense and sparse on the same image and mask, timed alternately in one process
-(:func:`~.latency.time_interleaved`), so each sparse/dense ratio is taken within the run. FLOPs are counted by
+Per case (one image and mask) every backend runs dense and sparse, and every dense engine of
+:data:`~.baselines.DENSE_ENGINES` asked for (torch eager, ``torch.compile``, OpenVINO f32/bf16, ONNX Runtime)
+runs dense, all timed alternately in one process (:func:`~.latency.time_interleaved`, a short pause between
+calls so that thread pools do not fight), so each ratio is taken within the run. Each sparse cell reports its
+ratio to its own backend's dense call, to torch eager dense, and the headline: to the fastest dense row of the
+same precision in that case (:func:`~.baselines.fastest_dense`). FLOPs are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on the code that runs (``executor.count_flops``; the ONNX and
 TensorRT graphs compute the same GEMMs and convolutions as the torch code they were exported from).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
 
@@ -17,13 +20,17 @@ from ..backends import Backend, backend_entry, make_backend
 from ..cliutil import progress_stream
 from ..model import M2AENet
 from ..reparam import reparameterize_model
-from .baselines import DEFAULT_BASELINES, build_baseline, parameter_count
+from .baselines import (DEFAULT_BASELINES, DENSE_ENGINES, CompiledDense, build_baseline, default_dense_baselines,
+                        dense_engine_name, fastest_dense, parameter_count)
 from .latency import peak_memory, time_interleaved
 from .masks import MASK_KINDS, working_density_mask
 from .photos import real_photos
 
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
-BACKENDS = ("torch", "onnxruntime", "triton", "tensorrt")   # the bench's default order (registry names)
+# The bench's default order: registry names, ``name:bf16`` for an engine's bf16 opt-in.
+BACKENDS = ("torch", "onnxruntime", "openvino", "openvino:bf16", "triton", "tensorrt")
+# Untimed seconds before each timed call when several engines share the run (see time_interleaved).
+PAUSE = 0.03
 MASK_SOURCES = (*MASK_KINDS, "real")
 MB = 2 ** 20
 
@@ -50,6 +57,7 @@ class BenchSettings:
     masks: tuple[str, ...] = MASK_SOURCES
     backends: tuple[str, ...] | None = None
     baselines: tuple[str, ...] = DEFAULT_BASELINES
+    dense_baselines: tuple[str, ...] | None = None   # dense rows (DENSE_ENGINES); None: default_dense_baselines()
     repeats: int = 5
     warmup: int = 1
     device: str = "cpu"
@@ -65,6 +73,8 @@ class BenchSettings:
             raise ValueError(f"unknown mask source(s) {bad}; choose from {MASK_SOURCES}")
         if self.backends is not None and (bad := [b for b in self.backends if b not in BACKENDS]):
             raise ValueError(f"unknown backend(s) {bad}; choose from {BACKENDS}")
+        if self.dense_baselines is not None and (bad := [d for d in self.dense_baselines if d not in DENSE_ENGINES]):
+            raise ValueError(f"unknown dense baseline(s) {bad}; choose from {tuple(DENSE_ENGINES)}")
         if not all(0.0 <= d <= 1.0 for d in self.densities):
             raise ValueError(f"densities must lie in [0, 1], got {list(self.densities)}")
         if self.repeats < 1 or self.warmup < 0:
@@ -76,23 +86,60 @@ QUICK = BenchSettings(resolutions=("480p",), densities=(0.05, 0.2, 0.5, 1.0), ma
                       baselines=DEFAULT_BASELINES[:1], photos=1)
 
 
-def make_backends(net: M2AENet, names, device: str, threads: int | None) -> tuple[list, dict[str, str]]:
-    """Engines (:class:`~m2ae_infer.backends.Backend`) for ``names`` (None: all of :data:`BACKENDS`), and
-    ``{name: why not}`` for those that cannot run, or whose timings mean nothing on ``device``.
-    ``threads``: engines with their own thread pool (ONNX Runtime) get torch's count."""
-    ready, skipped = [], {}
-    for name in names or BACKENDS:
+@dataclass
+class Engine:
+    """One engine of a run. ``name``: its label (a :data:`BACKENDS` entry, or a dense row's name for a
+    dense-only engine); ``runner``: a :class:`~m2ae_infer.backends.Backend`, or :class:`CompiledDense`;
+    ``dense_name``: the name of its dense row; ``sparse``: whether it runs sparse cells too."""
+
+    name: str
+    precision: str
+    runner: Backend | CompiledDense
+    dense_name: str
+    sparse: bool = True
+
+    def dense(self, case: "Case") -> torch.Tensor:
+        if isinstance(self.runner, CompiledDense):
+            return self.runner(case.image, case.mask)
+        return self.runner.run(case.image, case.mask, execution="dense").output
+
+    def run_sparse(self, case: "Case"):
+        return self.runner.run(case.image, case.mask, execution="sparse")
+
+
+def make_backends(net: M2AENet, names, device: str, threads: int | None,
+                  dense: tuple[str, ...] = ()) -> tuple[list[Engine], dict[str, str]]:
+    """Engines for the backends ``names`` (None: all of :data:`BACKENDS`) and the dense-only rows ``dense``
+    (:data:`DENSE_ENGINES` names a backend already covers are not built twice), and ``{name: why not}`` for
+    those that cannot run, or whose timings mean nothing on ``device``. Every thread pool gets ``threads``
+    (None: torch's count): OpenVINO's ``INFERENCE_NUM_THREADS``, ONNX Runtime's intra-op threads."""
+    threads = threads or torch.get_num_threads()
+    engines, skipped = [], {}
+
+    def build(label: str, name: str, precision: str, sparse: bool) -> None:
         entry = backend_entry(name)
         if not entry.timed_on(device):
-            skipped[name] = entry.untimed_reason
-            continue
+            skipped[label] = entry.untimed_reason
+            return
         try:
             # a deploy copy each: engines may change their network's memory format or device
             deploy = reparameterize_model(net).to(device)
-            ready.append(make_backend(name, deploy, device=device, execution="sparse", threads=threads))
+            runner = make_backend(name, deploy, device=device, execution="sparse" if sparse else "dense",
+                                  threads=threads, precision=precision)
         except (ValueError, ImportError, RuntimeError) as exc:
-            skipped[name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return ready, skipped
+            skipped[label] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return
+        engines.append(Engine(label, precision, runner, dense_engine_name(name, precision), sparse))
+
+    for label in names or BACKENDS:
+        name, _, precision = label.partition(":")
+        build(label, name, precision or "fp32", True)
+    for row in (d for d in dense if d not in {e.dense_name for e in engines}):
+        if row == "compile":
+            engines.append(Engine(row, "fp32", CompiledDense(reparameterize_model(net).to(device)), row, False))
+        else:
+            build(row, *DENSE_ENGINES[row], False)
+    return engines, skipped
 
 
 @dataclass
@@ -118,31 +165,64 @@ def cases_for(height: int, width: int, settings: BenchSettings, device: str) -> 
     return cases
 
 
-def measure_cell(backend: Backend, case: Case, settings: BenchSettings) -> dict:
-    """Dense vs sparse for one backend on one case: a result row."""
-    ex = backend
-    run: Callable[[str], object] = lambda execution: ex.run(case.image, case.mask, execution=execution)  # noqa: E731
-    dense_out, sparse_out = run("dense"), run("sparse")
+def measure_case(engines: list[Engine], case: Case, settings: BenchSettings) -> tuple[list[dict], list[dict]]:
+    """Every engine dense, and sparse where it runs sparse cells, on one case, all timed alternately:
+    ``(cell rows, dense rows)``."""
+    calls = {}
+    for e in engines:
+        calls[f"{e.name} dense"] = lambda e=e: e.dense(case)
+        if e.sparse:
+            calls[f"{e.name} sparse"] = lambda e=e: e.run_sparse(case)
+    outputs = {key: fn() for key, fn in calls.items()}      # untimed: results to check, compilations done
+    t = time_interleaved(calls, warmup=settings.warmup, repeats=settings.repeats,
+                         pause=PAUSE if len(engines) > 1 else 0.0)
+    eager = next((e for e in engines if e.dense_name == "eager"), None)
+    reference = outputs[f"{(eager or engines[0]).name} dense"]
+    dense_rows = []
+    for e in engines:
+        timing = t[f"{e.name} dense"]
+        compiled = isinstance(e.runner, CompiledDense)
+        dense_rows.append({
+            "engine": e.dense_name, "precision": e.precision, "ms": timing.median * 1e3, "spread": timing.spread,
+            "repeats": settings.repeats,
+            "compile_s": e.runner.compile_seconds[(tuple(case.image.shape), case.mask is None)] if compiled else None,
+            # against torch eager dense (or the first engine): bf16 rows show their rounding here
+            "max_abs_vs_eager": float((outputs[f"{e.name} dense"] - reference).abs().max())})
+    cells = [measure_cell(e, case, settings, t[f"{e.name} sparse"], dense_rows, outputs[f"{e.name} sparse"],
+                          outputs[f"{e.name} dense"]) for e in engines if e.sparse]
+    return cells, dense_rows
+
+
+def measure_cell(engine: Engine, case: Case, settings: BenchSettings, sparse_time, dense_rows: list[dict],
+                 sparse_out, dense_out: torch.Tensor) -> dict:
+    """The sparse cell of one backend on one case, against its own dense call, torch eager dense and the
+    fastest dense row of its precision (the headline)."""
+    ex = engine.runner
     height, width = case.image.shape[-2:]
     active, total = sparse_out.active_pixels, sparse_out.mask.numel()
     predicted = case.mask is None
     flops_dense = ex.count_flops(1, height, width, 0, "dense", predicted)
     flops_sparse = ex.count_flops(1, height, width, active, "sparse", predicted)
-    t = time_interleaved({"dense": lambda: run("dense"), "sparse": lambda: run("sparse")},
-                         warmup=settings.warmup, repeats=settings.repeats)
-    measure = settings.memory and backend.measures_memory
-    mem = {k: peak_memory(lambda: run(k), settings.device) if measure else None for k in ("dense", "sparse")}
+    measure = settings.memory and ex.measures_memory
+    mem = {k: peak_memory(lambda: ex.run(case.image, case.mask, execution=k), settings.device) if measure else None
+           for k in ("dense", "sparse")}
+    own = next(r for r in dense_rows if r["engine"] == engine.dense_name)
+    eager = next((r for r in dense_rows if r["engine"] == "eager"), None)
+    best = fastest_dense(dense_rows, engine.precision)
+    sparse_ms = sparse_time.median * 1e3
     return {
-        "backend": backend.name, "mask": case.source, "photo": case.photo, "target_density": case.target,
-        "active_fraction": active / total, "flops_dense": flops_dense, "flops_sparse": flops_sparse,
-        "flop_ratio": flops_sparse / flops_dense,
-        "dense_ms": t["dense"].median * 1e3, "dense_spread": t["dense"].spread,
-        "sparse_ms": t["sparse"].median * 1e3, "sparse_spread": t["sparse"].spread,
-        "latency_ratio": t["sparse"].median / t["dense"].median, "repeats": settings.repeats,
+        "backend": engine.name, "precision": engine.precision, "mask": case.source, "photo": case.photo,
+        "target_density": case.target, "active_fraction": active / total, "flops_dense": flops_dense,
+        "flops_sparse": flops_sparse, "flop_ratio": flops_sparse / flops_dense,
+        "dense_ms": own["ms"], "dense_spread": own["spread"],
+        "sparse_ms": sparse_ms, "sparse_spread": sparse_time.spread,
+        "latency_ratio": sparse_ms / own["ms"], "repeats": settings.repeats,
+        "eager_ratio": sparse_ms / eager["ms"] if eager else None,
+        "headline_dense": best["engine"], "headline_dense_ms": best["ms"], "headline_ratio": sparse_ms / best["ms"],
         "dense_peak_mb": _mb(mem["dense"]), "sparse_peak_mb": _mb(mem["sparse"]),
         "auto_picks": ex.choose("auto", active, total),
         # sparse must equal dense (README: Contracts): a benchmark that measured a wrong result would be worthless.
-        "max_abs_diff": float((sparse_out.output - dense_out.output).abs().max()),
+        "max_abs_diff": float((sparse_out.output - dense_out).abs().max()),
     }
 
 
@@ -199,10 +279,11 @@ class BenchResult:
     baselines: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     kernels: list[dict] = field(default_factory=list)
+    dense: list[dict] = field(default_factory=list)     # one per case and dense engine (measure_case)
 
     def as_dict(self) -> dict:
         return {"machine": self.machine, "settings": asdict(self.settings), "skipped": self.skipped,
-                "rows": self.rows, "baselines": self.baselines, "kernels": self.kernels}
+                "rows": self.rows, "dense": self.dense, "baselines": self.baselines, "kernels": self.kernels}
 
 
 def run_grid(net: M2AENet, settings: BenchSettings, machine: dict, threads: int | None = None,
@@ -210,28 +291,33 @@ def run_grid(net: M2AENet, settings: BenchSettings, machine: dict, threads: int 
     """Measure the whole grid; ``net`` in deploy form."""
     from tqdm import tqdm
 
-    backends, skipped = make_backends(net, settings.backends, settings.device, threads)
-    if not backends:
+    dense = default_dense_baselines() if settings.dense_baselines is None else settings.dense_baselines
+    engines, skipped = make_backends(net, settings.backends, settings.device, threads, dense)
+    if not any(e.sparse for e in engines):
         raise ValueError(f"no backend can run here: {skipped}")
-    result = BenchResult(replace(settings, backends=tuple(b.name for b in backends)), machine, skipped=skipped)
-    with tqdm(total=None, disable=not progress, unit="cell", desc="m2ae-bench", file=progress_stream()) as bar:
+    result = BenchResult(replace(settings, backends=tuple(e.name for e in engines if e.sparse),
+                                 dense_baselines=tuple(d for d in dense if d not in skipped)), machine,
+                         skipped=skipped)
+    with tqdm(total=None, disable=not progress, unit="case", desc="m2ae-bench", file=progress_stream()) as bar:
         for resolution in settings.resolutions:
             height, width = parse_resolution(resolution)
             cases = cases_for(height, width, settings, settings.device)
-            bar.total = (bar.total or 0) + len(cases) * len(backends) + (1 if settings.baselines else 0)
+            bar.total = (bar.total or 0) + len(cases) + (1 if settings.baselines else 0)
             for case in cases:
-                for backend in backends:
-                    bar.set_postfix_str(f"{resolution} {case.source} {case.target or case.photo} {backend.name}")
-                    row = measure_cell(backend, case, settings)
-                    result.rows.append({"resolution": resolution, "height": height, "width": width, **row})
-                    bar.update()
+                bar.set_postfix_str(f"{resolution} {case.source} {case.target or case.photo}")
+                cells, dense_rows = measure_case(engines, case, settings)
+                where = {"resolution": resolution, "height": height, "width": width}
+                result.rows += [{**where, **row} for row in cells]
+                result.dense += [{**where, "mask": case.source, "photo": case.photo, "target_density": case.target,
+                                  "active_fraction": cells[0]["active_fraction"], **row} for row in dense_rows]
+                bar.update()
             if settings.baselines:
                 bar.set_postfix_str(f"{resolution} baselines")
                 photo = cases[0].image if cases else real_photos(height, width, settings.seed, 1)[0][1]
                 for row in measure_baselines(net, photo, settings.baselines, settings):
                     result.baselines.append({"resolution": resolution, "height": height, "width": width, **row})
                 bar.update()
-    if any(b.name == "triton" for b in backends) and torch.device(settings.device).type == "cuda":
+    if any(e.name == "triton" for e in engines) and torch.device(settings.device).type == "cuda":
         bar.set_postfix_str("triton stage kernels vs cuDNN")
         result.kernels = triton_stage_timings(net, settings)
     return result

@@ -39,12 +39,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
-                     repeats: int = 5) -> dict[str, Timing]:
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5,
+                     pause: float = 0.0) -> dict[str, Timing]:
     """Time several calls *alternately* (a, b, a, b, ...): a drift of the machine's speed during the
-    measurement (shared VMs drift by 2x within minutes) then hits every call alike, so their ratio holds."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    measurement (shared VMs drift by 2x within minutes) then hits every call alike, so their ratio holds.
+
+    ``pause``: seconds slept, untimed, before each timed call. Engines with their own thread pools (OpenVINO,
+    ONNX Runtime, torch's OpenMP) fight when called back to back: timed after OpenVINO calls without a 30 ms
+    pause, torch dense jumped to 553 ms (ENVIRONMENT.md §7); the pause lets the other pool's threads go
+    idle first."""
+    if repeats < 1 or warmup < 0 or pause < 0:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and pause >= 0, got repeats={repeats}, warmup={warmup}, "
+                         f"pause={pause}")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -52,6 +58,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if pause:
+                time.sleep(pause)
             start = time.perf_counter()
             fn()
             _sync()

@@ -11,10 +11,14 @@ name            class                                       runs on
 ``triton``      :class:`m2ae_infer.triton_executor.TritonExecutor`  CUDA (CPU: interpreter, checks only)
 ``onnxruntime`` :class:`m2ae_infer.export.ort.OrtExecutor`   CPU (CUDA with onnxruntime-gpu)
 ``tensorrt``    :class:`m2ae_infer.export.trt.TrtExecutor`   CUDA with TensorRT
+``openvino``    :class:`m2ae_infer.export.openvino.OpenVinoExecutor`  CPU (fp32; bf16 where the CPU has it)
 ==============  ==========================================  =====================================
 
 A new engine implements the protocol and calls :func:`register_backend` with a factory; nothing else names
-engines. Factories import their heavy dependencies (triton, onnxruntime, tensorrt) only when called.
+engines. Factories import their heavy dependencies (triton, onnxruntime, tensorrt, openvino) only when called.
+
+Precision: every engine runs ``"fp32"`` (the default, and what the 1e-5/1e-4 contracts hold for); an engine
+that also offers ``"bf16"`` lists it in its entry's ``precisions`` (``openvino`` only, on CPUs with bf16).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from .errors import InvalidArgument
 
 EXECUTIONS = ("auto", "sparse", "dense")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class BackendEntry:
     # skips it with ``untimed_reason``.
     timed_devices: tuple[str, ...] = ("cpu", "cuda")
     untimed_reason: str = ""
+    precisions: tuple[str, ...] = ("fp32",)     # what ``make_backend(..., precision=)`` may ask of it
 
     def timed_on(self, device: str | torch.device) -> bool:
         return torch.device(device).type in self.timed_devices
@@ -98,8 +104,8 @@ _REGISTRY: dict[str, BackendEntry] = {}
 
 
 def register_backend(name: str, factory: Callable[..., Backend], summary: str, **entry) -> None:
-    """Add an engine: ``factory(network, *, device, execution, threshold, dilation, dense_above, threads)``
-    returns a :class:`Backend` or raises ValueError (one line: why it cannot run here, what to install)."""
+    """Add an engine: ``factory(network, *, device, execution, threshold, dilation, dense_above, threads,
+    precision)`` returns a :class:`Backend` or raises ValueError (one line: why it cannot run here, what to install)."""
     _REGISTRY[name] = BackendEntry(factory, summary, **entry)
 
 
@@ -114,18 +120,31 @@ def backend_entry(name: str) -> BackendEntry:
     return _REGISTRY[name]
 
 
+def check_precision(name: str, precision: str) -> None:
+    """Raise InvalidArgument (one line) unless engine ``name`` (``"auto"``: torch) runs ``precision``."""
+    if precision not in PRECISIONS:
+        raise InvalidArgument("precision", f"precision must be one of {PRECISIONS}, got {precision!r}")
+    name = "torch" if name == "auto" else name
+    if precision not in backend_entry(name).precisions:
+        offering = [n for n, e in _REGISTRY.items() if precision in e.precisions]
+        raise InvalidArgument("precision", f"backend {name!r} runs fp32 only; precision={precision!r} is "
+                              f"offered by backend {' or '.join(map(repr, offering)) or 'none'}")
+
+
 def make_backend(name: str, network, *, device: str | torch.device = "cpu", execution: str = "auto",
                  threshold: float = 0.5, dilation: int = 0, dense_above: float | None = None,
-                 threads: int | None = None) -> Backend:
+                 threads: int | None = None, precision: str = "fp32") -> Backend:
     """The engine ``name`` (``"auto"``: torch) for a deploy-form ``network`` on ``device``.
 
     ``execution``, ``threshold`` and ``dilation`` let engines that export or compile prepare what the first
     call will need; ``dense_above=None`` takes the engine's measured switch; ``threads``: the engine's own
-    thread pool where it has one (torch uses ``torch.set_num_threads``). Raises ValueError when the engine
+    thread pool where it has one (torch uses ``torch.set_num_threads``); ``precision``: ``"fp32"`` or, for the
+    engines whose entry lists it, ``"bf16"`` (:func:`check_precision`). Raises ValueError when the engine
     cannot run here."""
     entry = backend_entry("torch" if name == "auto" else name)
+    check_precision(name, precision)
     return entry.factory(network, device=torch.device(device), execution=execution, threshold=threshold,
-                         dilation=dilation, dense_above=dense_above, threads=threads)
+                         dilation=dilation, dense_above=dense_above, threads=threads, precision=precision)
 
 
 # ------------------------------------------------------------------------------------ the engines
@@ -140,7 +159,7 @@ def _triton(network, *, device, dense_above, **_):
                           device=device)
 
 
-def _onnxruntime(network, *, device, execution, threshold, dilation, dense_above, threads):
+def _onnxruntime(network, *, device, execution, threshold, dilation, dense_above, threads, **_):
     try:
         from .export.ort import OrtExecutor
         switch = {} if dense_above is None else {"dense_above": dense_above}
@@ -163,6 +182,17 @@ def _tensorrt(network, *, device, execution, threshold, dilation, dense_above, *
     return executor
 
 
+def _openvino(network, *, device, execution, threshold, dilation, dense_above, threads, precision):
+    try:   # the CPU plugin: tensors on another device are copied to the CPU and the results back
+        from .export.openvino import OpenVinoExecutor
+        switch = {} if dense_above is None else {"dense_above": dense_above}
+        executor = OpenVinoExecutor(network, precision=precision, threads=threads, **switch)
+        executor.prepare(execution, threshold, dilation)
+    except ImportError as exc:
+        raise ValueError(f"backend 'openvino' needs openvino ({exc}): pip install 'm2ae-infer[openvino]'") from None
+    return executor
+
+
 register_backend("torch", _torch, "torch ops: oneDNN dense convolutions, the per-pixel sparse GEMM path")
 register_backend("triton", _triton, "fused sparse-pixel Triton kernels (CUDA)", timed_devices=("cuda",),
                  untimed_reason="needs a CUDA GPU; on a CPU the kernels run only in the Triton interpreter, "
@@ -170,3 +200,6 @@ register_backend("triton", _triton, "fused sparse-pixel Triton kernels (CUDA)", 
 register_backend("onnxruntime", _onnxruntime, "the exported dense/sparse ONNX graphs in ONNX Runtime")
 register_backend("tensorrt", _tensorrt, "TensorRT engines built from the ONNX graphs (CUDA)",
                  timed_devices=("cuda",), untimed_reason="needs CUDA and TensorRT")
+register_backend("openvino", _openvino, "the exported dense/sparse ONNX graphs in OpenVINO's CPU plugin",
+                 timed_devices=("cpu",), untimed_reason="OpenVINO's CPU plugin: timed on the CPU only",
+                 precisions=("fp32", "bf16"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,15 +17,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from m2ae_infer import reparameterize_model
 from m2ae_infer.benchmarks import report
-from m2ae_infer.benchmarks.baselines import BASELINES, NAFNet, build_baseline
-from m2ae_infer.benchmarks.cli import main
-from m2ae_infer.benchmarks.grid import BenchSettings, parse_resolution, run_grid
-from m2ae_infer.benchmarks.latency import peak_memory, time_interleaved
+from m2ae_infer.benchmarks import grid, latency
+from m2ae_infer.benchmarks.baselines import (BASELINES, DENSE_ENGINES, CompiledDense, NAFNet, build_baseline,
+                                             default_dense_baselines, fastest_dense)
+from m2ae_infer.benchmarks.cli import main, settings_from, build_parser
+from m2ae_infer.benchmarks.grid import BenchSettings, Case, Engine, make_backends, measure_case, parse_resolution, run_grid
+from m2ae_infer.benchmarks.latency import Timing, peak_memory, time_interleaved
+from m2ae_infer.executor import TorchExecutor
 from m2ae_infer.benchmarks.masks import working_density_mask
 from m2ae_infer.model.mask import pad_to_even, working_mask
 
 TINY = BenchSettings(resolutions=("30x46",), densities=(0.1, 0.5, 1.0), masks=("blobs", "scattered", "real"),
-                     backends=("torch",), baselines=("NAFNet-w16-d2",), repeats=1, warmup=0, photos=1)
+                     backends=("torch",), baselines=("NAFNet-w16-d2",), dense_baselines=("eager",), repeats=1,
+                     warmup=0, photos=1)
 
 
 def _flops(fn) -> int:
@@ -175,6 +180,7 @@ def test_cli_tiny_run_and_refusal_to_overwrite(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", [["--resolutions", "huge"], ["--densities", "0.5,2"], ["--masks", "stripes"],
                                  ["--backends", "cuda"], ["--baselines", "unet"], ["--repeats", "0"],
+                                 ["--dense-baselines", "eager,tvm"], ["--backends", "torch:bf16x"],
                                  ["--densities", "a,b"], ["--threads", "0"], ["--device", "mps"], ["--out", ""]])
 def test_cli_rejects_bad_options_in_one_line(bad, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -200,18 +206,19 @@ def test_onnxruntime_cells_agree_with_torch(deploy_net):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
     settings = BenchSettings(resolutions=("20x26",), densities=(0.3,), masks=("blobs",),
-                             backends=("torch", "onnxruntime"), baselines=(), repeats=1, warmup=0, memory=False)
+                             backends=("torch", "onnxruntime"), baselines=(), dense_baselines=("eager",), repeats=1,
+                             warmup=0, memory=False)
     rows = run_grid(deploy_net, settings, {"cpu": "test", "torch_threads": 1, "torch": ""}, threads=1,
                     progress=False).rows
     torch_row, ort_row = rows
     assert (torch_row["backend"], ort_row["backend"]) == ("torch", "onnxruntime")
+    assert ort_row["headline_dense"] in ("eager", "onnxruntime") and ort_row["eager_ratio"] is not None
     assert ort_row["active_fraction"] == torch_row["active_fraction"]
     assert ort_row["flops_sparse"] == torch_row["flops_sparse"] and ort_row["max_abs_diff"] <= 1e-5
     assert ort_row["dense_peak_mb"] is None          # ORT's arena hides per-call peaks: not reported
 
 
 def test_backends_that_cannot_run_are_listed_with_a_reason(deploy_net):
-    from m2ae_infer.benchmarks.grid import make_backends
     ready, skipped = make_backends(deploy_net, ("torch", "tensorrt", "triton"), "cpu", None)
     assert [b.name for b in ready] == ["torch"]
     assert set(skipped) == {"tensorrt", "triton"}
@@ -225,3 +232,125 @@ def test_table_lists_kernel_timings(tiny_result):
            "triton_stage_ms": 0.05, "dense_stage_ms": 0.2, "dense_over_triton": 4.0}
     text = report.table(replace(tiny_result, kernels=[row]))
     assert "Triton stage kernel" in text and "240x427" in text and "4.00" in text
+
+
+# ------------------------------------------------------------------------------------ dense rows and the headline
+def test_cells_of_a_torch_only_run_have_eager_as_their_dense_row(tiny_result):
+    dense = tiny_result.dense
+    assert len(dense) == len(tiny_result.rows) and {d["engine"] for d in dense} == {"eager"}
+    for r in tiny_result.rows:
+        assert r["precision"] == "fp32" and r["headline_dense"] == "eager"
+        assert r["headline_ratio"] == r["eager_ratio"] == r["latency_ratio"]
+    assert all(d["max_abs_vs_eager"] == 0 and d["compile_s"] is None for d in dense)
+    assert tiny_result.settings.dense_baselines == ("eager",)
+
+
+def _dense(engine, precision, ms):
+    return {"engine": engine, "precision": precision, "ms": ms}
+
+
+def test_fastest_dense_picks_the_smallest_median_of_the_same_precision():
+    rows = [_dense("eager", "fp32", 100.0), _dense("compile", "fp32", 80.0), _dense("openvino-f32", "fp32", 90.0),
+            _dense("openvino-bf16", "bf16", 40.0), _dense("onnxruntime", "fp32", 150.0)]
+    assert fastest_dense(rows, "fp32")["engine"] == "compile"
+    assert fastest_dense(rows, "bf16")["engine"] == "openvino-bf16"     # faster than every fp32 row: own class
+    assert fastest_dense(rows[:1] + rows[2:], "fp32")["engine"] == "openvino-f32"
+    assert fastest_dense(rows, "fp16") is None
+
+
+def test_measure_case_takes_the_headline_from_the_fastest_dense_row_of_the_cells_precision(deploy_net, monkeypatch):
+    """Timings are planted (time_interleaved replaced) so that the selection is tested, not the machine: four
+    engines, two of them running sparse cells (one fp32, one labelled bf16); all run the torch executor."""
+    def engine(name, precision, dense_name, sparse):
+        return Engine(name, precision, TorchExecutor(reparameterize_model(deploy_net)), dense_name, sparse)
+    engines = [engine("torch", "fp32", "eager", True), engine("openvino:bf16", "bf16", "openvino-bf16", True),
+               engine("openvino-f32", "fp32", "openvino-f32", False), engine("onnxruntime", "fp32", "onnxruntime", False)]
+    planted = {"torch dense": 100.0, "torch sparse": 30.0, "openvino:bf16 dense": 60.0, "openvino:bf16 sparse": 12.0,
+               "openvino-f32 dense": 75.0, "onnxruntime dense": 200.0}
+    seen = {}
+
+    def fake(fns, *, warmup, repeats, pause):
+        seen.update(keys=list(fns), pause=pause)
+        return {k: Timing(planted[k] / 1e3, planted[k] / 1e3, planted[k] / 1e3, repeats) for k in fns}
+    monkeypatch.setattr(grid, "time_interleaved", fake)
+    mask = working_density_mask("blobs", 30, 46, 0.3, 0)
+    case = Case("blobs", torch.rand(1, 3, 30, 46, generator=torch.Generator().manual_seed(3)), mask, 0.3)
+    cells, dense = measure_case(engines, case, replace(TINY, memory=False))
+    assert seen["keys"] == list(planted) and seen["pause"] == grid.PAUSE > 0
+    assert [d["engine"] for d in dense] == ["eager", "openvino-bf16", "openvino-f32", "onnxruntime"]
+    assert [d["ms"] for d in dense] == pytest.approx([100.0, 60.0, 75.0, 200.0])
+    fp32, bf16 = cells
+    assert (fp32["backend"], fp32["headline_dense"]) == ("torch", "openvino-f32")   # not the faster bf16 row
+    assert fp32["headline_ratio"] == pytest.approx(30 / 75) and fp32["eager_ratio"] == pytest.approx(30 / 100)
+    assert fp32["latency_ratio"] == pytest.approx(30 / 100)
+    assert (bf16["precision"], bf16["headline_dense"]) == ("bf16", "openvino-bf16")
+    assert bf16["headline_ratio"] == pytest.approx(12 / 60) and bf16["eager_ratio"] == pytest.approx(12 / 100)
+    assert all(d["max_abs_vs_eager"] == 0 for d in dense) and fp32["max_abs_diff"] <= 1e-5
+
+
+def test_dense_rows_a_backend_covers_are_not_built_twice(deploy_net):
+    engines, skipped = make_backends(deploy_net, ("torch",), "cpu", 1, dense=("eager",))
+    assert [(e.name, e.dense_name, e.sparse) for e in engines] == [("torch", "eager", True)] and not skipped
+
+
+def test_default_dense_baselines_are_what_is_installed_without_compile():
+    from importlib.util import find_spec
+    names = default_dense_baselines()
+    assert names[0] == "eager" and "compile" not in names and set(names) <= set(DENSE_ENGINES)
+    assert ("onnxruntime" in names) == bool(find_spec("onnxruntime") and find_spec("onnxscript"))
+    assert ("openvino-f32" in names) == bool(find_spec("openvino") and find_spec("onnxscript"))
+    if "openvino-bf16" in names:
+        from m2ae_infer.export.openvino import cpu_precisions
+        assert "bf16" in cpu_precisions()
+
+
+@pytest.mark.parametrize("given, expected", [(None, None), ("none", ()), ("eager,compile", ("eager", "compile"))])
+def test_cli_dense_baselines_option(given, expected, tmp_path):
+    args = ["--out", str(tmp_path)] + ([] if given is None else ["--dense-baselines", given])
+    assert settings_from(build_parser().parse_args(args)).dense_baselines == expected
+
+
+def test_time_interleaved_pauses_untimed_before_each_call(monkeypatch):
+    slept = []
+    monkeypatch.setattr(latency.time, "sleep", slept.append)
+    time_interleaved({"a": lambda: None, "b": lambda: None}, warmup=1, repeats=3, pause=0.03)
+    assert slept == [0.03] * 6
+    with pytest.raises(ValueError, match="pause"):
+        time_interleaved({"a": lambda: None}, pause=-1)
+
+
+@pytest.mark.slow
+def test_grid_with_dense_rows_of_other_engines(deploy_net, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    settings = BenchSettings(resolutions=("20x26",), densities=(0.3,), masks=("blobs",), backends=("torch",),
+                             dense_baselines=("eager", "openvino-f32", "onnxruntime"), baselines=(), repeats=1,
+                             warmup=0, memory=False)
+    result = run_grid(deploy_net, settings, {"cpu": "test", "torch_threads": 1, "torch": ""}, threads=1,
+                      progress=False)
+    (cell,) = result.rows
+    assert [(d["engine"], d["precision"]) for d in result.dense] == [
+        ("eager", "fp32"), ("openvino-f32", "fp32"), ("onnxruntime", "fp32")]
+    assert all(d["max_abs_vs_eager"] <= 1e-4 and d["ms"] > 0 for d in result.dense)
+    best = min(result.dense, key=lambda d: d["ms"])
+    assert cell["headline_dense"] == best["engine"] and cell["headline_ratio"] == pytest.approx(cell["sparse_ms"] / best["ms"])
+    report.write(result, tmp_path)
+    with open(tmp_path / "dense.csv", newline="") as f:
+        assert [r["engine"] for r in csv.DictReader(f)] == ["eager", "openvino-f32", "onnxruntime"]
+    text = (tmp_path / "results.md").read_text()
+    assert "| best dense | headline |" in text and f"| {cell['headline_ratio']:.3f} |" in text
+    assert "| openvino-f32 | fp32 |" in text and "max\\|s-d\\|" in text
+
+
+@pytest.mark.slow
+def test_compiled_dense_equals_eager_and_reports_its_compile_time(deploy_net):
+    engines, _ = make_backends(deploy_net, ("torch",), "cpu", 1, dense=("compile",))
+    compiled = engines[1]
+    assert (compiled.name, compiled.precision, compiled.sparse) == ("compile", "fp32", False)
+    assert isinstance(compiled.runner, CompiledDense)
+    image = torch.rand(1, 3, 16, 20, generator=torch.Generator().manual_seed(4))
+    mask = working_density_mask("blobs", 16, 20, 0.4, 0)
+    case = Case("blobs", image, mask, 0.4)
+    with torch.no_grad():
+        assert (compiled.dense(case) - deploy_net(image, mask)).abs().max() <= 1e-5
+    assert compiled.runner.compile_seconds[((1, 3, 16, 20), False)] > 0

@@ -1,0 +1,186 @@
+"""OpenVINO backend: the exported ONNX graphs compiled by OpenVINO's CPU plugin.
+
+``Deblurrer(net, backend="openvino", execution=...)`` builds an :class:`OpenVinoExecutor`: like the ONNX Runtime
+backend (:mod:`.ort`) it exports the dense / sparse / mask graphs in memory (:func:`.onnx.export_onnx`) and the
+shared :class:`.runner.GraphExecutor` handles batches, user masks, ``auto`` and FLOP counting; here each graph
+goes through ``openvino.convert_model`` and ``Core.compile_model(model, "CPU", ...)``.
+
+Precision: ``"fp32"`` (default) pins ``INFERENCE_PRECISION_HINT=f32``; OpenVINO's own default is bf16 on CPUs
+that have it, which breaks the 1e-4 agreement with torch. ``"bf16"`` is an opt-in for CPUs whose
+``OPTIMIZATION_CAPABILITIES`` list ``BF16`` (AVX-512-BF16 / AMX); its error against the fp32 torch reference
+is :data:`BF16_TOLERANCE`. On other CPUs OpenVINO would silently run f32, so bf16 is refused there.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import torch
+
+from ..errors import M2AEError
+from ..model import M2AENet
+from ..model.mask import full_resolution, working_mask
+from .onnx import DEFAULT_OPSET, GraphSpec, export_onnx
+from .runner import GraphExecutor
+
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}     # ours -> OpenVINO's INFERENCE_PRECISION_HINT
+
+# OpenVINO's own sparse/dense break-even, from the interleaved 2-thread measurement of ENVIRONMENT.md §7 (the
+# project's AVX-512 CPU, default deploy net, blob masks, 480p and 720p, OpenVINO 2026.4 f32; ratios there are to
+# torch eager dense): OpenVINO dense 0.85-0.97, its sparse graph 0.39 at 20 % and 0.98-1.01 at 50 % active, i.e.
+# sparse/dense ~0.40-0.46 at 20 % and ~1.01-1.19 at 50 %; interpolated, 1.0 is crossed near 46 %. Not re-measured
+# on the machine this was written on (loaded by a training run, AVX2 only).
+OPENVINO_DENSE_ABOVE = 0.45
+
+# Error of precision="bf16" against the fp32 torch reference, over the masked pixels of the example photo with
+# its mask, shipped checkpoint (tests/test_openvino.py asserts it where the CPU has bf16). NOT measured in
+# OpenVINO: no CPU with bf16 was at hand (the project's machine, AVX2, reports FP32/INT8/BIN only). Measured
+# instead with :func:`bf16_error` on the same network in torch: bf16 autocast max 0.0118, mean 9.6e-4,
+# PSNR 56.1 dB; all-bf16 weights and activations max 0.0113, mean 1.46e-3, PSNR 53.8 dB (both sizes of
+# onnx.example_inputs alike). The bounds leave a 2-2.5x margin over the worse of the two (docs/performance.md,
+# "OpenVINO bf16"); ENVIRONMENT.md §7 saw ~1e-2 max for OpenVINO bf16 on random default networks.
+BF16_TOLERANCE = {"max_abs": 0.03, "mean_abs": 3e-3, "min_psnr_db": 48.0}
+
+
+class OpenVinoUnavailable(M2AEError, ValueError):
+    """OpenVINO cannot run what was asked here (one line: why, what to do)."""
+
+
+def cpu_precisions() -> tuple[str, ...]:
+    """Our precision names the CPU plugin runs natively here (``"fp32"`` always, ``"bf16"`` where listed)."""
+    import openvino as ov
+
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return ("fp32", "bf16") if "BF16" in caps else ("fp32",)
+
+
+class OpenVinoExecutor(GraphExecutor):
+    """Runs the dense / sparse ONNX graphs of ``net`` in OpenVINO on the CPU (the ``openvino`` Backend).
+
+    Args:
+        net: deploy-form network.
+        dense_above: active fraction above which ``execution="auto"`` runs the dense graph
+            (default :data:`OPENVINO_DENSE_ABOVE`).
+        precision: ``"fp32"`` or ``"bf16"`` (CPUs with bf16 only; raises :class:`OpenVinoUnavailable` elsewhere).
+        threads: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, all cores).
+        opset: as :class:`GraphSpec`.
+    """
+
+    name = "openvino"
+    measures_memory = False     # the CPU plugin keeps its memory pools between inferences
+
+    def __init__(self, net: M2AENet, *, dense_above: float = OPENVINO_DENSE_ABOVE, precision: str = "fp32",
+                 threads: int | None = None, opset: int = DEFAULT_OPSET):
+        import openvino as ov
+
+        if precision not in PRECISIONS:
+            raise OpenVinoUnavailable(f"backend 'openvino': precision must be one of {tuple(PRECISIONS)}, "
+                                      f"got {precision!r}")
+        if precision not in cpu_precisions():
+            caps = ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            raise OpenVinoUnavailable(f"backend 'openvino': precision='bf16' needs a CPU with bf16 (AVX-512-BF16 "
+                                      f"or AMX); this one offers {caps}; use precision='fp32'")
+        super().__init__(net, dense_above=dense_above, opset=opset)
+        self.precision, self.threads = precision, threads
+        self.core = ov.Core()
+        self.config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+
+    def _load(self, spec: GraphSpec):
+        import openvino as ov
+
+        onnx_model = export_onnx(self.net, spec)
+        exact_integer_division(onnx_model)
+        model = ov.convert_model(io.BytesIO(onnx_model.SerializeToString()))
+        return self.core.compile_model(model, "CPU", self.config)
+
+    def _run(self, compiled, spec: GraphSpec, image: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        feeds = {"image": image.detach().to("cpu", torch.float32).numpy()}
+        if spec.mask_input:
+            feeds["mask"] = mask.detach().to("cpu", torch.bool).numpy()
+        results = compiled(feeds)
+        # copies: the arrays are views of the request's output buffers, overwritten by its next inference
+        outputs = [torch.from_numpy(np.array(results[port])) for port in compiled.outputs]
+        if self.precision == "bf16" and spec.kind != "mask":
+            # bf16 may round the graph's own pass-through (its final Select); unmasked pixels are the input's.
+            changed = full_resolution(outputs[1], image.shape[-2:])
+            outputs[0] = torch.where(changed, outputs[0], image.cpu())
+        return outputs
+
+
+def exact_integer_division(model) -> int:
+    """Make the exported graph's integer divisions exact in OpenVINO; returns how many were rewritten.
+
+    The exporter lowers ``torch.div(int, int, rounding_mode="trunc")`` (the sparse graph's row of each active
+    pixel: flat index // working width) as ``Cast(float) / Cast(float) -> Abs, Floor, Sign, Mul -> Cast(int64)``.
+    OpenVINO's CPU plugin computes that float Div as a multiplication by the reciprocal, which is not correctly
+    rounded: 854 / 427 came out just under 2 and floored to 1, so at working widths such as 425, 427 and 428
+    (480p: 854 px wide) some pixels read the wrong neighbours (errors up to ~0.9). ONNX Runtime's division is
+    exact. The rewrite feeds the integers to an integer ``Div`` (ONNX: truncating, i.e. exactly the pattern's
+    result) and casts that to float, so the Abs/Floor/Sign that follow see an exact integer. Only a float Div of
+    two int64 Casts whose every consumer is that Abs/Sign pattern is rewritten.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+
+    def int64_source(name: str) -> str | None:
+        """The int64 tensor that ``name`` is a float Cast of, else None."""
+        cast = producers.get(name)
+        if cast is None or cast.op_type != "Cast":
+            return None
+        to = {a.name: helper.get_attribute_value(a) for a in cast.attribute}.get("to")
+        return cast.input[0] if to == TensorProto.FLOAT and types.get(cast.input[0]) == TensorProto.INT64 else None
+
+    rewritten = 0
+    for node in list(graph.node):
+        users = consumers.get(node.output[0], [])
+        if node.op_type != "Div" or not users or not set(users) <= {"Abs", "Sign"}:
+            continue
+        sources = [int64_source(name) for name in node.input]
+        if None in sources:
+            continue
+        quotient = f"{node.output[0]}__int"
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(at, helper.make_node("Cast", [quotient], [node.output[0]], to=TensorProto.FLOAT))
+        graph.node.insert(at, helper.make_node("Div", sources, [quotient], name=f"{node.name}__int"))
+        rewritten += 1
+    return rewritten
+
+
+def bf16_error(net: M2AENet, image: torch.Tensor, mask: torch.Tensor, engine: str = "openvino") -> dict:
+    """Max and mean abs error and PSNR (dB, peak 1) of a bf16 run against the fp32 torch dense reference
+    ``net(image, mask)``, over the masked pixels (``image`` ``[1, 3, H, W]``, ``mask`` ``[1, 1, H, W]`` bool;
+    unmasked pixels equal the input in both).
+
+    ``engine``: ``"openvino"`` (this backend, dense graph; needs a bf16 CPU), or the network in torch as a
+    stand-in where no bf16 CPU is at hand: ``"torch-autocast"`` (CPU bf16 autocast: convolutions in bf16, the
+    residual stream in fp32) or ``"torch-bf16"`` (weights and every activation in bf16).
+    """
+    with torch.inference_mode():
+        reference = net(image, mask)
+        if engine == "openvino":
+            output = OpenVinoExecutor(net, precision="bf16").run(image, mask, execution="dense").output
+        elif engine == "torch-autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = net(image, mask).float()
+        elif engine == "torch-bf16":
+            output = copy.deepcopy(net).to(torch.bfloat16)(image.to(torch.bfloat16), mask).float()
+        else:
+            raise ValueError(f"engine must be 'openvino', 'torch-autocast' or 'torch-bf16', got {engine!r}")
+    inside = full_resolution(working_mask(mask), image.shape[-2:]).expand_as(image)
+    err = (output - reference).abs()[inside].double()
+    mse = float((err ** 2).mean())
+    return {"max_abs": float(err.max()), "mean_abs": float(err.mean()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse)), "values": int(inside.sum())}
