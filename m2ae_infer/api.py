@@ -13,7 +13,7 @@ from .checkpoint import load_checkpoint
 from .errors import InvalidArgument
 
 DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
-from .backends import EXECUTIONS, backend_entry, make_backend
+from .backends import EXECUTIONS, backend_entry, check_precision, make_backend
 from .flops import MaskPassFlops
 from .imgio import ImageError, check_tensor, load_image, prepare_image
 from .messages import one_line
@@ -92,14 +92,18 @@ class Deblurrer:
             output equals untiled output within float rounding (see :mod:`m2ae_infer.tiling`).
         tile_overlap: pixels of context around each tile; default and minimum: the network's receptive
             field (28 for the default config). Smaller values are refused.
+        precision: ``"fp32"`` (default; what the contracts hold for) or ``"bf16"``, an opt-in of the
+            ``openvino`` backend on CPUs with bf16 (error bound: ``export.openvino.BF16_TOLERANCE``); other
+            backends refuse it.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",
                  backend: str = "auto", execution: str = "auto", threshold: float | None = None, dilation: int = 0,
                  config=None, key_map=None, dense_above: float | None = None, tile: int | str | None = "auto",
-                 tile_overlap: int | None = None):
+                 tile_overlap: int | None = None, precision: str = "fp32"):
         if backend != "auto":
             backend_entry(backend)    # an unknown name fails here, before the checkpoint loads
+        check_precision(backend, precision)
         if execution not in EXECUTIONS:
             raise InvalidArgument("execution", f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
@@ -113,7 +117,8 @@ class Deblurrer:
         self.threshold, self.dilation = float(stored if threshold is None else threshold), dilation
         self.network = reparameterize_model(net).to(self.device)
         self.executor = make_backend(backend, self.network, device=self.device, execution=execution,
-                                     threshold=self.threshold, dilation=dilation, dense_above=dense_above)
+                                     threshold=self.threshold, dilation=dilation, dense_above=dense_above,
+                                     precision=precision)
         self.backend = self.executor.name
         self.tiling = Tiling.resolve(tile, tile_overlap, receptive_field(self.network))
         self._mask_flops = None   # the tiled runs' FLOP counter, made on first use
