@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
-from .errors import InvalidArgument
-
-DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
 from .backends import EXECUTIONS, backend_entry, check_precision, make_backend
+from .checkpoint import load_checkpoint
+from .checks import check_mask_settings
+from .errors import InvalidArgument
 from .flops import MaskPassFlops
 from .imgio import ImageError, check_tensor, load_image, prepare_image
 from .messages import one_line
@@ -23,6 +22,7 @@ from .reparam import reparameterize_model
 from .shipped import DEFAULT_CHECKPOINT
 from .tiling import Tiling, receptive_field, run_tiled
 
+DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ class Deblurrer:
         backend: ``"auto"`` or ``"torch"``; ``"onnxruntime"`` (the network exported to ONNX in memory and
             run by ONNX Runtime, see :mod:`m2ae_infer.export.ort`) or ``"tensorrt"`` (engines built from
             that ONNX, CUDA only; ``auto`` runs the dense graph there); ``"triton"`` (fused sparse-pixel Triton
-            kernels, :mod:`m2ae_infer.triton_executor`: CUDA only, or CPU with ``TRITON_INTERPRET=1`` set, slow).
+            kernels, :mod:`m2ae_infer.triton_executor`: CUDA only, or CPU with ``TRITON_INTERPRET=1`` set, slow);
+            ``"openvino"`` (the same ONNX graphs in OpenVINO's CPU plugin, :mod:`m2ae_infer.export.openvino`).
+            Every name of :func:`m2ae_infer.backends.backend_names` works, engines registered later included.
         execution: ``"sparse"`` (active pixels only), ``"dense"`` (everything, then gated) or ``"auto"``
             (sparse below ``dense_above`` active fraction).
         threshold: blur probability above which a pixel is computed (``sigmoid(logit) > threshold``); ``None``:
@@ -106,11 +108,7 @@ class Deblurrer:
         check_precision(backend, precision)
         if execution not in EXECUTIONS:
             raise InvalidArgument("execution", f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0):
-            raise InvalidArgument("threshold", f"threshold must be a probability strictly between 0 and 1, "
-                                  f"got {threshold!r}")
-        if not (isinstance(dilation, int) and dilation >= 0):
-            raise InvalidArgument("dilation", f"dilation must be a non-negative int, got {dilation!r}")
+        check_mask_settings(0.5 if threshold is None else threshold, dilation)
         self.device = _resolve_device(device)
         self.execution = execution
         net, stored = self._load(checkpoint, config, key_map)

@@ -14,17 +14,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from .atomic import prepare_folder
 from .cliutil import OneLineArgumentParser, check_device, cli_main, cli_message, device_arg, progress_stream, say
-from .formats import FORMATS, writable_suffixes
+from .formats import writable_suffixes
+from .jobs import (SHOWN, check_tiling, collect_inputs, describe, file_id, mask_path, plan_outputs,
+                   prepare_folders)
 from .messages import one_line, shown
 from .shipped import EXAMPLE_PHOTO
 
 PROG = "m2ae-deblur"
-SHOWN = 10  # failed files named in the closing summary line
-IMAGE_SUFFIXES = set(FORMATS)   # read from folders; the writable ones are imgsave.writable_suffixes()
 EXAMPLE_OUTPUT = "m2ae_out"      # -o default with --example
-MIN_TILE_OVERLAPS = 2            # --tile must be at least this many overlaps (see check_tiling)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,128 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="F",
                      help="with --ray: GPUs per worker (fractions share one); workers then run on CUDA")
     return p
-
-
-def collect_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
-    """Expand folders into their image files (not recursive); returns (files, problems).
-
-    A folder's image-named entries that cannot be read as files (broken symlinks, symlink loops) are
-    problems, not silently dropped; other files in a folder are ignored.
-    """
-    files, problems = [], []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            try:
-                entries = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            except OSError as exc:
-                problems.append(f"{shown(item)}: cannot list the folder ({one_line(exc.strerror or exc)})")
-                continue
-            found = [p for p in entries if p.is_file()]
-            problems.extend(f"{shown(p)}: broken symlink or symlink loop" for p in entries
-                            if p.is_symlink() and not p.exists())
-            if not found:
-                problems.append(f"{shown(item)}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files.extend(found)
-        elif path.exists():
-            files.append(path)
-        elif path.is_symlink():
-            problems.append(f"{shown(item)}: broken symlink or symlink loop")
-        else:
-            problems.append(f"{shown(item)}: no such file or folder")
-    return files, problems
-
-
-def plan_outputs(files: list[Path], output: str, example: bool, masks: bool = False) -> dict[Path, Path]:
-    """Map each input to its output path.
-
-    OUT is a file when it has an image suffix (imgsave.FORMATS, or any other Pillow knows), does not end
-    with a slash and is not an existing folder; there must then be one input and a suffix we write. Otherwise
-    OUT is a folder: each input keeps its name, with ``.png`` for formats we do not write (GIF, ICO), and
-    the ``--example`` photo is ``example_deblurred.png``.
-    """
-    out = Path(output)
-    as_folder = output.endswith(("/", os.sep)) or out.is_dir()
-    suffix = out.suffix.lower()
-    if not as_folder and (suffix in FORMATS or suffix in _pillow_suffixes()):
-        fmt = FORMATS.get(suffix)
-        if fmt is None or fmt.refused:
-            why = f": {fmt.refused}" if fmt else ""
-            raise ValueError(f"{shown(output)}: cannot write {shown(suffix)} images{why}; use "
-                             f"{', '.join(writable_suffixes())} (or end OUT with / for a folder)")
-        if not files:   # every input failed already; they are reported, nothing to write
-            return {}
-        if len(files) != 1:
-            raise ValueError(f"{shown(output)}: a file name takes one input, got {len(files)}; give a folder for "
-                             "several inputs")
-        return {files[0]: out}
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{shown(output)}: exists and is not a folder; give a folder for several inputs")
-    names: dict[Path, Path] = {}
-    taken: set[Path] = set()
-    for f in files:
-        if example and f == EXAMPLE_PHOTO:
-            name = "example_deblurred.png"
-        else:   # a format we read but do not write (GIF, ICO) comes out as PNG, as -o NAME.gif would tell
-            fmt = FORMATS.get(f.suffix.lower())
-            name = f.name if fmt is not None and fmt.refused is None else f.stem + ".png"
-        target = out / name
-        written = {target, mask_path(target)} if masks else {target}
-        if written & taken:
-            raise ValueError(f"two inputs would both write {shown(sorted(written & taken)[0])}; "
-                             "give them different names or run them apart")
-        taken |= written
-        names[f] = target
-    return names
-
-
-def mask_path(target: Path) -> Path:
-    """Where ``--save-mask`` writes the mask of the output ``target``."""
-    return target.with_name(target.stem + "_mask.png")
-
-
-def prepare_folders(targets) -> None:
-    """Create the output folders and check that files can be created there (before any image is run:
-    a batch must not compute for an hour and then fail to write). Raises ValueError, one line."""
-    for folder in sorted({Path(t).parent for t in targets}):
-        try:
-            prepare_folder(folder)
-        except OSError as exc:
-            raise ValueError(f"cannot write to output folder {shown(folder)} ({one_line(exc.strerror or exc)}); "
-                             "choose a writable folder with -o") from None
-
-
-def _pillow_suffixes() -> dict[str, str]:
-    """Every file suffix Pillow knows (``.ppm``, ``.pcx``, ...): OUT with one of them means a file."""
-    from PIL import Image
-    return Image.registered_extensions()
-
-
-def check_tiling(deblurrer, args) -> None:
-    """--tile against the loaded network's tile overlap (the API accepts any tile size; the CLI refuses
-    tiles that would mostly compute overlap). Raises ValueError (one line)."""
-    least = MIN_TILE_OVERLAPS * deblurrer.tiling.overlap
-    if isinstance(args.tile, int) and 0 < args.tile < least:
-        # Each tile also computes --tile-overlap pixels of context on every side: below 2x the overlap a
-        # tile computes over 4x its own pixels (--tile 1 ran 2145 tiles on a 257x131 image).
-        raise ValueError(f"--tile {args.tile} is too small: tiles must be at least {least} pixels "
-                         f"({MIN_TILE_OVERLAPS} x the {deblurrer.tiling.overlap}-pixel overlap each tile also "
-                         "computes on every side); use --tile 0 (no tiles), auto, or a larger size")
-
-
-def describe(info) -> str:
-    """One line on what ran: the mask share, the FLOPs executed vs the untiled dense run, the time (and the
-    tiles). Savings are against running the whole image densely, so tile overlaps count as cost."""
-    saved = info.flops_saved_untiled
-    saving = f"{saved:.1%} saved" if saved >= 0 else f"{-saved:.1%} more, tile overlaps"
-    if info.execution == "dense":   # every pixel computed, then gated by the mask
-        work = (f"mask {info.active_fraction:.1%} of pixels, computed densely: {info.flops_executed / 1e9:.2f} "
-                f"GFLOP ({saving})")
-    else:   # sparse, or tiles that chose differently ("mixed"), or nothing to restore ("none")
-        work = (f"computed {info.active_fraction:.1%} of pixels, {info.flops_executed / 1e9:.2f} of "
-                f"{info.flops_untiled / 1e9:.2f} GFLOP ({saving})")
-    tiles = f", {info.tiles} tiles" if getattr(info, "tiles", 1) > 1 else ""
-    return f"{work}, {info.seconds:.2f} s [{info.execution}{tiles}]"
 
 
 def _tile_size(text: str):
@@ -238,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         say(f"{PROG}: skipped {p}", sys.stderr)
 
-    inputs = {_file_id(f) for f in files} - {None}
+    inputs = {file_id(f) for f in files} - {None}
     failed = [p.split(": ", 1)[0] for p in problems]   # already shown escaped
     written = 0
     bar = None if args.quiet or len(outputs) < 2 else _progress(len(outputs))
@@ -268,21 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def _deblur_one(deblurrer, source: Path, target: Path, args, inputs: set) -> None:
     from .imgio import ImageWarning
     from .imgsave import mask_to_image, save_images
 
     mask_target = mask_path(target)
     for path in (target, mask_target) if args.save_mask else (target,):
-        if _file_id(path) in inputs:   # the same file as an input (also through links), whatever --force says
+        if file_id(path) in inputs:   # the same file as an input (also through links), whatever --force says
             what = "the input itself" if os.path.samefile(source, path) else "one of the inputs"
             raise ValueError(f"output {shown(path)} is {what}; choose another output")
         if path.is_dir():

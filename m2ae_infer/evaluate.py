@@ -449,8 +449,8 @@ def _check_video(video: str) -> None:
         raise _Refused(f"--video {video} not found; give a video file (e.g. a corpus's "
                        "videos/opencv-doc/vtest.avi)")
     try:
-        from .data.video import _av
-        _av()
+        from .data.video import require_av
+        require_av()
     except ImportError as exc:
         raise _Refused(exc) from None
 

@@ -34,17 +34,18 @@ class ImageWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------------- load
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], name: str | None = None) -> Image.Image:
     """Open ``path`` with Pillow, decode it fully and apply its EXIF orientation.
 
     Raises ImageError (never a bare Pillow error) for a missing file, a directory, an empty,
-    unrecognised, truncated or corrupt file, a decompression bomb and a 0-sized image.
+    unrecognised, truncated or corrupt file, a decompression bomb and a 0-sized image. Messages name the file
+    ``name`` (default: the path, control characters escaped), e.g. "request body" for bytes a service saved.
     """
     try:
         p = os.fspath(path)
     except TypeError:
         raise ImageError(f"expected a file path, got {type(path).__name__}") from None
-    return _load(p, shown(p))
+    return _load(p, shown(p) if name is None else name)
 
 
 def _load(p: str, name: str) -> Image.Image:

@@ -21,7 +21,7 @@ from .formats import DEEP_GRAY, FORMATS, FileFormat, writable_suffixes
 from .imgio import ImageError, ImageWarning
 from .messages import one_line, shown
 
-__all__ = ["FileFormat", "FORMATS", "save_image", "save_images", "mask_to_image", "writable_suffixes"]
+__all__ = ["FileFormat", "FORMATS", "encode_image", "save_image", "save_images", "mask_to_image", "writable_suffixes"]
 
 
 # JPEG: quality 95 (Pillow's 75 visibly softens). WebP: lossless, so pixels the network did not change stay
@@ -91,6 +91,15 @@ def _check_target(obj: Image.Image | np.ndarray, path: str | os.PathLike[str],
         # the cause carries the path, so that a CLI can word the fix as --force
         raise ImageError(f"{name}: exists; pass overwrite=True to replace it") from OutputExistsError(path)
     return target, _writer(obj, fmt, name)
+
+
+def encode_image(obj: Image.Image | np.ndarray, suffix: str = ".png", name: object = "image") -> bytes:
+    """The bytes :func:`save_image` would write for ``obj`` as a ``suffix`` file (same encoder options, EXIF,
+    16-bit handling); ``name`` is what error messages call it."""
+    import io
+    buffer = io.BytesIO()
+    _writer(obj, FORMATS[suffix], name)(buffer)
+    return buffer.getvalue()
 
 
 def _writer(obj: Image.Image | np.ndarray, fmt: FileFormat, path: object) -> Callable[[Any], None]:

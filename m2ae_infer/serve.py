@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import logging
 import os
@@ -149,14 +148,14 @@ class DeblurService:
 def _decode(body: bytes):
     """The body as ``(PIL image, warnings)``, decoded as m2ae-deblur reads a file (:func:`imgio.load_image`: the
     same checks for truncated, corrupt, empty, oversized images), or the 400 reply."""
-    from .imgio import ImageWarning, _load
+    from .imgio import ImageWarning, load_image
     with tempfile.NamedTemporaryFile(prefix="m2ae-serve-", suffix=".img") as f:
         f.write(body)
         f.flush()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ImageWarning)
-                image = _load(f.name, BODY)
+                image = load_image(f.name, name=BODY)
         except (ValueError, OSError, MemoryError) as exc:   # ImageError is a ValueError
             return _Reply(400, one_line(exc))
     return image, [one_line(w.message) for w in caught if issubclass(w.category, ImageWarning)]
@@ -169,11 +168,8 @@ def _body_named(message: str) -> str:
 
 def _png(image) -> bytes:
     """The PNG bytes m2ae-deblur writes for ``image`` (same encoder options, EXIF, 16-bit handling)."""
-    from .formats import FORMATS
-    from .imgsave import _writer
-    buffer = io.BytesIO()
-    _writer(image, FORMATS[".png"], BODY)(buffer)
-    return buffer.getvalue()
+    from .imgsave import encode_image
+    return encode_image(image, ".png", BODY)
 
 
 # --------------------------------------------------------------------------------------- applications

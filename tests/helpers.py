@@ -71,7 +71,7 @@ def shipped_tiling() -> tuple[int, int]:
     """``(overlap, least)`` of the shipped checkpoint: its minimum tile overlap and the smallest ``--tile`` the
     CLI takes (``MIN_TILE_OVERLAPS`` overlaps), so CLI tiling tests follow the shipped network's receptive field."""
     from m2ae_infer import Deblurrer
-    from m2ae_infer.cli import MIN_TILE_OVERLAPS
+    from m2ae_infer.jobs import MIN_TILE_OVERLAPS
     overlap = Deblurrer(tile=None).tiling.overlap
     return overlap, MIN_TILE_OVERLAPS * overlap
 

@@ -17,10 +17,12 @@ PROTOCOL_METHODS = ("choose", "prepare", "run", "count_flops")
 
 
 def _engine_classes():
+    from m2ae_infer.export.openvino import OpenVinoExecutor   # imports no openvino until built
     from m2ae_infer.export.ort import OrtExecutor
     from m2ae_infer.export.trt import TrtExecutor
     from m2ae_infer.triton_executor import TritonExecutor   # imports no triton until built
-    return {"torch": TorchExecutor, "triton": TritonExecutor, "onnxruntime": OrtExecutor, "tensorrt": TrtExecutor}
+    return {"torch": TorchExecutor, "triton": TritonExecutor, "onnxruntime": OrtExecutor, "tensorrt": TrtExecutor,
+            "openvino": OpenVinoExecutor}
 
 
 def test_every_registered_engine_class_has_the_protocol_with_its_signatures():

@@ -47,7 +47,8 @@ TRAIN_FRAMES = 400
 _INSTALL_HINT = 'reading videos needs PyAV: pip install "m2ae-infer[train]"'
 
 
-def _av():
+def require_av():
+    """PyAV, or ImportError with the install line (it decodes the videos)."""
     try:
         import av
     except ImportError as exc:
@@ -66,7 +67,7 @@ def _ndimage():
 def _decode(path: str | os.PathLike[str]):
     """Yield every frame of the first video stream as uint8 ``[H, W, 3]`` RGB. Missing file:
     ``FileNotFoundError``; a file that is not a decodable video: ``ValueError`` (one line)."""
-    av = _av()
+    av = require_av()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video {path} not found")

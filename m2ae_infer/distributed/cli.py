@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import PROG, collect_inputs, plan_outputs, prepare_folders
+from ..cli import PROG
+from ..jobs import collect_inputs, plan_outputs, prepare_folders
 from ..cliutil import cli_message, progress_stream, say
 from ..messages import one_line, shown
 from .job import RAY_EXTRA, _check_pool, _load_on_driver, _options, _run
@@ -17,7 +18,7 @@ def cli_run(args) -> int:
     """``m2ae-deblur ... --ray [ADDRESS]``, from the arguments of ``cli.build_parser`` (``cli.main`` checked that
     inputs and an output are given). Returns the exit code: 0, 1 (some inputs failed or were not run), 2 (setup
     errors, before any image runs), 130 (interrupted)."""
-    from ..cli import check_tiling
+    from ..jobs import check_tiling
     files, problems = collect_inputs(args.inputs)
     try:
         address = _address_arg(args.ray)

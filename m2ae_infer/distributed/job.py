@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..atomic import TEMP_PREFIX
-from ..cli import _file_id, collect_inputs, mask_path, plan_outputs, prepare_folders
+from ..jobs import collect_inputs, file_id, mask_path, plan_outputs, prepare_folders
 from ..messages import one_line, shown
 from .pool import _Pool
 from .records import BatchSummary, InputResult, _Item
@@ -128,13 +128,13 @@ def _plan_items(outputs: dict[Path, Path], files: list[Path], options: dict):
     """Split the planned outputs into work, skips and refusals (the refusal rules of m2ae-deblur, and resume).
 
     Returns (items to run, inputs skipped, (input, reason) refused)."""
-    inputs = {_file_id(f) for f in files} - {None}
+    inputs = {file_id(f) for f in files} - {None}
     items, skipped, refused = [], [], []
     for source, target in outputs.items():
         targets = (target, mask_path(target)) if options["save_mask"] else (target,)
         reason = None
         for path in targets:
-            if _file_id(path) in inputs:   # the same file as an input (also through links), never skipped
+            if file_id(path) in inputs:   # the same file as an input (also through links), never skipped
                 what = "the input itself" if os.path.samefile(source, path) else "one of the inputs"
                 reason = f"output {shown(path)} is {what}; choose another output"
             elif path.is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cli import SHOWN
+from ..jobs import SHOWN
 from ..messages import shown
 
 

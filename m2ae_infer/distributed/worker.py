@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli import describe
+from ..jobs import describe
 from ..cliutil import cli_message
 from ..messages import one_line, shown
 from .records import InputResult, _Item
