@@ -12,8 +12,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..atomic import prepare_folder
-from ..cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, say
+from ..cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, say, writable_folder
 from ..messages import one_line
 from .baselines import BASELINES, DENSE_ENGINES
 from .grid import BACKENDS, MASK_SOURCES, QUICK, RESOLUTIONS, BenchSettings, run_grid
@@ -108,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"m2ae-bench: error: {one_line(exc)}", sys.stderr)
         return 2
     created = not args.out.exists()
-    try:   # before the benchmark, not after it: a long run must not end in "cannot write"
-        prepare_folder(args.out)
-    except OSError as exc:
-        say(f"m2ae-bench: error: cannot write to --out {args.out} ({one_line(exc.strerror or exc)}); choose a "
-            "writable folder", sys.stderr)
+    try:
+        writable_folder(args.out, "--out ")
+    except ValueError as exc:
+        say(f"m2ae-bench: error: {exc}", sys.stderr)
         return 2
 
     def drop_empty_out() -> None:   # a failed run leaves no empty folder of ours behind

@@ -18,9 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from ..atomic import prepare_folder
 from ..cliutil import (OneLineArgumentParser, cli_main, cli_message, dilation_arg, path_arg, say, stop_if_interrupted,
-                       threshold_arg)
+                       threshold_arg, writable_folder)
 from ..messages import one_line, shown
 
 PROG = "m2ae-export"
@@ -110,12 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 if blocker is not None and not blocker.is_dir():
                     raise ValueError(f"{shown(path)}: {shown(blocker)} is a file, not a folder; choose another -o")
                 raise ValueError(f"{shown(path)}: folder {shown(path.parent)} does not exist; create it first")
-            if path is not None:
-                try:   # before the export and its checks, not after them
-                    prepare_folder(path.parent)
-                except OSError as exc:
-                    raise ValueError(f"cannot write to {shown(path.parent)} ({exc.strerror or exc}); choose a writable "
-                                     "folder with -o") from None
+            if path is not None:   # before the export and its checks, not after them
+                writable_folder(path.parent, fix="choose a writable folder with -o")
         profile = None
         if args.trt:
             from .trt import Profile

@@ -106,6 +106,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
+def writable_folder(folder, what: str = "", fix: str = "choose a writable folder", error: type = ValueError):
+    """Create ``folder`` and check a file can be written in it (:func:`m2ae_infer.atomic.prepare_folder`), before
+    any long work: an hour of computing must not end in "cannot write". Raises ``error`` with one line,
+    ``cannot write to {what}{folder} ({reason}); {fix}`` (``what``: e.g. ``"--out "``). Returns the folder."""
+    from .atomic import prepare_folder
+    try:
+        return prepare_folder(folder)
+    except OSError as exc:
+        raise error(f"cannot write to {what}{shown(folder)} ({one_line(exc.strerror or exc)}); {fix}") from None
+
+
 def threshold_arg(text: str) -> float:
     """argparse ``type`` of ``--threshold``: :func:`~m2ae_infer.checks.check_mask_settings`'s rule."""
     return _mask_setting(text, float, "threshold")

@@ -34,8 +34,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write, prepare_folder
-from .cliutil import OneLineArgumentParser, check_device, cli_main, device_arg, path_arg, progress_stream, say
+from .atomic import atomic_write
+from .cliutil import (OneLineArgumentParser, check_device, cli_main, device_arg, path_arg, progress_stream, say,
+                      writable_folder)
 from .messages import one_line
 
 PSNR_CAP = 100.0
@@ -484,10 +485,7 @@ def _prepare_outputs(out_dir: Path, force: bool) -> tuple[Path, Path]:
     existing = [str(p) for p in outputs if p.exists()]
     if existing and not force:
         raise _Refused(f"{', '.join(existing)} already exist(s); pass --force to replace, or choose another --out")
-    try:
-        prepare_folder(out_dir)   # before the work, not after it
-    except OSError as exc:
-        raise _Refused(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
+    writable_folder(out_dir, "--out ", error=_Refused)   # before the work, not after it
     return outputs
 
 

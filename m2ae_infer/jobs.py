@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .atomic import prepare_folder
+from .cliutil import writable_folder
 from .formats import FORMATS, writable_suffixes
 from .messages import one_line, shown
 from .shipped import EXAMPLE_PHOTO
@@ -100,11 +100,7 @@ def prepare_folders(targets) -> None:
     """Create the output folders and check that files can be created there (before any image is run:
     a batch must not compute for an hour and then fail to write). Raises ValueError, one line."""
     for folder in sorted({Path(t).parent for t in targets}):
-        try:
-            prepare_folder(folder)
-        except OSError as exc:
-            raise ValueError(f"cannot write to output folder {shown(folder)} ({one_line(exc.strerror or exc)}); "
-                             "choose a writable folder with -o") from None
+        writable_folder(folder, "output folder ", "choose a writable folder with -o")
 
 
 def _pillow_suffixes() -> dict[str, str]:

@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .atomic import atomic_path, atomic_write, prepare_folder
+from .atomic import atomic_path, atomic_write
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import M2AEConfig
 from .model.mask import working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
 from .reparam import expand_model, reparameterize_model
-from .cliutil import OneLineArgumentParser, cli_main, path_arg, progress_stream, say
+from .cliutil import OneLineArgumentParser, cli_main, path_arg, progress_stream, say, writable_folder
 # the settings that define a run (stored in last_state.pt; --resume refuses to change them, except steps)
 from .train_settings import RUN_DEFAULTS, TRAINABLE, RunSettings, UsageError, require
 
@@ -424,10 +424,7 @@ def _open_run(args: argparse.Namespace) -> _Run:
     torch.set_num_threads(args.threads)
     torch.manual_seed(settings.seed), random.seed(settings.seed), np.random.seed(settings.seed)
     model = build_model(settings) if state is None else load_checkpoint(out / "last.pth")
-    try:   # only now: a run refused above (bad --init, bad options) leaves no empty folder behind
-        prepare_folder(out)
-    except OSError as exc:
-        raise UsageError(f"cannot write to --out {out} ({exc.strerror or exc}); choose a writable folder") from None
+    writable_folder(out, "--out ", error=UsageError)   # only now: a refused run (bad --init) leaves no folder
     opt, sched = build_optimizer(model, settings)
     run = _Run(out, settings, model, opt, sched, _data_meta(settings), args.threads, t0)
     if state is not None:

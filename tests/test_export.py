@@ -304,7 +304,8 @@ def test_cli_unwritable_folder_is_refused_before_exporting(checkpoint, tmp_path,
 
     def read_only(folder):
         raise OSError(30, "Read-only file system")
-    monkeypatch.setattr(cli, "prepare_folder", read_only)
+    from m2ae_infer import atomic
+    monkeypatch.setattr(atomic, "prepare_folder", read_only)   # what cliutil.writable_folder calls
     monkeypatch.setattr(cli, "_export", lambda *a, **k: pytest.fail("exported before checking the folder"))
     assert export_main([str(checkpoint), "-o", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
