@@ -160,11 +160,7 @@ class Tile:
     left: int
     right: int
     crop: tuple[int, int, int, int]
-    body_crop: tuple[int, int, int, int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.body_crop is None:
-            object.__setattr__(self, "body_crop", self.crop)
+    body_crop: tuple[int, int, int, int]
 
 
 def _round_up(x: int, m: int) -> int:

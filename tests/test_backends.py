@@ -37,7 +37,8 @@ def test_every_registered_engine_class_has_the_protocol_with_its_signatures():
 
 @pytest.mark.parametrize("name", ["auto", "torch", "onnxruntime"])
 def test_built_engines_satisfy_the_protocol_and_agree_with_the_dense_reference(name):
-    pytest.importorskip("onnxruntime") if name == "onnxruntime" else None
+    if name == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     net = reparameterize_model(random_net("tiny", seed=21))
     engine = make_backend(name, net, execution="sparse")
     assert isinstance(engine, Backend) and engine.name == ("torch" if name == "auto" else name)
