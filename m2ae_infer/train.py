@@ -111,7 +111,11 @@ def build_model(settings: RunSettings) -> M2AENet:
                 "part of the network")
         return init_for_training(M2AENet(config))
     if settings.train == "body":   # a deploy init grows its training branches back, exactly (frozen norms)
-        return expand_model(load_checkpoint(settings.init, config=config), inplace=True)
+        try:   # config=: bare state dicts load too
+            start = load_checkpoint(settings.init, config=config)
+        except CheckpointError:   # a stored config of another depth: _deepened checks everything else
+            start = load_checkpoint(settings.init)
+        return expand_model(_deepened(start, config, settings.init), inplace=True)
     if settings.train == "all":   # config=: bare state dicts load too, a stored config must agree
         start = load_checkpoint(settings.init, config=config)
         require(not start.inference_mode, f"--init {settings.init} is a deploy (re-parameterized) checkpoint; "
@@ -129,6 +133,30 @@ def build_model(settings: RunSettings) -> M2AENet:
     keep = {k: v for k, v in start.state_dict().items() if not k.startswith("mask_head.") or copy_head}
     model.load_state_dict(keep, strict=False)   # only the mask head is missing, when it starts fresh
     return model
+
+
+def _deepened(start: M2AENet, config: M2AEConfig, init: str) -> M2AENet:
+    """``start`` with ``config``'s ``num_blocks``: blocks beyond ``start``'s own are appended after them, each
+    starting as an exact no-op (its last 1x1 conv zero, so ``F(x) = 0``), so the deeper network computes what
+    ``start`` computes at step 0 (``--train body --config v2,num_blocks=10``). Every other field must agree."""
+    same_but_depth = lambda cfg: {k: v for k, v in cfg.to_dict().items() if k != "num_blocks"}  # noqa: E731
+    require(same_but_depth(config) == same_but_depth(start.config),
+            f"--init {init} ({start.config}) differs from --config {config} in more than num_blocks")
+    require(config.num_blocks >= start.config.num_blocks,
+            f"--config has {config.num_blocks} blocks, fewer than --init {init}'s {start.config.num_blocks}: "
+            "--train body can add blocks, not drop them")
+    if config == start.config:
+        return start
+    with torch.random.fork_rng():   # the new blocks' other weights are random, like a fresh network's
+        torch.manual_seed(0)
+        deeper = M2AENet(config, inference_mode=start.inference_mode)
+    missing, unexpected = deeper.load_state_dict(start.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("blocks.") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for block in deeper.blocks[start.config.num_blocks:]:
+            block.mix_out.weight.zero_()
+            block.mix_out.bias.zero_()
+    return deeper.eval()
 
 
 def trainable_parameters(model: M2AENet, settings: RunSettings) -> list[torch.nn.Parameter]:

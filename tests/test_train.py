@@ -3,6 +3,7 @@ resume, the CLI's files and its one-line errors. Tiny config, 32 px crops, a few
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import os
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("skimage", reason="the synthetic training data needs scikit-image (pip install scikit-image)")
 
-from m2ae_infer import M2AEConfig, M2AENet, load_checkpoint  # noqa: E402
+from m2ae_infer import M2AEConfig, M2AENet, load_checkpoint, reparameterize_model  # noqa: E402
 from m2ae_infer.checkpoint import read_checkpoint  # noqa: E402
 from m2ae_infer.data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
 from m2ae_infer.train import (RUN_DEFAULTS, RunSettings, TrainStream, UsageError, build_optimizer,  # noqa: E402
@@ -370,3 +371,29 @@ def test_train_body_from_a_deploy_checkpoint_keeps_the_mask_head(tmp_path):
     assert main(["--out", str(split), "--resume", "-q", "--val-samples", "0"]) == 0
     a, b = load_checkpoint(whole / "last.pth").state_dict(), load_checkpoint(split / "last.pth").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_body_can_add_blocks_that_start_as_no_ops(tmp_path):
+    """--train body --config tiny,num_blocks=3 from a 2-block deploy checkpoint: the added block starts as an
+    exact no-op, so at step 0 the deeper network computes what the init computes (compared with the init's own
+    dense forward); fewer blocks, or another field changed, is refused in one line."""
+    from m2ae_infer.train import RunSettings, build_model
+
+    first = tmp_path / "a"
+    assert main(["--out", str(first), "--steps", "2", *TINY]) == 0
+    init = first / "final_deploy.safetensors"
+    start = load_checkpoint(init)
+    settings = dataclasses.replace(RunSettings(), train="body", init=str(init), config="tiny,num_blocks=3")
+    deeper = build_model(settings).eval()
+    assert len(deeper.blocks) == 3 and not deeper.inference_mode
+    torch.manual_seed(3)
+    image = torch.rand(1, 3, 24, 20)
+    mask = torch.rand(1, 1, 24, 20) > 0.5
+    with torch.no_grad():
+        assert torch.allclose(deeper(image, mask=mask), start(image, mask=mask), atol=1e-6)
+        grown = reparameterize_model(deeper)
+        assert torch.allclose(grown(image, mask=mask), start(image, mask=mask), atol=1e-6)
+    assert main(["--out", str(tmp_path / "b"), "--steps", "1", "--train", "body", "--init", str(init), *TINY,
+                 "--config", "tiny,num_blocks=1"]) == 2
+    assert main(["--out", str(tmp_path / "c"), "--steps", "1", "--train", "body", "--init", str(init), *TINY,
+                 "--config", "tiny,num_blocks=3,channels=12"]) == 2
