@@ -29,6 +29,9 @@ from .photos import real_photos
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
 # The bench's default order: registry names, ``name:bf16`` for an engine's bf16 opt-in.
 BACKENDS = ("torch", "onnxruntime", "openvino", "openvino:bf16", "triton", "tensorrt")
+# Opt-in rows for the torch executor's sparse kernels one at a time (``torch`` runs their mix, the default):
+# ``--backends torch,torch/pixels,torch/tiles``.
+TORCH_KERNELS = {"torch/pixels": "pixels", "torch/tiles": "tiles"}
 # Untimed seconds before each timed call when several engines share the run (see time_interleaved).
 PAUSE = 0.03
 MASK_SOURCES = (*MASK_KINDS, "real")
@@ -71,8 +74,8 @@ class BenchSettings:
         bad = [m for m in self.masks if m not in MASK_SOURCES]
         if bad:
             raise ValueError(f"unknown mask source(s) {bad}; choose from {MASK_SOURCES}")
-        if self.backends is not None and (bad := [b for b in self.backends if b not in BACKENDS]):
-            raise ValueError(f"unknown backend(s) {bad}; choose from {BACKENDS}")
+        if self.backends is not None and (bad := [b for b in self.backends if b not in (*BACKENDS, *TORCH_KERNELS)]):
+            raise ValueError(f"unknown backend(s) {bad}; choose from {(*BACKENDS, *TORCH_KERNELS)}")
         if self.dense_baselines is not None and (bad := [d for d in self.dense_baselines if d not in DENSE_ENGINES]):
             raise ValueError(f"unknown dense baseline(s) {bad}; choose from {tuple(DENSE_ENGINES)}")
         if not all(0.0 <= d <= 1.0 for d in self.densities):
@@ -103,8 +106,8 @@ class Engine:
             return self.runner(case.image, case.mask)
         return self.runner.run(case.image, case.mask, execution="dense").output
 
-    def run_sparse(self, case: "Case"):
-        return self.runner.run(case.image, case.mask, execution="sparse")
+    def run_sparse(self, case: "Case", execution: str = "sparse"):
+        return self.runner.run(case.image, case.mask, execution=execution)
 
 
 def make_backends(net: M2AENet, names, device: str, threads: int | None,
@@ -132,6 +135,12 @@ def make_backends(net: M2AENet, names, device: str, threads: int | None,
         engines.append(Engine(label, precision, runner, dense_engine_name(name, precision), sparse))
 
     for label in names or BACKENDS:
+        if label in TORCH_KERNELS:   # one sparse kernel of the torch executor; its dense row is torch's
+            from ..executor import TorchExecutor
+            engines.append(Engine(label, "fp32", TorchExecutor(reparameterize_model(net).to(device),
+                                                               sparse_kernel=TORCH_KERNELS[label]),
+                                  dense_engine_name("torch", "fp32")))
+            continue
         name, _, precision = label.partition(":")
         build(label, name, precision or "fp32", True)
     for row in (d for d in dense if d not in {e.dense_name for e in engines}):
@@ -169,17 +178,21 @@ def measure_case(engines: list[Engine], case: Case, settings: BenchSettings) -> 
     """Every engine dense, and sparse where it runs sparse cells, on one case, all timed alternately:
     ``(cell rows, dense rows)``."""
     calls = {}
+    # one dense row per dense engine: the torch kernel rows (TORCH_KERNELS) share torch's
+    dense_engines = list({e.dense_name: e for e in reversed(engines)}.values())[::-1]
     for e in engines:
-        calls[f"{e.name} dense"] = lambda e=e: e.dense(case)
+        if e in dense_engines:
+            calls[f"{e.name} dense"] = lambda e=e: e.dense(case)
         if e.sparse:
             calls[f"{e.name} sparse"] = lambda e=e: e.run_sparse(case)
+            calls[f"{e.name} auto"] = lambda e=e: e.run_sparse(case, "auto")
     outputs = {key: fn() for key, fn in calls.items()}      # untimed: results to check, compilations done
     t = time_interleaved(calls, warmup=settings.warmup, repeats=settings.repeats,
                          pause=PAUSE if len(engines) > 1 else 0.0)
-    eager = next((e for e in engines if e.dense_name == "eager"), None)
-    reference = outputs[f"{(eager or engines[0]).name} dense"]
+    eager = next((e for e in dense_engines if e.dense_name == "eager"), None)
+    reference = outputs[f"{(eager or dense_engines[0]).name} dense"]
     dense_rows = []
-    for e in engines:
+    for e in dense_engines:
         timing = t[f"{e.name} dense"]
         compiled = isinstance(e.runner, CompiledDense)
         dense_rows.append({
@@ -188,21 +201,24 @@ def measure_case(engines: list[Engine], case: Case, settings: BenchSettings) -> 
             "compile_s": e.runner.compile_seconds[(tuple(case.image.shape), case.mask is None)] if compiled else None,
             # against torch eager dense (or the first engine): bf16 rows show their rounding here
             "max_abs_vs_eager": float((outputs[f"{e.name} dense"] - reference).abs().max())})
+    owner = {e.dense_name: e.name for e in dense_engines}
     cells = [measure_cell(e, case, settings, t[f"{e.name} sparse"], dense_rows, outputs[f"{e.name} sparse"],
-                          outputs[f"{e.name} dense"]) for e in engines if e.sparse]
+                          outputs[f"{owner[e.dense_name]} dense"], t[f"{e.name} auto"], outputs[f"{e.name} auto"])
+             for e in engines if e.sparse]
     return cells, dense_rows
 
 
 def measure_cell(engine: Engine, case: Case, settings: BenchSettings, sparse_time, dense_rows: list[dict],
-                 sparse_out, dense_out: torch.Tensor) -> dict:
+                 sparse_out, dense_out: torch.Tensor, auto_time, auto_out) -> dict:
     """The sparse cell of one backend on one case, against its own dense call, torch eager dense and the
-    fastest dense row of its precision (the headline)."""
+    fastest dense row of its precision (the headline); and its ``execution="auto"`` call against the same."""
     ex = engine.runner
     height, width = case.image.shape[-2:]
     active, total = sparse_out.active_pixels, sparse_out.mask.numel()
     predicted = case.mask is None
     flops_dense = ex.count_flops(1, height, width, 0, "dense", predicted)
-    flops_sparse = ex.count_flops(1, height, width, active, "sparse", predicted)
+    flops_sparse = ex.count_flops(1, height, width, active, "sparse", predicted, sparse_out.sparse_tiles,
+                                  sparse_out.tile_pixels)
     measure = settings.memory and ex.measures_memory
     mem = {k: peak_memory(lambda: ex.run(case.image, case.mask, execution=k), settings.device) if measure else None
            for k in ("dense", "sparse")}
@@ -220,7 +236,10 @@ def measure_cell(engine: Engine, case: Case, settings: BenchSettings, sparse_tim
         "eager_ratio": sparse_ms / eager["ms"] if eager else None,
         "headline_dense": best["engine"], "headline_dense_ms": best["ms"], "headline_ratio": sparse_ms / best["ms"],
         "dense_peak_mb": _mb(mem["dense"]), "sparse_peak_mb": _mb(mem["sparse"]),
-        "auto_picks": ex.choose("auto", active, total),
+        "sparse_tiles": sparse_out.sparse_tiles, "tile_pixels": sparse_out.tile_pixels,
+        "tiled_fraction": sparse_out.tile_pixels / active if active else 0.0,
+        "auto_picks": auto_out.execution, "auto_ms": auto_time.median * 1e3, "auto_spread": auto_time.spread,
+        "auto_headline_ratio": auto_time.median * 1e3 / best["ms"], "auto_own_ratio": auto_time.median * 1e3 / own["ms"],
         # sparse must equal dense (README: Contracts): a benchmark that measured a wrong result would be worthless.
         "max_abs_diff": float((sparse_out.output - dense_out).abs().max()),
     }
@@ -231,11 +250,13 @@ def measure_baselines(net: M2AENet, image: torch.Tensor, names, settings: BenchS
     ours = Deblurrer(net, device=settings.device, backend="torch")
     height, width = image.shape[-2:]
     sparse = ours.executor.run(image, execution="sparse")
+    sparse_flops = ours.executor.count_flops(1, height, width, sparse.active_pixels, "sparse", True,
+                                             sparse.sparse_tiles, sparse.tile_pixels)
     calls = {"M2AENet dense (ours)": (lambda: ours.executor.run(image, execution="dense"),
                                       ours.executor.count_flops(1, height, width, 0, "dense"),
                                       parameter_count(ours.network)),
              "M2AENet sparse (ours)": (lambda: ours.executor.run(image, execution="sparse"),
-                                       ours.executor.count_flops(1, height, width, sparse.active_pixels, "sparse"),
+                                       sparse_flops,
                                        parameter_count(ours.network))}
     for name in names:
         baseline = build_baseline(name).to(settings.device)

@@ -57,7 +57,9 @@ CELL_COLUMNS = [
     ("own ratio", 9, lambda r: f"{r['latency_ratio']:.3f}"), ("vs eager", 8, lambda r: _fmt(r["eager_ratio"], ".3f")),
     ("best dense", 13, lambda r: r["headline_dense"]), ("headline", 8, lambda r: f"{r['headline_ratio']:.3f}"),
     ("spread d/s", 10, lambda r: f"{r['dense_spread']:.0%}/{r['sparse_spread']:.0%}"),
-    ("auto", 6, lambda r: r["auto_picks"]),
+    ("tiled", 6, lambda r: f"{r['tiled_fraction']:.0%}"),
+    ("auto runs", 9, lambda r: r["auto_picks"]), ("auto/best", 9, lambda r: f"{r['auto_headline_ratio']:.3f}"),
+    ("auto/own", 8, lambda r: f"{r['auto_own_ratio']:.3f}"),
     ("peak MB d/s", 13, lambda r: f"{_fmt(r['dense_peak_mb'], '.0f')}/{_fmt(r['sparse_peak_mb'], '.0f')}"),
     ("max|s-d|", 9, lambda r: f"{r['max_abs_diff']:.1e}")]
 DENSE_COLUMNS = [

@@ -22,8 +22,10 @@ from torch import nn
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
-# Rows gathered per GEMM call: bounds the im2col scratch to CHUNK * 9C floats (~37 MB at C=64).
-CHUNK_ROWS = 16384
+# Rows gathered per GEMM call: the im2col scratch is CHUNK_ROWS * 9C floats, 1.2 MB at C=32, so it stays in
+# the L2 cache. Measured (720p, 30 % scattered, default net, 1 thread, interleaved, median of 7): 328 ms per
+# call at 1024 rows against 461 ms at 16384 (19 MB of scratch) and 362-495 ms at 256-2048.
+CHUNK_ROWS = 1024
 
 
 def activation(x: torch.Tensor, name: str) -> torch.Tensor:

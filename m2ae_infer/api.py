@@ -186,7 +186,8 @@ class Deblurrer:
             active_fraction=result.active_pixels / result.mask.numel(),
             flops_dense=dense,
             flops_executed=self.executor.count_flops(batch, height, width, result.active_pixels,
-                                                     result.execution, predicted),
+                                                     result.execution, predicted, result.sparse_tiles,
+                                                     result.tile_pixels),
             seconds=seconds, execution=result.execution, backend=self.backend, flops_untiled=dense)
         return restored, info
 

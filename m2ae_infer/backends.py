@@ -41,6 +41,8 @@ class ExecutionResult:
     mask: torch.Tensor          # working mask [B, 1, ceil(H/2), ceil(W/2)] bool
     execution: str              # "sparse" or "dense": what actually ran
     active_pixels: int          # True pixels of the working mask (over the batch)
+    sparse_tiles: int = 0       # working-grid tiles the tile kernel computed (0: per pixel only, or dense)
+    tile_pixels: int = 0        # active pixels inside those tiles (the rest ran per pixel)
 
 
 def choose_execution(execution: str, active: int, total: int, dense_above: float) -> str:
@@ -56,7 +58,8 @@ def choose_execution(execution: str, active: int, total: int, dense_above: float
 class Backend(Protocol):
     """What an engine offers. Contracts (tests/test_backends.py and the per-engine tests): ``run`` equals the
     dense masked torch reference within the engine's tolerance and leaves unmasked pixels bit-identical;
-    ``count_flops`` equals ``FlopCounterMode`` on the torch reference of the same call.
+    ``count_flops`` equals ``FlopCounterMode`` on the real call (for the non-torch engines: on the torch
+    reference of the same call), given the call's ``active_pixels``, ``sparse_tiles`` and ``tile_pixels``.
 
     Attributes:
         name: the registry name.
@@ -80,8 +83,9 @@ class Backend(Protocol):
         (predicted with ``threshold``/``dilation`` when omitted)."""
 
     def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
-                    predict_mask: bool = True) -> int:
-        """FLOPs one call of that shape executes with ``active`` working pixels (without running it)."""
+                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0) -> int:
+        """FLOPs one call of that shape executes with ``active`` working pixels, ``tile_pixels`` of them in
+        ``sparse_tiles`` tiles (:class:`ExecutionResult`), without running it."""
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,20 @@
 Both paths share the dense stages (pad, stem, mask prediction) and differ in how the masked stages run:
 
 * ``dense``: every stage computed everywhere with oneDNN channels-last convolutions, then gated.
-* ``sparse``: features copied once into a zero-bordered channels-last buffer; each stage gathers the
-  3x3 neighbourhoods of the active pixels, runs its GEMMs and adds its update back at those pixels only;
-  the tail writes only the active pixels of the output, which starts as a copy of the input.
-* ``auto``: sparse below ``dense_above`` active fraction, dense above (a measured break-even, docs/performance.md).
+* ``sparse``: features copied once into a zero-bordered channels-last buffer; the stages update the active pixels
+  only, by one of two kernels, and the tail writes only the active pixels of the output, which starts as a copy of
+  the input:
+
+  - ``pixels`` (:mod:`m2ae_infer.kernels.reference`): each stage gathers the 3x3 neighbourhoods of the active
+    pixels, runs its GEMMs and adds the update back at those pixels; its cost follows the active count;
+  - ``tiles`` (:mod:`m2ae_infer.kernels.tiles`): each stage runs as a dense convolution over the active 8x8
+    tiles of the working grid, gated inside them; its cost follows the active tiles' area, several times
+    cheaper per pixel, so it wins on masks made of regions and loses on scattered ones.
+
+  ``sparse_kernel="auto"`` (the default) runs both in one call: tiles at least ``TILE_COST / PIXEL_COST`` full
+  go to the tile kernel, the other active pixels to the per-pixel one (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
+* ``auto``: sparse where the cost model (:func:`body_cost`) says it beats the dense body, else dense; always dense
+  above the ``dense_above`` active fraction (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -17,17 +27,30 @@ import torch
 from .allocator import keep_freed_memory
 from .backends import ExecutionResult, choose_execution
 from .flops import AffineFlops, count_isolated
-from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets,
-                                sparse_stage_, sparse_tail_, to_padded_buffer)
+from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets, sparse_stage_update,
+                                sparse_tail_)
+from .kernels.tiles import TILE, TilePlan, plan_tiles, spatial_weights, tile_rows, tile_stage_update, to_tile_buffer
 from .model import M2AENet
 from .model.mask import pad_to_even, working_mask
 from .model.network import SHUFFLE
 from .packing import pack_stages, pack_tail
 
-# Active fraction above which `auto` runs the dense path. Measured with m2ae-bench on the project's 2-core AVX-512
-# CPU, default config, 2 threads, dense and sparse timed alternately: sparse/dense latency 0.85-0.92 at 40 %
-# active and 1.01-1.12 at 50 %, at 480p and 720p, blob and scattered masks (docs/performance.md).
-DENSE_ABOVE = 0.45
+# Active fraction above which `auto` always runs dense; below it the cost model (sparse_costs) chooses. 1.0: the
+# cost model alone (it already prefers dense where the sparse kernels cost more).
+DENSE_ABOVE = 1.0
+# The cost model, in units of the dense body's time per working pixel (benchmarks/tile_sparse.py measures both):
+# the per-pixel kernel's body time per active pixel, and the tile kernel's per pixel of tile area.
+PIXEL_COST = 1.85
+TILE_COST = 1.2
+SPARSE_KERNELS = ("auto", "pixels", "tiles")
+MIN_FILL = {"auto": TILE_COST / PIXEL_COST, "tiles": 0.0, "pixels": 2.0}   # plan_tiles' min_fill per kernel
+
+
+def body_cost(plan: TilePlan, total: int) -> float:
+    """Estimated time of the sparse body for ``plan``, as a fraction of the dense body's (``total`` working
+    pixels): ``PIXEL_COST`` per pixel left to the per-pixel kernel, ``TILE_COST`` per pixel of tile area."""
+    per_pixel = plan.pixels[0].numel()
+    return (PIXEL_COST * per_pixel + TILE_COST * plan.tiles * TILE * TILE) / max(total, 1)
 
 
 def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, threshold: float,
@@ -50,23 +73,28 @@ class TorchExecutor:
 
     Args:
         net: the network in deploy form (``reparameterize_model`` first).
-        dense_above: active fraction above which ``execution="auto"`` chooses the dense path.
+        dense_above: active fraction above which ``execution="auto"`` always runs dense.
+        sparse_kernel: ``"auto"`` (the cheaper by :func:`sparse_costs`), ``"pixels"`` or ``"tiles"``: how the
+            sparse execution updates the active pixels (both exact; module docstring).
     """
 
     name = "torch"
     measures_memory = True
 
-    def __init__(self, net: M2AENet, dense_above: float = DENSE_ABOVE):
+    def __init__(self, net: M2AENet, dense_above: float = DENSE_ABOVE, sparse_kernel: str = "auto"):
         if not net.inference_mode:
             raise ValueError("TorchExecutor needs the deploy form: call reparameterize_model(net) first")
         if not 0.0 <= dense_above <= 1.0:
             raise ValueError(f"dense_above must lie in [0, 1], got {dense_above}")
+        if sparse_kernel not in SPARSE_KERNELS:
+            raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
         # channels-last weights: oneDNN's fast dense convolutions on CPU.
         self.net = net.eval().to(memory_format=torch.channels_last)
         if all(p.device.type == "cpu" for p in net.parameters()):
             keep_freed_memory()     # dense calls re-fault hundreds of MB per call otherwise (see allocator.py)
-        self.dense_above = dense_above
+        self.dense_above, self.sparse_kernel = dense_above, sparse_kernel
         self.stages = pack_stages(net)
+        self.tile_weights = spatial_weights(self.stages)      # the 3x3 convs the tile kernel runs
         self.tail_weight, self.tail_bias = pack_tail(net)   # [C, 12], [12]
         self._meta: TorchExecutor | None = None    # meta-device twin for FLOP counting
         self._flops = AffineFlops(self._count_on_meta)
@@ -92,46 +120,67 @@ class TorchExecutor:
         padded, features, m = dense_front(self.net, image, mask, threshold, dilation)
         active = int(m.sum())
         chosen = self.choose(execution, active, m.numel())
+        if chosen == "sparse":
+            plan = plan_tiles(m, MIN_FILL[self.sparse_kernel], TILE)
+            if execution == "auto" and body_cost(plan, m.numel()) >= 1.0:
+                chosen = "dense"
         if chosen == "dense":
             out = self.net.masked_body(padded, features, m)
-        else:
-            out = self.sparse_body(padded.contiguous(), features, active_pixels(m[:, 0]))
-        return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active)
+            return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active)
+        out = self.sparse_body(padded.contiguous(), features, active_pixels(m[:, 0]), plan)
+        return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active, plan.tiles,
+                               plan.tile_pixels)
 
     def sparse_body(self, padded: torch.Tensor, features: torch.Tensor,
-                    coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Masked stages and tail at the pixels ``coords = (b, y, x)`` of the working grid only.
+                    coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], plan: TilePlan) -> torch.Tensor:
+        """Masked stages and tail at the working-grid pixels ``coords = (b, y, x)`` only, split between the tile and
+        per-pixel kernels by ``plan`` (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
 
         ``padded``: ``[B, 3, H, W]`` contiguous (H, W even); ``features``: ``[B, C, H/2, W/2]``.
         """
-        h, w = features.shape[-2:]
-        buffer = to_padded_buffer(features)
-        rows = padded_rows(*coords, h, w)
-        offsets = neighbour_offsets(w, device=buffer.device)
-        for stage in self.stages:
-            sparse_stage_(buffer, rows, offsets, stage)
+        buffer = to_tile_buffer(features, TILE)
+        grid_h, grid_w = buffer.shape[1] - 2, buffer.shape[2] - 2
+        rows_view = buffer.view(-1, buffer.shape[-1])
+        pixel_rows = padded_rows(*plan.pixels, grid_h, grid_w)
+        patch_rows, inner_rows = tile_rows(plan.index, buffer.shape, TILE)
+        offsets = neighbour_offsets(grid_w, device=buffer.device)
+        for stage, weight in zip(self.stages, self.tile_weights):
+            # both updates are computed from the buffer as it is before either is written
+            update = sparse_stage_update(rows_view, pixel_rows, offsets, stage) if pixel_rows.numel() else None
+            if plan.tiles:
+                tiled = tile_stage_update(rows_view, patch_rows, plan.tile_mask, stage, weight, TILE)
+                rows_view.index_copy_(0, inner_rows, tiled)
+            if update is not None:
+                rows_view.index_add_(0, pixel_rows, update)
         targets = shuffle_targets(*coords, padded.shape[1], SHUFFLE, *padded.shape[-2:])
         out = padded.clone()
-        sparse_tail_(out, padded, buffer, rows, targets, self.tail_weight, self.tail_bias)
+        sparse_tail_(out, padded, rows_view, padded_rows(*coords, grid_h, grid_w), targets, self.tail_weight,
+                     self.tail_bias)
         return out
 
     def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
-                    predict_mask: bool = True) -> int:
-        """FLOPs one call executes (``active``: True working-mask pixels), from a per-shape cost model.
+                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0) -> int:
+        """FLOPs one call executes, from a per-shape cost model: ``active`` True working-mask pixels, of which
+        ``tile_pixels`` lay in the ``sparse_tiles`` tiles the tile kernel ran (:class:`ExecutionResult`).
 
         Counted once per shape by ``FlopCounterMode`` on a meta-device twin running this executor's own
         code, so the count equals what ``FlopCounterMode`` sees on the real call; sparse counts are affine in
-        ``active`` (:class:`~m2ae_infer.flops.AffineFlops`), and the counting never shows in a ``FlopCounterMode``
-        (or any ``TorchDispatchMode``) around the caller (:func:`~m2ae_infer.flops.count_isolated`). Gathers and scatters move bytes,
-        not FLOPs, and count zero.
+        the per-pixel kernel's pixels, the tiles and the tiles' pixels (:class:`~m2ae_infer.flops.AffineFlops`),
+        and the counting never shows in a ``FlopCounterMode`` (or any ``TorchDispatchMode``) around the caller
+        (:func:`~m2ae_infer.flops.count_isolated`). Gathers and scatters move bytes, not FLOPs, and count zero.
+        A tile's inactive pixels are computed and count; the tail runs at the active pixels only.
         """
-        return self._flops((batch, height, width, execution, predict_mask), active, execution != "dense")
+        if execution == "dense":
+            return self._flops((batch, height, width, "dense", predict_mask), ())
+        return self._flops((batch, height, width, "sparse", predict_mask),
+                           (active - tile_pixels, sparse_tiles, tile_pixels))
 
-    def _count_on_meta(self, key: tuple, active: int) -> int:
+    def _count_on_meta(self, key: tuple, counts: tuple[int, ...]) -> int:
         batch, height, width, execution, predict_mask = key
         if self._meta is None:
             self._meta = TorchExecutor(copy.deepcopy(self.net).to("meta"), self.dense_above)
         net = self._meta.net
+        meta = lambda *shape, dtype=torch.long: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
 
         def call() -> None:
             padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
@@ -139,9 +188,11 @@ class TorchExecutor:
             if predict_mask:
                 net.mask_logits(padded, features)
             if execution == "dense":
-                m = torch.empty((batch, 1, *features.shape[-2:]), dtype=torch.bool, device="meta")
-                net.masked_body(padded, features, m)
-            else:
-                coords = tuple(torch.empty(active, dtype=torch.long, device="meta") for _ in range(3))
-                self._meta.sparse_body(padded, features, coords)
+                net.masked_body(padded, features, meta(batch, 1, *features.shape[-2:], dtype=torch.bool))
+                return
+            per_pixel, tiles, in_tiles = counts
+            coords = tuple(meta(per_pixel + in_tiles) for _ in range(3))
+            plan = TilePlan(meta(tiles, 3), meta(tiles, TILE, TILE, 1, dtype=torch.bool),
+                            tuple(meta(per_pixel) for _ in range(3)), in_tiles)
+            self._meta.sparse_body(padded, features, coords, plan)
         return count_isolated(call)

@@ -8,7 +8,8 @@ Here:
 * a count is taken once per shape, by ``FlopCounterMode`` on a meta-device copy of the network running the
   same code the real call runs (so it equals what ``FlopCounterMode`` sees on the real call), and cached;
 * the sparse body's FLOPs are affine in the number of active working pixels (every active pixel runs the same
-  GEMM rows), so two counts per shape (0 and 1 active pixel) give the count for any mask exactly;
+  GEMM rows) and, for the tile kernel, of active tiles (every tile runs the same convolution), so one count per
+  shape and one per such number (0 and 1) give the count for any mask exactly;
 * when a ``TorchDispatchMode`` (a ``FlopCounterMode``, say) is active around the caller, the count runs in a
   thread of its own: the dispatch-mode stack is thread-local, so that counter never sees the meta run. Without
   one it runs inline (a helper thread inside torch at a Ctrl-C aborted the process at shutdown, exit -6).
@@ -69,22 +70,25 @@ def _in_own_thread(work: Callable[[], None]) -> None:
 
 
 class AffineFlops:
-    """``flops(key, active)`` = ``fixed(key) + active * per_active(key)``, each counted once per ``key``.
+    """``flops(key, counts)`` = ``fixed(key) + sum(counts[i] * slope_i(key))``, each term counted once per ``key``.
 
-    ``count(key, active)`` does the counting (e.g. a meta-device run); it is called at most twice per key.
+    ``count(key, counts)`` does the counting (e.g. a meta-device run) for a tuple of counts (active pixels,
+    active tiles, ...): once with all zeros and once per entry with that entry 1, so ``1 + len(counts)`` times
+    per key. A dense call has no counts (``()``): one count per key.
     """
 
-    def __init__(self, count: Callable[[tuple, int], int]):
+    def __init__(self, count: Callable[[tuple, tuple[int, ...]], int]):
         self._count = count
-        self._cache: dict[tuple, tuple[int, int]] = {}
+        self._cache: dict[tuple, tuple[int, tuple[int, ...]]] = {}
 
-    def __call__(self, key: tuple, active: int, affine: bool = True) -> int:
-        """``affine=False``: the count does not depend on ``active`` (dense), one count per key."""
+    def __call__(self, key: tuple, counts: tuple[int, ...]) -> int:
         if key not in self._cache:
-            fixed = self._count(key, 0)
-            self._cache[key] = (fixed, self._count(key, 1) - fixed if affine else 0)
-        fixed, per_active = self._cache[key]
-        return fixed + active * per_active
+            zeros = (0,) * len(counts)
+            fixed = self._count(key, zeros)
+            slopes = tuple(self._count(key, zeros[:i] + (1,) + zeros[i + 1:]) - fixed for i in range(len(counts)))
+            self._cache[key] = (fixed, slopes)
+        fixed, slopes = self._cache[key]
+        return fixed + sum(n * slope for n, slope in zip(counts, slopes, strict=True))
 
 
 class MaskPassFlops:

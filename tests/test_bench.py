@@ -24,6 +24,7 @@ from m2ae_infer.benchmarks.cli import main, settings_from, build_parser
 from m2ae_infer.benchmarks.grid import BenchSettings, Case, Engine, make_backends, measure_case, parse_resolution, run_grid
 from m2ae_infer.benchmarks.latency import Timing, peak_memory, time_interleaved
 from m2ae_infer.executor import TorchExecutor
+from m2ae_infer.kernels.tiles import TILE
 from m2ae_infer.benchmarks.masks import working_density_mask
 from m2ae_infer.model.mask import pad_to_even, working_mask
 
@@ -70,8 +71,9 @@ def test_active_fraction_is_the_masks_working_density(tiny_result):
 
 
 def test_flops_match_an_independent_count(tiny_result, deploy_net):
-    """Dense: FlopCounterMode on the network's own dense forward. Sparse: stem + active share of the rest,
-    since every masked stage costs the same per working pixel."""
+    """Dense: FlopCounterMode on the network's own dense forward. Sparse: stem + the masked stages' share for the
+    pixels they computed (the per-pixel kernel's active pixels and the tile kernel's whole tiles: every stage costs
+    the same per computed pixel) + the tail's share for the active pixels."""
     image = torch.rand(1, 3, 30, 46)
     for r in tiny_result.rows:
         if r["mask"] == "real":
@@ -84,7 +86,11 @@ def test_flops_match_an_independent_count(tiny_result, deploy_net):
         features = deploy_net.stem_features(pad_to_even(image))
         head = _flops(lambda: deploy_net.mask_logits(pad_to_even(image), features))
         front = stem + (head if r["mask"] == "real" else 0)
-        assert r["flops_sparse"] == pytest.approx(front + r["active_fraction"] * (dense - front), rel=1e-9)
+        tail = _flops(lambda: deploy_net.tail(features))
+        total = features.shape[-2] * features.shape[-1]
+        computed = r["active_fraction"] * total - r["tile_pixels"] + r["sparse_tiles"] * TILE * TILE
+        expected = front + computed / total * (dense - front - tail) + r["active_fraction"] * tail
+        assert r["flops_sparse"] == pytest.approx(expected, rel=1e-9)
         assert r["flop_ratio"] == pytest.approx(r["flops_sparse"] / r["flops_dense"])
 
 
@@ -265,8 +271,9 @@ def test_measure_case_takes_the_headline_from_the_fastest_dense_row_of_the_cells
         return Engine(name, precision, TorchExecutor(reparameterize_model(deploy_net)), dense_name, sparse)
     engines = [engine("torch", "fp32", "eager", True), engine("openvino:bf16", "bf16", "openvino-bf16", True),
                engine("openvino-f32", "fp32", "openvino-f32", False), engine("onnxruntime", "fp32", "onnxruntime", False)]
-    planted = {"torch dense": 100.0, "torch sparse": 30.0, "openvino:bf16 dense": 60.0, "openvino:bf16 sparse": 12.0,
-               "openvino-f32 dense": 75.0, "onnxruntime dense": 200.0}
+    planted = {"torch dense": 100.0, "torch sparse": 30.0, "torch auto": 33.0, "openvino:bf16 dense": 60.0,
+               "openvino:bf16 sparse": 12.0, "openvino:bf16 auto": 15.0, "openvino-f32 dense": 75.0,
+               "onnxruntime dense": 200.0}
     seen = {}
 
     def fake(fns, *, warmup, repeats, pause):
@@ -283,9 +290,25 @@ def test_measure_case_takes_the_headline_from_the_fastest_dense_row_of_the_cells
     assert (fp32["backend"], fp32["headline_dense"]) == ("torch", "openvino-f32")   # not the faster bf16 row
     assert fp32["headline_ratio"] == pytest.approx(30 / 75) and fp32["eager_ratio"] == pytest.approx(30 / 100)
     assert fp32["latency_ratio"] == pytest.approx(30 / 100)
+    assert fp32["auto_headline_ratio"] == pytest.approx(33 / 75) and fp32["auto_own_ratio"] == pytest.approx(33 / 100)
+    assert fp32["auto_picks"] == "sparse" and bf16["auto_headline_ratio"] == pytest.approx(15 / 60)
     assert (bf16["precision"], bf16["headline_dense"]) == ("bf16", "openvino-bf16")
     assert bf16["headline_ratio"] == pytest.approx(12 / 60) and bf16["eager_ratio"] == pytest.approx(12 / 100)
     assert all(d["max_abs_vs_eager"] == 0 for d in dense) and fp32["max_abs_diff"] <= 1e-5
+
+
+def test_torch_kernel_rows_share_torchs_dense_row(deploy_net):
+    """``--backends torch,torch/pixels,torch/tiles``: three sparse cells per case, one dense row (torch eager), and
+    each cell's kernel is the one its row names (the plan it ran: no tiles per pixel, every active pixel tiled)."""
+    engines, skipped = make_backends(deploy_net, ("torch", "torch/pixels", "torch/tiles"), "cpu", 1)
+    assert not skipped and [e.dense_name for e in engines] == ["eager"] * 3
+    mask = working_density_mask("blobs", 30, 46, 0.3, 0)
+    case = Case("blobs", torch.rand(1, 3, 30, 46, generator=torch.Generator().manual_seed(3)), mask, 0.3)
+    cells, dense = measure_case(engines, case, replace(TINY, memory=False, repeats=1))
+    assert [d["engine"] for d in dense] == ["eager"]
+    by = {c["backend"]: c for c in cells}
+    assert by["torch/pixels"]["sparse_tiles"] == 0 and by["torch/tiles"]["tiled_fraction"] == 1.0
+    assert all(c["max_abs_diff"] <= 1e-5 and c["dense_ms"] == dense[0]["ms"] for c in cells)
 
 
 def test_dense_rows_a_backend_covers_are_not_built_twice(deploy_net):

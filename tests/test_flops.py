@@ -53,14 +53,16 @@ def test_a_users_counter_sees_only_the_real_work_on_the_first_call(net):
     assert real_flops(fresh, image, mask=mask, return_info=True) == reference
 
 
-@pytest.mark.parametrize("active", [0, 1, 7, 1000])
-def test_sparse_counts_are_affine_in_the_active_pixels(active):
-    """The cost model's assumption, checked against a direct meta count at each active count."""
+@pytest.mark.parametrize("active,tiles,in_tiles", [(0, 0, 0), (1, 0, 0), (7, 0, 0), (1000, 0, 0), (9, 2, 9),
+                                                   (1000, 5, 300)])
+def test_sparse_counts_are_affine_in_the_active_pixels(active, tiles, in_tiles):
+    """The cost model's assumption, checked against a direct meta count at each (active pixels, tiles, active
+    pixels in tiles)."""
     from m2ae_infer.reparam import reparameterize_model
     from m2ae_infer.executor import TorchExecutor
     executor = TorchExecutor(reparameterize_model(random_net("tiny", seed=5)))
-    direct = executor._count_on_meta((1, 64, 80, "sparse", True), active)
-    assert executor.count_flops(1, 64, 80, active, "sparse", True) == direct
+    direct = executor._count_on_meta((1, 64, 80, "sparse", True), (active - in_tiles, tiles, in_tiles))
+    assert executor.count_flops(1, 64, 80, active, "sparse", True, tiles, in_tiles) == direct
 
 
 def test_count_isolated_hides_from_an_outer_counter_and_reraises():
@@ -72,5 +74,6 @@ def test_count_isolated_hides_from_an_outer_counter_and_reraises():
     with pytest.raises(ZeroDivisionError):
         count_isolated(lambda: 1 / 0)
     calls = []
-    model = AffineFlops(lambda key, active: calls.append(active) or 10 + 3 * active)
-    assert [model(("k",), n) for n in (0, 5, 9)] == [10, 25, 37] and calls == [0, 1]
+    model = AffineFlops(lambda key, counts: calls.append(counts) or 10 + 3 * counts[0] + 7 * counts[1])
+    assert [model(("k",), n) for n in ((0, 0), (5, 0), (9, 2))] == [10, 25, 51]
+    assert calls == [(0, 0), (1, 0), (0, 1)]

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from m2ae_infer import M2AEConfig, M2AENet, reparameterize_model
 from m2ae_infer.benchmarks.masks import working_density_mask
-from m2ae_infer.executor import TorchExecutor
+from m2ae_infer.executor import SPARSE_KERNELS, TorchExecutor
 from m2ae_infer.kernels.reference import (SparseStage, active_pixels, neighbour_offsets, padded_rows,
                                           shuffle_targets, sparse_stage_, sparse_tail_, to_padded_buffer)
 from m2ae_infer.model.mask import full_resolution
@@ -15,9 +15,12 @@ from helpers import MASK_KINDS, make_mask, random_net
 SIZES = [(1, 1), (3, 5), (16, 16), (21, 34)]
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny_v2"])
+@pytest.fixture(scope="module", params=[(cfg, kernel) for cfg in ("tiny", "tiny_v2") for kernel in SPARSE_KERNELS],
+                ids=lambda p: "-".join(p))
 def executor(request):
-    return TorchExecutor(reparameterize_model(random_net(request.param, seed=11)))
+    """Every sparse kernel of the torch executor: per pixel, tiled, and the cost model's mix of the two."""
+    config, kernel = request.param
+    return TorchExecutor(reparameterize_model(random_net(config, seed=11)), sparse_kernel=kernel)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=str)
@@ -98,12 +101,27 @@ def test_sparse_tail_matches_pixel_shuffle():
 
 
 def test_auto_switches_to_dense_above_threshold(executor):
-    image = torch.rand(1, 3, 16, 16)
-    assert executor.run(image, make_mask("full", 16, 16)).execution == "dense"
-    assert executor.run(image, make_mask("one_pixel", 16, 16)).execution == "sparse"
-    assert executor.run(image, make_mask("empty", 16, 16)).execution == "sparse"
+    """``auto``: dense for a full mask (no sparse kernel beats dense there), sparse for one pixel of 32x32 working
+    pixels, and dense whatever the mask above ``dense_above``."""
+    image = torch.rand(1, 3, 64, 64)
+    assert executor.run(image, make_mask("full", 64, 64)).execution == "dense"
+    assert executor.run(image, make_mask("one_pixel", 64, 64)).execution == "sparse"
+    assert executor.run(image, make_mask("empty", 64, 64)).execution == "sparse"
     low = TorchExecutor(reparameterize_model(random_net("tiny")), dense_above=0.0)
-    assert low.run(image, make_mask("one_pixel", 16, 16)).execution == "dense"
+    assert low.run(image, make_mask("one_pixel", 64, 64)).execution == "dense"
+
+
+def test_auto_follows_the_cost_model():
+    """Where the cost model (``body_cost``) puts a sparse call at or above the dense body, ``auto`` runs dense:
+    a scattered 60 % mask per pixel (PIXEL_COST * 0.6 > 1), and the same mask tiled (every tile active)."""
+    from m2ae_infer.executor import PIXEL_COST, TILE_COST
+    assert PIXEL_COST * 0.6 > 1.0 and TILE_COST > 1.0
+    image = torch.rand(1, 3, 64, 64)
+    mask = full_resolution(make_mask("random0.6", 32, 32, seed=4), (64, 64))
+    for kernel in SPARSE_KERNELS:
+        ex = TorchExecutor(reparameterize_model(random_net("tiny")), sparse_kernel=kernel)
+        assert ex.run(image, mask).execution == "dense", kernel
+        assert ex.run(image, mask, execution="sparse").execution == "sparse", kernel
 
 
 def test_rejects_training_form_and_bad_execution():
@@ -141,9 +159,10 @@ def test_flops_follow_the_mask_default_config(default_executor, mask_kind):
     dense = counted_flops(lambda: default_executor.run(image, mask, execution="dense"))
     assert sparse <= 0.3 * dense, f"sparse/dense FLOPs {sparse / dense:.3f} at {frac:.2%} active"
     # The meta-device count used for Deblurrer stats agrees with the count of the real runs.
-    active = int(default_executor.run(image, mask, execution="sparse").active_pixels)
-    assert default_executor.count_flops(1, h, w, active, "sparse", predict_mask=False) == sparse
-    assert default_executor.count_flops(1, h, w, active, "dense", predict_mask=False) == dense
+    run = default_executor.run(image, mask, execution="sparse")
+    assert default_executor.count_flops(1, h, w, run.active_pixels, "sparse", False, run.sparse_tiles,
+                                        run.tile_pixels) == sparse
+    assert default_executor.count_flops(1, h, w, run.active_pixels, "dense", predict_mask=False) == dense
 
 
 def test_flops_scale_with_active_pixels(default_executor):

@@ -14,6 +14,8 @@ from PIL import Image
 from m2ae_infer import Deblurrer, M2AEConfig, M2AENet, reparameterize_model, tiling
 from m2ae_infer.imgio import PreparedImage, prepare_image
 from m2ae_infer.model.mask import pad_to_even
+from m2ae_infer.executor import MIN_FILL
+from m2ae_infer.kernels.tiles import plan_tiles as split_tiles
 from m2ae_infer.tiling import ALIGN, Tiling, plan_tiles, receptive_field, run_tiled
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "m2ae_infer" / "assets" / "example_blurry.png"
@@ -295,8 +297,10 @@ def test_flops_are_the_sum_of_exact_per_tile_counts():
         if not working[t.top // 2:-(-t.bottom // 2), t.left // 2:-(-t.right // 2)].any():
             continue
         top, bottom, left, right = t.body_crop
-        active = int(working[top // 2:-(-bottom // 2), left // 2:-(-right // 2)].sum())
-        expected += deblurrer.executor.count_flops(1, bottom - top, right - left, active, "sparse", False)
+        crop = working[top // 2:-(-bottom // 2), left // 2:-(-right // 2)]
+        plan = split_tiles(crop[None, None], MIN_FILL[deblurrer.executor.sparse_kernel])   # the tiles it ran
+        expected += deblurrer.executor.count_flops(1, bottom - top, right - left, int(crop.sum()), "sparse", False,
+                                                   plan.tiles, plan.tile_pixels)
         expected_dense += deblurrer.executor.count_flops(1, bottom - top, right - left, 0, "dense", False)
     assert info.execution == "sparse" and info.flops_executed == expected and info.flops_dense == expected_dense
 

@@ -1,0 +1,111 @@
+"""The torch executor's two sparse kernels against its dense body, and the cost model that picks between them.
+
+    python -m m2ae_infer.benchmarks.tile_sparse [--resolution 720p] [--densities 0.05,0.2,0.5,0.8]
+                                                [--kinds blobs,scattered] [--repeats 7] [--threads 0]
+                                                [--checkpoint CKPT] [--out rows.json]
+
+For each mask (given by the caller, so no mask prediction runs) five executor calls are timed alternately in one
+process: dense, sparse with the per-pixel kernel, sparse with the tile kernel, sparse with the kernel the cost
+model picks (``sparse_kernel="auto"``), and ``execution="auto"``; plus an empty mask (the floor every sparse call
+pays: stem, buffer, output copy). It prints each call's median and spread, its ratio to dense, the tile area, and
+the two cost constants this run implies: body time per active pixel (per-pixel kernel) and per pixel of tile
+area (tile kernel), in units of the dense body's time per working pixel -- what ``m2ae_infer.executor``'s
+``PIXEL_COST`` and ``TILE_COST`` are set from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+from ..executor import MIN_FILL, TorchExecutor, body_cost
+from ..kernels.tiles import TILE, plan_tiles
+from ..model.mask import working_mask
+from .grid import parse_resolution
+from .latency import time_interleaved
+from .masks import working_density_mask
+
+KERNELS = ("pixels", "tiles", "auto")
+
+
+def measure(net, height: int, width: int, densities, kinds, repeats: int) -> list[dict]:
+    executors = {k: TorchExecutor(net, sparse_kernel=k) for k in KERNELS}
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, height, width, generator=gen)
+    empty = torch.zeros(1, 1, height, width, dtype=torch.bool)
+    rows = []
+    for kind in kinds:
+        for density in densities:
+            mask = working_density_mask(kind, height, width, density, seed=0)
+            m = working_mask(mask)
+            total, active = m.numel(), int(m.sum())
+            area = plan_tiles(m, 0.0).tiles * TILE * TILE
+            mixed = plan_tiles(m, MIN_FILL["auto"])
+            calls = {"dense": lambda: executors["pixels"].run(image, mask, execution="dense"),
+                     "floor": lambda: executors["pixels"].run(image, empty, execution="sparse"),
+                     **{f"sparse_{k}": (lambda k=k: executors[k].run(image, mask, execution="sparse"))
+                        for k in KERNELS},
+                     "auto": lambda: executors["auto"].run(image, mask, execution="auto")}
+            t = time_interleaved(calls, warmup=1, repeats=repeats)
+            dense, floor = t["dense"].median, t["floor"].median
+            body = max(dense - floor, 1e-9)
+            chosen = executors["auto"].run(image, mask, execution="auto")
+            rows.append({
+                "kind": kind, "density": density, "active_fraction": active / total, "tile_area": area / total,
+                **{f"{k}_ms": v.median * 1e3 for k, v in t.items()},
+                **{f"{k}_spread": v.spread for k, v in t.items()},
+                **{f"{k}_over_dense": t[k].median / dense for k in t if k != "dense"},
+                "auto_runs": chosen.execution if chosen.execution == "dense" else
+                             f"{chosen.tile_pixels / max(active, 1):.0%} tiled",
+                "pixel_cost": (t["sparse_pixels"].median - floor) / body / max(active / total, 1e-9),
+                "tile_cost": (t["sparse_tiles"].median - floor) / body / max(area / total, 1e-9),
+                "model_auto_kernel": body_cost(mixed, total),
+            })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..reparam import reparameterize_model
+    from ..shipped import DEFAULT_CHECKPOINT
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--resolution", default="720p", help="HxW or 480p/720p/1080p (default 720p)")
+    parser.add_argument("--densities", default="0.05,0.2,0.5,0.8")
+    parser.add_argument("--kinds", default="blobs,scattered")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    height, width = parse_resolution(args.resolution)
+    net = reparameterize_model(load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT))
+    rows = measure(net, height, width, [float(d) for d in args.densities.split(",")], args.kinds.split(","),
+                   args.repeats)
+    print(f"{height}x{width}, {torch.get_num_threads()} threads, median of {args.repeats}, interleaved; "
+          "ratios to the dense call")
+    print("mask       active  tiles   dense_ms  floor  pixels  tiles   mixed   auto (runs)          "
+          "pixel_cost tile_cost")
+    for r in rows:
+        print(f"{r['kind']:9s} {r['active_fraction']:6.3f} {r['tile_area']:6.3f} {r['dense_ms']:8.1f}  "
+              f"{r['floor_over_dense']:.3f}  {r['sparse_pixels_over_dense']:.3f}   {r['sparse_tiles_over_dense']:.3f}  "
+              f"{r['sparse_auto_over_dense']:.3f}   {r['auto_over_dense']:.3f} ({r['auto_runs']:13s})  "
+              f"{r['pixel_cost']:6.2f}    {r['tile_cost']:6.2f}")
+    usable = [r for r in rows if r["active_fraction"] >= 0.05]
+    if usable:
+        print(f"median pixel_cost {statistics.median(r['pixel_cost'] for r in usable):.2f}, "
+              f"median tile_cost {statistics.median(r['tile_cost'] for r in usable):.2f} "
+              "(executor.PIXEL_COST / TILE_COST)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The tile kernel (kernels/tiles.py): its plan splits the mask exactly, a tiled stage equals the dense stage
+(``F.conv2d`` with zero padding, then the network's own per-pixel maps) at the active pixels and leaves every other
+pixel bit for bit, and the executor's FLOP count equals ``FlopCounterMode`` on the real call for every kernel."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from m2ae_infer import reparameterize_model
+from m2ae_infer.executor import SPARSE_KERNELS, TorchExecutor
+from m2ae_infer.kernels.tiles import TILE, plan_tiles, spatial_weights, tile_rows, tile_stage_update, to_tile_buffer
+from m2ae_infer.model.mask import working_mask
+from m2ae_infer.packing import pack_stages
+from helpers import make_mask, random_net
+
+SHAPES = [(1, 1), (7, 9), (8, 8), (17, 30), (33, 16)]        # working grids: below, at and across tile sizes
+KINDS = ["empty", "full", "one_pixel", "borders", "random0.1", "random0.5", "blobs"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("min_fill", [0.0, 0.5, 2.0])
+def test_plan_splits_the_active_pixels_exactly(shape, kind, min_fill):
+    mask = make_mask(kind, *shape, seed=5, batch=2)
+    plan = plan_tiles(mask, min_fill)
+    covered = torch.zeros_like(mask[:, 0])
+    for (b, ty, tx), tm in zip(plan.index.tolist(), plan.tile_mask):
+        window = covered[b, ty * TILE:(ty + 1) * TILE, tx * TILE:(tx + 1) * TILE]
+        window |= tm[:window.shape[0], :window.shape[1], 0]
+        assert int(tm.sum()) >= min(min_fill, 1.0) * TILE * TILE and int(tm.sum()) > 0
+        assert not tm[window.shape[0]:].any() and not tm[:, window.shape[1]:].any()   # nothing past the grid
+    b, y, x = plan.pixels
+    assert not covered[b, y, x].any()                                # the two shares are disjoint ...
+    covered[b, y, x] = True
+    assert torch.equal(covered, mask[:, 0])                          # ... and together are the mask
+    assert plan.tile_pixels == int(plan.tile_mask.sum())
+    if min_fill > 1:
+        assert plan.tiles == 0
+    if min_fill == 0:
+        assert plan.pixels[0].numel() == 0
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["full", "random0.3", "blobs", "borders"])
+def test_tiled_stage_equals_the_dense_stage(shape, kind):
+    net = reparameterize_model(random_net("tiny", seed=3))
+    stage_module, stage = net.stages()[1], pack_stages(net)[1]
+    x = torch.randn(2, net.config.channels, *shape, generator=torch.Generator().manual_seed(8))
+    mask = make_mask(kind, *shape, seed=2, batch=2)
+    with torch.no_grad():   # the reference: the network's own dense stage, gated
+        expected = torch.where(mask, x + stage_module(x), x)
+    plan = plan_tiles(mask, 0.0)
+    buffer = to_tile_buffer(x)
+    view = buffer.view(-1, buffer.shape[-1])
+    patch_rows, inner_rows = tile_rows(plan.index, buffer.shape)
+    with torch.no_grad():
+        view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.tile_mask, stage,
+                                                          spatial_weights([stage])[0]))
+    got = buffer[:, 1:shape[0] + 1, 1:shape[1] + 1].permute(0, 3, 1, 2)
+    assert (got - expected).abs().max().item() <= 1e-5
+    outside = ~mask.expand_as(x)
+    assert torch.equal(got[outside], x[outside])
+    ring = buffer.clone()
+    ring[:, 1:shape[0] + 1, 1:shape[1] + 1] = 0
+    assert not ring.any()                                            # the zero ring and padding stay zero
+
+
+def test_tiled_stage_passes_non_finite_neighbours_through():
+    """An inactive pixel holding inf inside an active tile comes back as inf (where(), not x + m * F(x))."""
+    net = reparameterize_model(random_net("tiny", seed=3))
+    stage = pack_stages(net)[0]
+    x = torch.rand(1, net.config.channels, 8, 8)
+    x[0, :, 0, 0] = float("inf")
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    mask[0, 0, 5, 5] = True
+    plan = plan_tiles(mask, 0.0)
+    buffer = to_tile_buffer(x)
+    view = buffer.view(-1, buffer.shape[-1])
+    patch_rows, inner_rows = tile_rows(plan.index, buffer.shape)
+    view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.tile_mask, stage,
+                                                      spatial_weights([stage])[0]))
+    assert torch.isinf(buffer[0, 1, 1]).all() and torch.isfinite(buffer[0, 6, 6]).all()
+
+
+def test_spatial_weights_invert_the_packing():
+    net = reparameterize_model(random_net("tiny_v2", seed=4))
+    for module, weight in zip(net.stages(), spatial_weights(pack_stages(net))):
+        assert torch.equal(weight, module.spatial.weight)
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kernel", SPARSE_KERNELS)
+@pytest.mark.parametrize("config", ["tiny", "tiny_v2"])
+@pytest.mark.parametrize("predicted", [False, True])
+def test_count_flops_equals_the_real_call(kernel, config, predicted):
+    executor = TorchExecutor(reparameterize_model(random_net(config, seed=6)), sparse_kernel=kernel)
+    image = torch.rand(2, 3, 70, 90, generator=torch.Generator().manual_seed(1))
+    mask = None if predicted else make_mask("blobs", 70, 90, seed=7, batch=2) | make_mask("random0.05", 70, 90,
+                                                                                            seed=8, batch=2)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = executor.run(image, mask, execution="sparse", threshold=0.3)
+    assert result.execution == "sparse"
+    if kernel != "pixels" and not predicted:
+        assert result.sparse_tiles > 0
+    assert executor.count_flops(2, 70, 90, result.active_pixels, "sparse", predicted, result.sparse_tiles,
+                                result.tile_pixels) == counter.get_total_flops()
+    if mask is not None:
+        assert result.active_pixels == int(working_mask(mask).sum())
