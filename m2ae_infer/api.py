@@ -175,8 +175,11 @@ class Deblurrer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        changed = full_resolution(result.mask, (height, width)).cpu()
-        restored = prepared.restore(result.output.cpu(), changed)
+        # every backend leaves the pixels outside its mask bit for bit (README: Contracts), so an input whose
+        # pixels round-trip is converted whole, with no per-pixel select (the changed mask is for RunInfo)
+        changed = None if prepared.round_trips and not return_info else \
+            full_resolution(result.mask, (height, width)).cpu()
+        restored = prepared.restore(result.output.cpu(), None if prepared.round_trips else changed)
         if not return_info:
             return restored
         predicted = user_mask is None
@@ -222,7 +225,8 @@ class Deblurrer:
             check_tensor(mask, f"mask ({mask.dtype} tensor of shape {tuple(mask.shape)})")
         else:
             try:
-                array = np.array(mask)
+                array = np.asarray(mask)   # no copy (the mask is only read), unless torch could not share it
+                array = array if array.flags.writeable else array.copy()
                 # torch reads native byte order only; a big-endian mask is as valid as a big-endian image
                 mask = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
             except (TypeError, ValueError) as exc:
@@ -240,7 +244,7 @@ class Deblurrer:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the image "
                              f"({batch}x{height}x{width}); pass an H x W mask")
         mask = mask.reshape(-1, 1, height, width).expand(batch, 1, height, width)
-        return (mask != 0).to(self.device)
+        return (mask if mask.dtype == torch.bool else mask != 0).to(self.device)
 
     @staticmethod
     def _user_mask_view(changed: torch.Tensor, img):

@@ -7,6 +7,7 @@ data (kept in its own dtype), never from a float round trip; alpha is never touc
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 import warnings
@@ -171,8 +172,8 @@ class PreparedImage:
     """An image as the network sees it, plus what is needed to give it back in the user's form.
 
     Attributes:
-        rgb: float32 ``[B, 3, H, W]`` in 0..1, contiguous, on the CPU, never sharing memory with
-            the input. Gray inputs are replicated to 3 channels; alpha is split off. Built on first
+        rgb: float32 ``[B, 3, H, W]`` in 0..1, on the CPU, never sharing memory with the input; dense in
+            the input's layout (channels-last for numpy and PIL pixels, which are HWC; NCHW for NCHW tensors). Gray inputs are replicated to 3 channels; alpha is split off. Built on first
             access (4 bytes per sample: tiled runs never build it, they read :meth:`region` by region).
 
     The input's pixels are referenced, not copied (numpy and torch inputs share memory): do not
@@ -204,8 +205,10 @@ class PreparedImage:
         ``left:right`` of :attr:`rgb`, in a fresh CPU buffer (never aliasing the input)."""
         col = self._original[:, : self._colour, top:bottom, left:right]
         b, _, h, w = col.shape
-        # Move first, widen in copy_: a narrow dtype crosses PCIe.
-        rgb = torch.empty((b, 3, h, w), dtype=torch.float32)
+        # Move first, widen in copy_: a narrow dtype crosses PCIe. Channels-last when the input is (numpy and PIL
+        # pixels are HWC): a plain copy instead of a transpose, and the layout oneDNN's convolutions want.
+        layout = torch.channels_last if self._original.stride(1) == 1 else torch.contiguous_format
+        rgb = torch.empty((b, 3, h, w), dtype=torch.float32, memory_format=layout)
         rgb.copy_(col.to("cpu").expand(b, 3, h, w))
         if self._scale is not None:
             rgb /= self._scale
@@ -220,7 +223,7 @@ class PreparedImage:
         """Write a restored region into ``out`` (from :meth:`new_output`) at ``(top, left)``, in place.
 
         ``restored`` float ``[B, 3, h, w]`` and ``changed`` bool ``[B, 1, h, w]`` as in :meth:`restore`; pixels
-        where ``changed`` is False keep what ``out`` holds (the original, bit for bit), alpha is never touched.
+        where ``changed`` is False get the original's, bit for bit; alpha (what ``out`` holds) is never touched.
         """
         c, h, w = self._colour, restored.shape[-2], restored.shape[-1]
         x = restored.detach().to(out.device, torch.float32).clamp(0.0, 1.0)
@@ -228,19 +231,29 @@ class PreparedImage:
             x = (x[:, 0:1] + x[:, 1:2] + x[:, 2:3]) / 3.0
         x = (x * self._scale).round() if self._scale is not None else x
         target = out[:, :c, top:top + h, left:left + w]
-        target.copy_(torch.where(changed.to(out.device), x.to(out.dtype), target))
+        source = self._original[:, :c, top:top + h, left:left + w]   # == target where restore left it empty
+        torch.where(changed.to(out.device), x.to(out.dtype), source, out=target)
 
     def finish(self, out: torch.Tensor) -> Any:
         """``out`` ``[B, C, H, W]`` (from :meth:`new_output`) as the input's kind, dtype and shape."""
         return self._finish(out)
 
-    def restore(self, restored: torch.Tensor, changed: torch.Tensor) -> Any:
+    @property
+    def round_trips(self) -> bool:
+        """Whether :attr:`rgb` converts back to the original pixels exactly (RGB or RGBA colour in float32,
+        uint8 or uint16: ``round(k / 255 * 255) == k`` for every k): then a network output that equals
+        :attr:`rgb` outside the pixels it changed needs no ``changed`` mask in :meth:`restore`."""
+        return self._colour == 3 and self._original.dtype in (torch.float32, torch.uint8, torch.uint16)
+
+    def restore(self, restored: torch.Tensor, changed: torch.Tensor | None) -> Any:
         """Convert the network output back to the input's kind, dtype and shape.
 
         Args:
             restored: float32 ``[B, 3, H, W]``; clamped to 0..1. Gray inputs get
                 ``(r + g + b) / 3`` (in float32, in that order).
-            changed: bool ``[B, 1, H, W]``, True where the network changed the pixel.
+            changed: bool ``[B, 1, H, W]``, True where the network changed the pixel; or None where
+                ``restored`` equals :attr:`rgb` bit for bit outside the pixels it changed (every backend's
+                contract) and :attr:`round_trips`: then every pixel is converted, with the same result.
 
         Integers are ``round(x * 255)`` / ``round(x * 65535)`` (half to even); floats are cast.
         Pixels where ``changed`` is False, and all alpha, are copied from the original data.
@@ -248,10 +261,21 @@ class PreparedImage:
         b, _, h, w = self.shape
         if tuple(restored.shape) != (b, 3, h, w):
             raise ValueError(f"restored has shape {tuple(restored.shape)}, expected {(b, 3, h, w)}")
+        if changed is None:
+            if not self.round_trips:
+                raise ValueError("changed=None needs an input whose pixels round-trip (RGB float32/uint8/uint16)")
+            out = torch.empty_like(self._original) if self._original.shape[1] == 3 else self.new_output()
+            x = restored.detach().to(out.device, torch.float32).clamp(0.0, 1.0)
+            x = (x * self._scale).round() if self._scale is not None else x
+            out[:, :3].copy_(x)
+            return self._finish(out)
         if tuple(changed.shape) != (b, 1, h, w) or changed.dtype != torch.bool:
             raise ValueError(f"changed must be bool {(b, 1, h, w)}, "
                              f"got {changed.dtype} {tuple(changed.shape)}")
-        out = self.new_output()
+        if self._original.shape[1] == self._colour:    # no alpha: every output pixel is written by paste's where
+            out = torch.empty_like(self._original)      # (strides as the input's: finish needs no transpose)
+        else:
+            out = self.new_output()
         self.paste(out, restored, changed)
         return self._finish(out)
 
@@ -283,6 +307,15 @@ def prepare_image(img: Any) -> PreparedImage:
                      "a numpy array (HxW or HxWxC) or a torch tensor (CxHxW or BxCxHxW)")
 
 
+def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` ``[B, C, H, W]`` as one flat view when its memory is dense in NCHW or channels-last order."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
 def _make(orig: torch.Tensor, colour: int, scale: float | None, finish: Callable[[torch.Tensor], Any],
           what: str) -> PreparedImage:
     """orig: ``[B, C, H, W]`` in its own dtype/device -> PreparedImage (validates sizes and ranges)."""
@@ -293,9 +326,12 @@ def _make(orig: torch.Tensor, colour: int, scale: float | None, finish: Callable
         raise ImageError(f"{what} has size {h}x{w} (HxW); it must be at least 1x1")
     col = orig[:, :colour]
     if scale is None:  # floats: the network's 0..1 range is a promise the caller must keep
-        if not bool(torch.isfinite(col).all()):
+        # one pass: aminmax propagates NaN, and an Inf is the min or the max; over the flat memory when the
+        # colour is all of it (a strided reduction over HWC pixels is 6x slower)
+        flat = _flat_view(orig) if colour == orig.shape[1] else None
+        lo, hi = (float(v) for v in torch.aminmax(col if flat is None else flat))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ImageError(f"{what} contains NaN or Inf; replace them (e.g. nan_to_num) first")
-        lo, hi = (float(v) for v in torch.aminmax(col))
         if lo < 0.0 or hi > 1.0:
             raise ImageError(f"{what} values lie in [{lo:.6g}, {hi:.6g}], outside 0..1; "
                              "scale to 0..1 (e.g. divide 8-bit data by 255) or pass integer data")

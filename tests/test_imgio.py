@@ -136,7 +136,10 @@ def _all_true(prep: imgio.PreparedImage) -> torch.Tensor:
 
 def _check_rgb(prep: imgio.PreparedImage) -> None:
     rgb = prep.rgb
-    assert rgb.dtype == torch.float32 and rgb.device.type == "cpu" and rgb.is_contiguous()
+    assert rgb.dtype == torch.float32 and rgb.device.type == "cpu"
+    # dense in one of the two layouts: channels-last for HWC inputs (numpy, PIL), NCHW for NCHW tensors
+    hwc = prep._original.stride(1) == 1
+    assert rgb.is_contiguous(memory_format=torch.channels_last if hwc else torch.contiguous_format)
     assert rgb.ndim == 4 and rgb.shape[1] == 3
     assert 0.0 <= float(rgb.min()) and float(rgb.max()) <= 1.0
 

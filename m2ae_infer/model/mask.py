@@ -97,5 +97,6 @@ def working_mask(full_mask: torch.Tensor) -> torch.Tensor:
 
 def full_resolution(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Working mask -> the full-resolution pixels it lets the network change, cropped to ``size``."""
-    up = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+    *lead, h, w = mask.shape   # one copy (an expanded view reshaped), not two repeat_interleaves
+    up = mask[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
     return up[..., : size[0], : size[1]]
