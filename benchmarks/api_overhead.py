@@ -12,12 +12,12 @@ model's counting never shows there).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 import torch
 
+from ..atomic import write_json
 from .grid import parse_resolution
 from .latency import time_interleaved
 from .masks import working_density_mask
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['density']:7.2f}  {r['executor_ms']:11.1f}  {r['api_ms']:6.1f}  {r['api_info_ms']:11.1f}  "
               f"{r['info_over_no_info']:12.3f}  {r['api_over_executor']:12.3f}  {same}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.out, rows)
     return 0
 
 

@@ -12,11 +12,12 @@ independent generator (:mod:`m2ae_infer.data.independent`), and 8 windows of a s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 import torch
+
+from ..atomic import write_json
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
 DEV_SEED, INDEPENDENT_SEED = 4242, 4343
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in reports:
         print("\n".join(format_rows(r)))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(reports, f, indent=1)
+        write_json(args.out, reports)
     return 0
 
 

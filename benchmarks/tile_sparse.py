@@ -15,12 +15,12 @@ area (tile kernel), in units of the dense body's time per working pixel -- what 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 import torch
 
+from ..atomic import write_json
 from ..executor import MIN_FILL, TorchExecutor, body_cost
 from ..kernels.tiles import TILE, plan_tiles
 from ..model.mask import working_mask
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               f"median tile_cost {statistics.median(r['tile_cost'] for r in usable):.2f} "
               "(executor.PIXEL_COST / TILE_COST)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.out, rows)
     return 0
 
 

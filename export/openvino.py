@@ -70,7 +70,7 @@ class OpenVinoExecutor(GraphExecutor):
     name = "openvino"
     measures_memory = False     # the CPU plugin keeps its memory pools between inferences
 
-    def __init__(self, net: M2AENet, *, dense_above: float = OPENVINO_DENSE_ABOVE, precision: str = "fp32",
+    def __init__(self, net: M2AENet, *, dense_above: float | None = None, precision: str = "fp32",
                  threads: int | None = None, opset: int = DEFAULT_OPSET):
         import openvino as ov
 
@@ -81,7 +81,7 @@ class OpenVinoExecutor(GraphExecutor):
             caps = ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
             raise OpenVinoUnavailable(f"backend 'openvino': precision='bf16' needs a CPU with bf16 (AVX-512-BF16 "
                                       f"or AMX); this one offers {caps}; use precision='fp32'")
-        super().__init__(net, dense_above=dense_above, opset=opset)
+        super().__init__(net, dense_above=OPENVINO_DENSE_ABOVE if dense_above is None else dense_above, opset=opset)
         self.precision, self.threads = precision, threads
         self.core = ov.Core()
         self.config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}

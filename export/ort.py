@@ -39,11 +39,12 @@ class OrtExecutor(GraphExecutor):
     name = "onnxruntime"
     measures_memory = False     # ORT's CPU arena keeps its memory between runs: a per-call RSS peak reads ~0
 
-    def __init__(self, net: M2AENet, *, dense_above: float = ORT_DENSE_ABOVE, device: str | torch.device = "cpu",
+    def __init__(self, net: M2AENet, *, dense_above: float | None = None, device: str | torch.device = "cpu",
                  threads: int | None = None, fp16: bool = False, opset: int = DEFAULT_OPSET):
         import onnxruntime as ort
 
-        super().__init__(net, dense_above=dense_above, fp16=fp16, opset=opset)
+        super().__init__(net, dense_above=ORT_DENSE_ABOVE if dense_above is None else dense_above, fp16=fp16,
+                         opset=opset)
         self.threads = threads
         self.providers: list = ["CPUExecutionProvider"]
         if torch.device(device).type == "cuda":

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import M2AEError
-from ..executor import DENSE_ABOVE
 from ..model import M2AENet
 from .onnx import DEFAULT_OPSET, GraphSpec, export_onnx
 from .runner import GraphExecutor
 from ..messages import one_line
+
+# The graphs' dense_above; `auto` runs the dense engine regardless (auto_policy), so only an explicit switch uses it.
+TRT_DENSE_ABOVE = 0.45
 
 NOT_INSTALLED = "TensorRT is not installed (its libraries come only from NVIDIA's package index)"
 
@@ -198,7 +200,7 @@ class TrtExecutor(GraphExecutor):
     name = "tensorrt"
     auto_policy = "dense"
 
-    def __init__(self, net: M2AENet, *, dense_above: float = DENSE_ABOVE, device: str | torch.device = "cuda",
+    def __init__(self, net: M2AENet, *, dense_above: float | None = None, device: str | torch.device = "cuda",
                  fp16: bool = False, opset: int = DEFAULT_OPSET, profile: Profile | None = None):
         reason = unavailable_reason()
         if reason:
@@ -206,7 +208,8 @@ class TrtExecutor(GraphExecutor):
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise ValueError(f"backend 'tensorrt' runs on CUDA devices only, got device {str(device)!r}")
-        super().__init__(net, dense_above=dense_above, fp16=fp16, opset=opset)
+        super().__init__(net, dense_above=TRT_DENSE_ABOVE if dense_above is None else dense_above, fp16=fp16,
+                         opset=opset)
         self.profile = profile or Profile()
         self.engines: dict[GraphSpec, bytes] = {}
 

@@ -12,6 +12,7 @@ file is published with a hard link, which fails if the name exists (where a rena
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -83,6 +84,12 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb", *, overwrite: b
         with open(tmp, mode, encoding=encoding, newline=newline) as f:
             yield f
             f.flush()
+
+
+def write_json(path: str | os.PathLike[str], obj, *, overwrite: bool = True, indent: int = 1) -> None:
+    """``obj`` as JSON at ``path``, atomically (a benchmark's ``--out`` rows: replaced by default)."""
+    with atomic_write(path, "w", overwrite=overwrite) as f:
+        json.dump(obj, f, indent=indent)
 
 
 def prepare_folder(folder: str | os.PathLike[str]) -> Path:

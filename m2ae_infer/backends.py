@@ -152,22 +152,21 @@ def make_backend(name: str, network, *, device: str | torch.device = "cpu", exec
 
 
 # ------------------------------------------------------------------------------------ the engines
+# ``dense_above=None`` is each engine's own measured switch: the classes take None for it.
 def _torch(network, *, device, dense_above, **_):
-    from .executor import DENSE_ABOVE, TorchExecutor
-    return TorchExecutor(network.to(device), dense_above=DENSE_ABOVE if dense_above is None else dense_above)
+    from .executor import TorchExecutor
+    return TorchExecutor(network.to(device), dense_above=dense_above)
 
 
 def _triton(network, *, device, dense_above, **_):
-    from .triton_executor import TRITON_DENSE_ABOVE, TritonExecutor   # imports triton only now
-    return TritonExecutor(network, dense_above=TRITON_DENSE_ABOVE if dense_above is None else dense_above,
-                          device=device)
+    from .triton_executor import TritonExecutor   # imports triton only now
+    return TritonExecutor(network, dense_above=dense_above, device=device)
 
 
 def _onnxruntime(network, *, device, execution, threshold, dilation, dense_above, threads, **_):
     try:
         from .export.ort import OrtExecutor
-        switch = {} if dense_above is None else {"dense_above": dense_above}
-        executor = OrtExecutor(network, device=device, threads=threads, **switch)
+        executor = OrtExecutor(network, device=device, threads=threads, dense_above=dense_above)
         executor.prepare(execution, threshold, dilation)   # exports the graph ``execution`` needs, in memory
     except ImportError as exc:
         raise ValueError(f"backend 'onnxruntime' needs onnx, onnxscript and onnxruntime ({exc}); "
@@ -178,8 +177,7 @@ def _onnxruntime(network, *, device, execution, threshold, dilation, dense_above
 def _tensorrt(network, *, device, execution, threshold, dilation, dense_above, **_):
     from .export.trt import TensorRTUnavailable, TrtExecutor
     try:
-        switch = {} if dense_above is None else {"dense_above": dense_above}
-        executor = TrtExecutor(network, device=device, **switch)
+        executor = TrtExecutor(network, device=device, dense_above=dense_above)
         executor.prepare(execution, threshold, dilation)
     except TensorRTUnavailable as exc:
         raise ValueError(f"backend 'tensorrt' is not available: {exc}") from None
@@ -189,8 +187,7 @@ def _tensorrt(network, *, device, execution, threshold, dilation, dense_above, *
 def _openvino(network, *, device, execution, threshold, dilation, dense_above, threads, precision):
     try:   # the CPU plugin: tensors on another device are copied to the CPU and the results back
         from .export.openvino import OpenVinoExecutor
-        switch = {} if dense_above is None else {"dense_above": dense_above}
-        executor = OpenVinoExecutor(network, precision=precision, threads=threads, **switch)
+        executor = OpenVinoExecutor(network, precision=precision, threads=threads, dense_above=dense_above)
         executor.prepare(execution, threshold, dilation)
     except ImportError as exc:
         raise ValueError(f"backend 'openvino' needs openvino ({exc}): pip install 'm2ae-infer[openvino]'") from None

@@ -73,7 +73,7 @@ class TorchExecutor:
 
     Args:
         net: the network in deploy form (``reparameterize_model`` first).
-        dense_above: active fraction above which ``execution="auto"`` always runs dense.
+        dense_above: active fraction above which ``execution="auto"`` always runs dense (None: :data:`DENSE_ABOVE`).
         sparse_kernel: ``"auto"`` (the cheaper by :func:`sparse_costs`), ``"pixels"`` or ``"tiles"``: how the
             sparse execution updates the active pixels (both exact; module docstring).
     """
@@ -81,9 +81,10 @@ class TorchExecutor:
     name = "torch"
     measures_memory = True
 
-    def __init__(self, net: M2AENet, dense_above: float = DENSE_ABOVE, sparse_kernel: str = "auto"):
+    def __init__(self, net: M2AENet, dense_above: float | None = None, sparse_kernel: str = "auto"):
         if not net.inference_mode:
             raise ValueError("TorchExecutor needs the deploy form: call reparameterize_model(net) first")
+        dense_above = DENSE_ABOVE if dense_above is None else dense_above
         if not 0.0 <= dense_above <= 1.0:
             raise ValueError(f"dense_above must lie in [0, 1], got {dense_above}")
         if sparse_kernel not in SPARSE_KERNELS:

@@ -17,13 +17,14 @@ import torch
 
 from .backends import ExecutionResult
 from .errors import M2AEError
-from .executor import DENSE_ABOVE, TorchExecutor, dense_front
+from .executor import TorchExecutor, dense_front
 from .model import M2AENet
 from .model.network import SHUFFLE
 
 # Active fraction above which `auto` runs the dense path. NOT measured on a GPU (none was available): it is the
-# torch CPU value; kernels.triton_bench.gpu_stage_timings measures the per-stage break-even where CUDA exists.
-TRITON_DENSE_ABOVE = DENSE_ABOVE
+# torch CPU per-pixel kernel's break-even (0.85-0.92 of dense at 40 %, 1.01-1.12 at 50 %; docs/performance.md);
+# kernels.triton_bench.gpu_stage_timings measures the per-stage break-even where CUDA exists.
+TRITON_DENSE_ABOVE = 0.45
 
 
 class TritonUnavailable(M2AEError, ValueError):
@@ -63,7 +64,8 @@ class TritonExecutor:
 
     Args:
         net: the network in deploy form, on ``device``.
-        dense_above: active fraction above which ``execution="auto"`` runs the (torch) dense path.
+        dense_above: active fraction above which ``execution="auto"`` runs the (torch) dense path (None:
+            :data:`TRITON_DENSE_ABOVE`).
         device: where the kernels run (CUDA, or CPU under ``TRITON_INTERPRET=1``); default: the net's device.
         dtype: storage dtype of the feature buffer and the packed weights in the kernels (float32, float16,
             bfloat16); GEMMs accumulate in fp32. Stem, mask head and dense path stay fp32 torch.
@@ -73,7 +75,7 @@ class TritonExecutor:
     name = "triton"
     measures_memory = True
 
-    def __init__(self, net: M2AENet, dense_above: float = TRITON_DENSE_ABOVE, device=None,
+    def __init__(self, net: M2AENet, dense_above: float | None = None, device=None,
                  dtype: torch.dtype = torch.float32, block_m: int | None = None):
         if not net.inference_mode:
             raise ValueError("TritonExecutor needs the deploy form: call reparameterize_model(net) first")
@@ -82,6 +84,7 @@ class TritonExecutor:
         from .kernels.triton_stage import pack_stage
         from .kernels.triton_tail import pack_tail
 
+        dense_above = TRITON_DENSE_ABOVE if dense_above is None else dense_above
         self.torch = TorchExecutor(net.to(device), dense_above)   # stem, mask head, dense path, FLOP counts
         self.net, self.dense_above = self.torch.net, dense_above
         self.dtype, self.block_m = dtype, block_m
