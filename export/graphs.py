@@ -131,13 +131,12 @@ class SparseGraph(ExportGraph):
         _, channels, h, w = features.shape
         # Zero-bordered channels-last buffer [(h+2)*(w+2), C]: the border is the convs' zero padding.
         buffer = F.pad(features, [1, 1, 1, 1]).permute(0, 2, 3, 1).reshape(-1, channels)
-        # NonZero on a float tensor: TensorRT's NonZero takes FP32/FP16 only (onnx-tensorrt operators.md).
-        flat = torch.nonzero(m.reshape(-1).to(torch.float32))[:, 0]                    # [N] int64
-        # Indices are >= 0, so truncating division is floor division without the exporter's sign fix-up;
-        # and `flat % w` cannot be lowered by the exporter when w is a symbolic size.
-        y = torch.div(flat, w, rounding_mode="trunc")
-        x = flat - y * w
-        zero = torch.zeros_like(flat)
+        # NonZero on a float tensor: TensorRT's NonZero takes FP32/FP16 only (onnx-tensorrt operators.md). A 2-D
+        # NonZero gives (y, x) in row-major order directly: no division of a flat index by the width (which
+        # OpenVINO's CPU plugin computed inexactly, as a multiplication by the reciprocal).
+        yx = torch.nonzero(m[0, 0].to(torch.float32))                                 # [N, 2] int64
+        y, x = yx[:, 0], yx[:, 1]
+        zero = torch.zeros_like(y)
         rows = padded_rows(zero, y, x, h, w)                                         # [N]
         neighbours = (rows[:, None] + neighbour_offsets(w, device=rows.device)[None, :]).reshape(-1)  # [N*9]
         for i, (act, n_mix) in enumerate(zip(self._acts, self._mixer_counts)):

@@ -91,9 +91,7 @@ class OpenVinoExecutor(GraphExecutor):
     def _load(self, spec: GraphSpec):
         import openvino as ov
 
-        onnx_model = export_onnx(self.net, spec)
-        exact_integer_division(onnx_model)
-        model = ov.convert_model(io.BytesIO(onnx_model.SerializeToString()))
+        model = ov.convert_model(io.BytesIO(export_onnx(self.net, spec).SerializeToString()))
         return self.core.compile_model(model, "CPU", self.config)
 
     def _run(self, compiled, spec: GraphSpec, image: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
@@ -108,55 +106,6 @@ class OpenVinoExecutor(GraphExecutor):
             changed = full_resolution(outputs[1], image.shape[-2:])
             outputs[0] = torch.where(changed, outputs[0], image.cpu())
         return outputs
-
-
-def exact_integer_division(model) -> int:
-    """Make the exported graph's integer divisions exact in OpenVINO; returns how many were rewritten.
-
-    The exporter lowers ``torch.div(int, int, rounding_mode="trunc")`` (the sparse graph's row of each active
-    pixel: flat index // working width) as ``Cast(float) / Cast(float) -> Abs, Floor, Sign, Mul -> Cast(int64)``.
-    OpenVINO's CPU plugin computes that float Div as a multiplication by the reciprocal, which is not correctly
-    rounded: 854 / 427 came out just under 2 and floored to 1, so at working widths such as 425, 427 and 428
-    (480p: 854 px wide) some pixels read the wrong neighbours (errors up to ~0.9). ONNX Runtime's division is
-    exact. The rewrite feeds the integers to an integer ``Div`` (ONNX: truncating, i.e. exactly the pattern's
-    result) and casts that to float, so the Abs/Floor/Sign that follow see an exact integer. Only a float Div of
-    two int64 Casts whose every consumer is that Abs/Sign pattern is rewritten.
-    """
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = model.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node.op_type)
-
-    def int64_source(name: str) -> str | None:
-        """The int64 tensor that ``name`` is a float Cast of, else None."""
-        cast = producers.get(name)
-        if cast is None or cast.op_type != "Cast":
-            return None
-        to = {a.name: helper.get_attribute_value(a) for a in cast.attribute}.get("to")
-        return cast.input[0] if to == TensorProto.FLOAT and types.get(cast.input[0]) == TensorProto.INT64 else None
-
-    rewritten = 0
-    for node in list(graph.node):
-        users = consumers.get(node.output[0], [])
-        if node.op_type != "Div" or not users or not set(users) <= {"Abs", "Sign"}:
-            continue
-        sources = [int64_source(name) for name in node.input]
-        if None in sources:
-            continue
-        quotient = f"{node.output[0]}__int"
-        at = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(at, helper.make_node("Cast", [quotient], [node.output[0]], to=TensorProto.FLOAT))
-        graph.node.insert(at, helper.make_node("Div", sources, [quotient], name=f"{node.name}__int"))
-        rewritten += 1
-    return rewritten
 
 
 def bf16_error(net: M2AENet, image: torch.Tensor, mask: torch.Tensor, engine: str = "openvino") -> dict:
