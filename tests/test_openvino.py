@@ -146,10 +146,7 @@ def test_matches_the_torch_dense_reference(engine, net, image, threshold, execut
 def test_sparse_is_exact_where_float_division_rounds_down(engine, net, width):
     """Where OpenVINO's float Div (a multiplication by the reciprocal) floored 854 / 427 to 1, a sparse graph
     that divided flat indices by the width read wrong neighbours (errors up to 0.9); the graph now takes (y, x)
-    from a 2-D NonZero and holds no Div at all."""
-    from m2ae_infer.export.onnx import GraphSpec, export_onnx
-    graph = export_onnx(net, GraphSpec("sparse", mask_input=True)).graph
-    assert "Div" not in {node.op_type for node in graph.node}
+    from a 2-D NonZero."""
     image = torch.rand(1, 3, 6, width, generator=torch.Generator().manual_seed(10))
     mask = make_mask("full", 6, width)
     result = engine.run(image, mask, execution="sparse")
