@@ -88,13 +88,17 @@ def neighbour_offsets(width: int, device=None) -> torch.Tensor:
     return (d[:, None] * (width + 2) + d[None, :]).reshape(9)
 
 
-def pointwise_chain(h: torch.Tensor, mixers) -> torch.Tensor:
-    """``[N, C_mid] -> [N, C]``: first mixer, then (simple gate, mixer) for each further one."""
-    w, b = mixers[0]
-    h = torch.addmm(b, h, w)
-    for w, b in mixers[1:]:
+def pointwise_chain(h: torch.Tensor, mixers, gate_last: bool = False) -> torch.Tensor:
+    """``[N, C_mid] -> [N, C]``: first mixer, then (simple gate, mixer) for each further one; ``gate_last``: a
+    simple gate after the last one too (what the next mixer would take, for a caller that runs that one itself)."""
+    for i, (w, b) in enumerate(mixers):
+        if i:
+            first, second = h.chunk(2, dim=1)
+            h = first * second
+        h = torch.addmm(b, h, w)
+    if gate_last:
         first, second = h.chunk(2, dim=1)
-        h = torch.addmm(b, first * second, w)
+        h = first * second
     return h
 
 

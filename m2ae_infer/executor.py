@@ -39,9 +39,11 @@ from .packing import pack_stages, pack_tail
 # cost model alone (it already prefers dense where the sparse kernels cost more).
 DENSE_ABOVE = 1.0
 # The cost model, in units of the dense body's time per working pixel (benchmarks/tile_sparse.py measures both):
-# the per-pixel kernel's body time per active pixel, and the tile kernel's per pixel of tile area.
-PIXEL_COST = 1.85
-TILE_COST = 1.2
+# the per-pixel kernel's body time per active pixel, and the tile kernel's per pixel of tile area. Medians over
+# blob masks of 5-80 % at 720p, shipped checkpoint, 2 threads, on the project's 2-core AVX-512 CPU
+# (docs/performance.md). With 1 thread both are lower (1.87 and 1.16): the gathers scale worse than oneDNN's conv.
+PIXEL_COST = 2.9
+TILE_COST = 1.38
 SPARSE_KERNELS = ("auto", "pixels", "tiles")
 MIN_FILL = {"auto": TILE_COST / PIXEL_COST, "tiles": 0.0, "pixels": 2.0}   # plan_tiles' min_fill per kernel
 
@@ -149,7 +151,7 @@ class TorchExecutor:
             # both updates are computed from the buffer as it is before either is written
             update = sparse_stage_update(rows_view, pixel_rows, offsets, stage) if pixel_rows.numel() else None
             if plan.tiles:
-                tiled = tile_stage_update(rows_view, patch_rows, plan.tile_mask, stage, weight, TILE)
+                tiled = tile_stage_update(rows_view, patch_rows, plan.inactive, stage, weight, TILE)
                 rows_view.index_copy_(0, inner_rows, tiled)
             if update is not None:
                 rows_view.index_add_(0, pixel_rows, update)
@@ -194,6 +196,7 @@ class TorchExecutor:
             per_pixel, tiles, in_tiles = counts
             coords = tuple(meta(per_pixel + in_tiles) for _ in range(3))
             plan = TilePlan(meta(tiles, 3), meta(tiles, TILE, TILE, 1, dtype=torch.bool),
-                            tuple(meta(per_pixel) for _ in range(3)), in_tiles)
+                            tuple(meta(per_pixel) for _ in range(3)), in_tiles,
+                            meta(max(tiles * TILE * TILE - in_tiles, 0)))   # copies: no FLOPs, any size
             self._meta.sparse_body(padded, features, coords, plan)
         return count_isolated(call)

@@ -33,6 +33,7 @@ def test_plan_splits_the_active_pixels_exactly(shape, kind, min_fill):
     covered[b, y, x] = True
     assert torch.equal(covered, mask[:, 0])                          # ... and together are the mask
     assert plan.tile_pixels == int(plan.tile_mask.sum())
+    assert torch.equal(plan.inactive, (~plan.tile_mask).reshape(-1).nonzero()[:, 0])
     if min_fill > 1:
         assert plan.tiles == 0
     if min_fill == 0:
@@ -53,7 +54,7 @@ def test_tiled_stage_equals_the_dense_stage(shape, kind):
     view = buffer.view(-1, buffer.shape[-1])
     patch_rows, inner_rows = tile_rows(plan.index, buffer.shape)
     with torch.no_grad():
-        view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.tile_mask, stage,
+        view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.inactive, stage,
                                                           spatial_weights([stage])[0]))
     got = buffer[:, 1:shape[0] + 1, 1:shape[1] + 1].permute(0, 3, 1, 2)
     assert (got - expected).abs().max().item() <= 1e-5
@@ -65,7 +66,7 @@ def test_tiled_stage_equals_the_dense_stage(shape, kind):
 
 
 def test_tiled_stage_passes_non_finite_neighbours_through():
-    """An inactive pixel holding inf inside an active tile comes back as inf (where(), not x + m * F(x))."""
+    """An inactive pixel holding inf inside an active tile comes back as inf (copied back, not x + m * F(x))."""
     net = reparameterize_model(random_net("tiny", seed=3))
     stage = pack_stages(net)[0]
     x = torch.rand(1, net.config.channels, 8, 8)
@@ -76,7 +77,7 @@ def test_tiled_stage_passes_non_finite_neighbours_through():
     buffer = to_tile_buffer(x)
     view = buffer.view(-1, buffer.shape[-1])
     patch_rows, inner_rows = tile_rows(plan.index, buffer.shape)
-    view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.tile_mask, stage,
+    view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.inactive, stage,
                                                       spatial_weights([stage])[0]))
     assert torch.isinf(buffer[0, 1, 1]).all() and torch.isfinite(buffer[0, 6, 6]).all()
 
