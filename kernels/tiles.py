@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .reference import SparseStage, activation, pointwise_chain
 
-TILE = 8   # working-grid pixels per tile side (16 input pixels); benchmarks/tile_sparse.py
+TILE = 8   # working-grid pixels per tile side (16 input pixels); 4 and 16 were slower (docs/performance.md)
 
 
 def tile_grid(height: int, width: int, tile: int = TILE) -> tuple[int, int]:
