@@ -17,7 +17,7 @@ from pathlib import Path
 from .cliutil import OneLineArgumentParser, check_device, cli_main, cli_message, device_arg, progress_stream, say
 from .formats import writable_suffixes
 from .jobs import (SHOWN, check_tiling, collect_inputs, describe, file_id, mask_path, plan_outputs,
-                   prepare_folders)
+                   prepare_folders, run_setup)
 from .messages import one_line, shown
 from .shipped import EXAMPLE_PHOTO
 
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return cli_run(args)
 
     files, problems = collect_inputs(args.inputs)
-    try:
+
+    def setup():
         outputs = plan_outputs(files, args.output, args.example, args.save_mask)
         check_device(args.device)
         from .api import Deblurrer   # after argument checks: importing torch takes a second
@@ -108,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                               tile_overlap=args.tile_overlap)
         check_tiling(deblurrer, args)
         prepare_folders(outputs.values())
-    except (ValueError, OSError, RuntimeError) as exc:   # CheckpointError is a ValueError
-        say(f"{PROG}: error: {cli_message(exc)}", sys.stderr)
+        return outputs, deblurrer
+    ready = run_setup(PROG, setup, problems)
+    if ready is None:
         return 2
-    for p in problems:
-        say(f"{PROG}: skipped {p}", sys.stderr)
+    outputs, deblurrer = ready
 
     inputs = {file_id(f) for f in files} - {None}
     failed = [p.split(": ", 1)[0] for p in problems]   # already shown escaped

@@ -6,9 +6,11 @@ Nothing here runs the network or parses arguments: :mod:`m2ae_infer.cli` and the
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
-from .cliutil import writable_folder
+from .cliutil import cli_message, say, writable_folder
 from .formats import FORMATS, writable_suffixes
 from .messages import one_line, shown
 from .shipped import EXAMPLE_PHOTO
@@ -144,3 +146,20 @@ def file_id(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+T = TypeVar("T")
+
+
+def run_setup(prog: str, setup: Callable[[], T], problems: list[str]) -> T | None:
+    """A deblurring job's setup (output plan, checkpoint, folders) before any image runs: its result, or None
+    after one ``PROG: error: ...`` line when it fails (the caller exits 2); then one ``PROG: skipped ...`` line
+    per input ``collect_inputs`` could not use."""
+    try:
+        result = setup()
+    except (ValueError, OSError, RuntimeError) as exc:   # CheckpointError is a ValueError
+        say(f"{prog}: error: {cli_message(exc)}", sys.stderr)
+        return None
+    for p in problems:
+        say(f"{prog}: skipped {p}", sys.stderr)
+    return result

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..cli import PROG
-from ..jobs import collect_inputs, plan_outputs, prepare_folders
-from ..cliutil import cli_message, progress_stream, say
+from ..jobs import collect_inputs, plan_outputs, prepare_folders, run_setup
+from ..cliutil import progress_stream, say
 from ..messages import one_line, shown
 from .job import RAY_EXTRA, _check_pool, _load_on_driver, _options, _run
 from .records import BatchSummary, InputResult
@@ -20,7 +20,8 @@ def cli_run(args) -> int:
     errors, before any image runs), 130 (interrupted)."""
     from ..jobs import check_tiling
     files, problems = collect_inputs(args.inputs)
-    try:
+
+    def setup():
         address = _address_arg(args.ray)
         _check_pool(args.workers, args.threads_per_worker, args.gpus_per_worker, 0, 0)
         outputs = plan_outputs(files, args.output, args.example, args.save_mask)
@@ -30,11 +31,11 @@ def cli_run(args) -> int:
             raise ValueError(f"--ray needs Ray, which is not installed: {RAY_EXTRA}")
         _load_on_driver(options, check=lambda deblurrer: check_tiling(deblurrer, args))
         prepare_folders(outputs.values())
-    except (ValueError, OSError, RuntimeError) as exc:   # CheckpointError is a ValueError
-        say(f"{PROG}: error: {cli_message(exc)}", sys.stderr)
+        return address, outputs, options
+    ready = run_setup(PROG, setup, problems)
+    if ready is None:
         return 2
-    for p in problems:
-        say(f"{PROG}: skipped {p}", sys.stderr)
+    address, outputs, options = ready
     bar = None if args.quiet or len(outputs) < 2 else _progress(len(outputs))
 
     def report(result: InputResult) -> None:
