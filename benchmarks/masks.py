@@ -13,6 +13,14 @@ from ..model.mask import full_resolution
 MASK_KINDS = ("blobs", "scattered")
 
 
+def smooth_noise(batch: int, height: int, width: int, cell: int, generator: torch.Generator,
+                 mode: str = "bicubic") -> torch.Tensor:
+    """Low-pass noise ``[B, 1, H, W]``: uniform noise on a grid of about ``cell``-pixel cells, interpolated.
+    Thresholded or ranked, it gives object-like regions (the bench's and the tests' blob masks)."""
+    coarse = torch.rand(batch, 1, max(height // cell, 2), max(width // cell, 2), generator=generator)
+    return F.interpolate(coarse, size=(height, width), mode=mode, align_corners=False)
+
+
 def working_grid_mask(kind: str, height: int, width: int, density: float, seed: int = 0) -> torch.Tensor:
     """Bool mask ``[1, 1, height, width]`` on the working grid itself with exactly ``round(density * h * w)``
     True pixels: ``blobs`` (a few smooth regions, like moving objects) or ``scattered`` (independent pixels)."""
@@ -24,8 +32,7 @@ def working_grid_mask(kind: str, height: int, width: int, density: float, seed: 
     if kind == "scattered":
         score = torch.rand(1, 1, height, width, generator=gen)
     else:   # low-pass noise: a few smooth regions, like moving objects
-        coarse = torch.rand(1, 1, max(height // 24, 2), max(width // 24, 2), generator=gen)
-        score = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+        score = smooth_noise(1, height, width, 24, gen)
     # Exactly round(density * h * w) active pixels: rank the scores.
     k = round(density * height * width)
     mask = torch.zeros(height * width, dtype=torch.bool)

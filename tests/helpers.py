@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from m2ae_infer import M2AEConfig, M2AENet
+from m2ae_infer.benchmarks.masks import smooth_noise
 
 
 @torch.no_grad()
@@ -56,9 +57,7 @@ def make_mask(kind: str, height: int, width: int, seed: int = 0, batch: int = 1)
         frac = float(kind[len("random"):])
         mask = torch.rand(batch, 1, height, width, generator=gen) < frac
     elif kind == "blobs":                    # smooth low-pass noise thresholded: object-like regions
-        coarse = torch.rand(batch, 1, max(height // 8, 2), max(width // 8, 2), generator=gen)
-        smooth = nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
-        mask = smooth > 0.6
+        mask = smooth_noise(batch, height, width, 8, gen, mode="bilinear") > 0.6
     else:
         raise ValueError(kind)
     return mask
