@@ -18,6 +18,7 @@ import torch
 from ..api import Deblurrer
 from ..backends import Backend, backend_entry, make_backend
 from ..cliutil import progress_stream
+from ..flops import count_isolated
 from ..model import M2AENet
 from ..reparam import reparameterize_model
 from .baselines import (DEFAULT_BASELINES, DENSE_ENGINES, CompiledDense, build_baseline, default_dense_baselines,
@@ -281,11 +282,7 @@ def _no_grad(net: torch.nn.Module, image: torch.Tensor):
 
 
 def _count_flops(net: torch.nn.Module, image: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
-    with counter, torch.inference_mode():
-        net(image)
-    return int(counter.get_total_flops())
+    return count_isolated(lambda: net(image))   # FlopCounterMode, under no_grad
 
 
 def _mb(n: int | None) -> float | None:
