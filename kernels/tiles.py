@@ -76,8 +76,10 @@ class TilePlan:
 
 
 def plan_tiles(mask: torch.Tensor, min_fill: float, tile: int = TILE) -> TilePlan:
-    """Split the working mask ``[B, 1, h, w]`` bool: tiles with at least ``min_fill`` of their ``T*T`` pixels
-    active go to the tile kernel (``min_fill=0``: every tile with an active pixel; above 1: none)."""
+    """Split the working mask ``[B, 1, h, w]`` bool: tiles inside the grid with at least ``min_fill`` of their
+    ``T*T`` pixels active go to the tile kernel (``min_fill=0``: every such tile with an active pixel; above 1:
+    none). Tiles that cross the grid's bottom or right edge always run per pixel: computing their part outside
+    the grid would be work a dense pass does not do, so a sparse call never executes more than a dense one."""
     b, _, h, w = mask.shape
     nty, ntx = tile_grid(h, w, tile)
     padded = mask.new_zeros((b, nty * tile, ntx * tile))
@@ -85,6 +87,8 @@ def plan_tiles(mask: torch.Tensor, min_fill: float, tile: int = TILE) -> TilePla
     blocks = padded.view(b, nty, tile, ntx, tile).transpose(2, 3)      # [B, nty, ntx, T, T]
     fill = blocks.flatten(3).sum(dim=3)                                # [B, nty, ntx]
     tiled = (fill > 0) & (fill >= min_fill * tile * tile)
+    tiled[:, h // tile:] = False                                       # crossing the bottom edge
+    tiled[:, :, w // tile:] = False                                    # crossing the right edge
     index = tiled.nonzero()                                            # [N, 3], row-major
     rest = padded & ~tiled.repeat_interleave(tile, 1).repeat_interleave(tile, 2)
     tile_mask = blocks[index[:, 0], index[:, 1], index[:, 2]][..., None]

@@ -299,11 +299,12 @@ def test_measure_case_takes_the_headline_from_the_fastest_dense_row_of_the_cells
 
 def test_torch_kernel_rows_share_torchs_dense_row(deploy_net):
     """``--backends torch,torch/pixels,torch/tiles``: three sparse cells per case, one dense row (torch eager), and
-    each cell's kernel is the one its row names (the plan it ran: no tiles per pixel, every active pixel tiled)."""
+    each cell's kernel is the one its row names (the plan it ran: no tiles per pixel, every active pixel tiled on
+    a working grid of whole 8x8 tiles)."""
     engines, skipped = make_backends(deploy_net, ("torch", "torch/pixels", "torch/tiles"), "cpu", 1)
     assert not skipped and [e.dense_name for e in engines] == ["eager"] * 3
-    mask = working_density_mask("blobs", 30, 46, 0.3, 0)
-    case = Case("blobs", torch.rand(1, 3, 30, 46, generator=torch.Generator().manual_seed(3)), mask, 0.3)
+    mask = working_density_mask("blobs", 32, 48, 0.3, 0)
+    case = Case("blobs", torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(3)), mask, 0.3)
     cells, dense = measure_case(engines, case, replace(TINY, memory=False, repeats=1))
     assert [d["engine"] for d in dense] == ["eager"]
     by = {c["backend"]: c for c in cells}
