@@ -179,8 +179,12 @@ def measure_case(engines: list[Engine], case: Case, settings: BenchSettings) -> 
     """Every engine dense, and sparse where it runs sparse cells, on one case, all timed alternately:
     ``(cell rows, dense rows)``."""
     calls = {}
-    # one dense row per dense engine: the torch kernel rows (TORCH_KERNELS) share torch's
-    dense_engines = list({e.dense_name: e for e in reversed(engines)}.values())[::-1]
+    # one dense row per dense engine, run by the first engine that has it: the torch kernel rows (TORCH_KERNELS)
+    # share torch's
+    owners: dict[str, Engine] = {}
+    for e in engines:
+        owners.setdefault(e.dense_name, e)
+    dense_engines = list(owners.values())
     for e in engines:
         if e in dense_engines:
             calls[f"{e.name} dense"] = lambda e=e: e.dense(case)
@@ -202,9 +206,8 @@ def measure_case(engines: list[Engine], case: Case, settings: BenchSettings) -> 
             "compile_s": e.runner.compile_seconds[(tuple(case.image.shape), case.mask is None)] if compiled else None,
             # against torch eager dense (or the first engine): bf16 rows show their rounding here
             "max_abs_vs_eager": float((outputs[f"{e.name} dense"] - reference).abs().max())})
-    owner = {e.dense_name: e.name for e in dense_engines}
     cells = [measure_cell(e, case, settings, t[f"{e.name} sparse"], dense_rows, outputs[f"{e.name} sparse"],
-                          outputs[f"{owner[e.dense_name]} dense"], t[f"{e.name} auto"], outputs[f"{e.name} auto"])
+                          outputs[f"{owners[e.dense_name].name} dense"], t[f"{e.name} auto"], outputs[f"{e.name} auto"])
              for e in engines if e.sparse]
     return cells, dense_rows
 

@@ -176,10 +176,10 @@ class Deblurrer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         # every backend leaves the pixels outside its mask bit for bit (README: Contracts), so an input whose
-        # pixels round-trip is converted whole, with no per-pixel select (the changed mask is for RunInfo)
-        changed = None if prepared.round_trips and not return_info else \
-            full_resolution(result.mask, (height, width)).cpu()
-        restored = prepared.restore(result.output.cpu(), None if prepared.round_trips else changed)
+        # pixels round-trip is converted whole, with no per-pixel select; then the changed mask is for RunInfo only
+        select = not prepared.round_trips
+        changed = full_resolution(result.mask, (height, width)).cpu() if select or return_info else None
+        restored = prepared.restore(result.output.cpu(), changed if select else None)
         if not return_info:
             return restored
         predicted = user_mask is None

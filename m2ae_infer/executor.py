@@ -35,7 +35,7 @@ from .model.mask import pad_to_even, working_mask
 from .model.network import SHUFFLE
 from .packing import pack_stages, pack_tail
 
-# Active fraction above which `auto` always runs dense; below it the cost model (sparse_costs) chooses. 1.0: the
+# Active fraction above which `auto` always runs dense; below it the cost model (body_cost) chooses. 1.0: the
 # cost model alone (it already prefers dense where the sparse kernels cost more).
 DENSE_ABOVE = 1.0
 # The cost model, in units of the dense body's time per working pixel (benchmarks/tile_sparse.py measures both):
@@ -76,8 +76,8 @@ class TorchExecutor:
     Args:
         net: the network in deploy form (``reparameterize_model`` first).
         dense_above: active fraction above which ``execution="auto"`` always runs dense (None: :data:`DENSE_ABOVE`).
-        sparse_kernel: ``"auto"`` (the cheaper by :func:`sparse_costs`), ``"pixels"`` or ``"tiles"``: how the
-            sparse execution updates the active pixels (both exact; module docstring).
+        sparse_kernel: ``"auto"`` (both, split by the cost model: :data:`MIN_FILL`), ``"pixels"`` or ``"tiles"``:
+            how the sparse execution updates the active pixels (all exact; module docstring).
     """
 
     name = "torch"
@@ -130,7 +130,8 @@ class TorchExecutor:
         if chosen == "dense":
             out = self.net.masked_body(padded, features, m)
             return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active)
-        out = self.sparse_body(padded.contiguous(), features, active_pixels(m[:, 0]), plan)
+        coords = plan.pixels if not plan.tiles else active_pixels(m[:, 0])   # no tiles: the plan's are all of them
+        out = self.sparse_body(padded.contiguous(), features, coords, plan)
         return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active, plan.tiles,
                                plan.tile_pixels)
 

@@ -173,7 +173,8 @@ class PreparedImage:
 
     Attributes:
         rgb: float32 ``[B, 3, H, W]`` in 0..1, on the CPU, never sharing memory with the input; dense in
-            the input's layout (channels-last for numpy and PIL pixels, which are HWC; NCHW for NCHW tensors). Gray inputs are replicated to 3 channels; alpha is split off. Built on first
+            the input's layout (channels-last for numpy and PIL pixels, which are HWC; NCHW for NCHW tensors).
+            Gray inputs are replicated to 3 channels; alpha is split off. Built on first
             access (4 bytes per sample: tiled runs never build it, they read :meth:`region` by region).
 
     The input's pixels are referenced, not copied (numpy and torch inputs share memory): do not
@@ -226,13 +227,18 @@ class PreparedImage:
         where ``changed`` is False get the original's, bit for bit; alpha (what ``out`` holds) is never touched.
         """
         c, h, w = self._colour, restored.shape[-2], restored.shape[-1]
-        x = restored.detach().to(out.device, torch.float32).clamp(0.0, 1.0)
-        if c == 1:
-            x = (x[:, 0:1] + x[:, 1:2] + x[:, 2:3]) / 3.0
-        x = (x * self._scale).round() if self._scale is not None else x
         target = out[:, :c, top:top + h, left:left + w]
         source = self._original[:, :c, top:top + h, left:left + w]   # == target where restore left it empty
-        torch.where(changed.to(out.device), x.to(out.dtype), source, out=target)
+        torch.where(changed.to(out.device), self._encode(restored, out), source, out=target)
+
+    def _encode(self, restored: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The network output as the colour values of ``out``: clamped to 0..1, gray as ``(r + g + b) / 3``,
+        integers ``round(x * scale)``, in ``out``'s dtype and device."""
+        x = restored.detach().to(out.device, torch.float32).clamp(0.0, 1.0)
+        if self._colour == 1:
+            x = (x[:, 0:1] + x[:, 1:2] + x[:, 2:3]) / 3.0
+        x = (x * self._scale).round() if self._scale is not None else x
+        return x.to(out.dtype)
 
     def finish(self, out: torch.Tensor) -> Any:
         """``out`` ``[B, C, H, W]`` (from :meth:`new_output`) as the input's kind, dtype and shape."""
@@ -265,9 +271,7 @@ class PreparedImage:
             if not self.round_trips:
                 raise ValueError("changed=None needs an input whose pixels round-trip (RGB float32/uint8/uint16)")
             out = torch.empty_like(self._original) if self._original.shape[1] == 3 else self.new_output()
-            x = restored.detach().to(out.device, torch.float32).clamp(0.0, 1.0)
-            x = (x * self._scale).round() if self._scale is not None else x
-            out[:, :3].copy_(x)
+            out[:, :3].copy_(self._encode(restored, out))
             return self._finish(out)
         if tuple(changed.shape) != (b, 1, h, w) or changed.dtype != torch.bool:
             raise ValueError(f"changed must be bool {(b, 1, h, w)}, "
