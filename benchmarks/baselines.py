@@ -124,8 +124,9 @@ def parameter_count(net: nn.Module) -> int:
 # The dense rows of m2ae-bench: our network run densely by other engines, so that a sparse cell is measured
 # against the fastest dense execution of the same precision, not only against torch eager.
 # name -> (registry backend, precision); "compile" is torch.compile of the dense forward, no registry engine.
-DENSE_ENGINES = {"eager": ("torch", "fp32"), "compile": (None, "fp32"), "openvino-f32": ("openvino", "fp32"),
-                 "openvino-bf16": ("openvino", "bf16"), "onnxruntime": ("onnxruntime", "fp32")}
+DENSE_ENGINES = {"eager": ("torch", "fp32"), "eager-bf16": ("torch", "bf16"), "compile": (None, "fp32"),
+                 "openvino-f32": ("openvino", "fp32"), "openvino-bf16": ("openvino", "bf16"),
+                 "onnxruntime": ("onnxruntime", "fp32")}
 _NEEDS = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino-f32": ("onnx", "onnxscript", "openvino"),
           "openvino-bf16": ("onnx", "onnxscript", "openvino")}
 
@@ -146,6 +147,9 @@ def default_dense_baselines() -> tuple[str, ...]:
         from ..export.openvino import cpu_precisions
         if "bf16" not in cpu_precisions():
             names.remove("openvino-bf16")
+    from ..precision import bf16_unavailable
+    if bf16_unavailable("cpu"):
+        names.remove("eager-bf16")
     return tuple(names)
 
 

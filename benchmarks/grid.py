@@ -29,7 +29,7 @@ from .photos import real_photos
 
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
 # The bench's default order: registry names, ``name:bf16`` for an engine's bf16 opt-in.
-BACKENDS = ("torch", "onnxruntime", "openvino", "openvino:bf16", "triton", "tensorrt")
+BACKENDS = ("torch", "torch:bf16", "onnxruntime", "openvino", "openvino:bf16", "triton", "tensorrt")
 # Opt-in rows for the torch executor's sparse kernels one at a time (``torch`` runs their mix, the default):
 # ``--backends torch,torch/pixels,torch/tiles``.
 TORCH_KERNELS = {"torch/pixels": "pixels", "torch/tiles": "tiles"}

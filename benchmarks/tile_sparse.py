@@ -2,7 +2,7 @@
 
     python -m m2ae_infer.benchmarks.tile_sparse [--resolution 720p] [--densities 0.05,0.2,0.5,0.8]
                                                 [--kinds blobs,scattered] [--repeats 7] [--threads 0]
-                                                [--checkpoint CKPT] [--out rows.json]
+                                                [--precision fp32|bf16] [--checkpoint CKPT] [--out rows.json]
 
 For each mask (given by the caller, so no mask prediction runs) five executor calls are timed alternately in one
 process: dense, sparse with the per-pixel kernel, sparse with the tile kernel, sparse with the kernel the cost
@@ -10,7 +10,7 @@ model picks (``sparse_kernel="auto"``), and ``execution="auto"``; plus an empty 
 pays: stem, buffer, output copy). It prints each call's median and spread, its ratio to dense, the tile area, and
 the two cost constants this run implies: body time per active pixel (per-pixel kernel) and per pixel of tile
 area (tile kernel), in units of the dense body's time per working pixel -- what ``m2ae_infer.executor``'s
-``PIXEL_COST`` and ``TILE_COST`` are set from.
+``KERNEL_COSTS`` of that precision are set from (``--precision bf16``: the executor's bf16 opt-in, dense and sparse).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 import torch
 
 from ..atomic import write_json
-from ..executor import MIN_FILL, TorchExecutor, body_cost
+from ..executor import TorchExecutor
 from ..kernels.tiles import TILE, plan_tiles
 from ..model.mask import working_mask
 from .grid import parse_resolution
@@ -31,8 +31,9 @@ from .masks import working_density_mask
 KERNELS = ("pixels", "tiles", "auto")
 
 
-def measure(net, height: int, width: int, densities, kinds, repeats: int) -> list[dict]:
-    executors = {k: TorchExecutor(net, sparse_kernel=k) for k in KERNELS}
+def measure(net, height: int, width: int, densities, kinds, repeats: int, precision: str = "fp32") -> list[dict]:
+    executors = {k: TorchExecutor(net, sparse_kernel=k, precision=precision) for k in KERNELS}
+    costs = executors["auto"].costs
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, height, width, generator=gen)
     empty = torch.zeros(1, 1, height, width, dtype=torch.bool)
@@ -43,7 +44,7 @@ def measure(net, height: int, width: int, densities, kinds, repeats: int) -> lis
             m = working_mask(mask)
             total, active = m.numel(), int(m.sum())
             area = plan_tiles(m, 0.0).tiles * TILE * TILE
-            mixed = plan_tiles(m, MIN_FILL["auto"])
+            mixed = plan_tiles(m, costs.min_fill("auto"))
             calls = {"dense": lambda: executors["pixels"].run(image, mask, execution="dense"),
                      "floor": lambda: executors["pixels"].run(image, empty, execution="sparse"),
                      **{f"sparse_{k}": (lambda k=k: executors[k].run(image, mask, execution="sparse"))
@@ -62,7 +63,7 @@ def measure(net, height: int, width: int, densities, kinds, repeats: int) -> lis
                              f"{chosen.tile_pixels / max(active, 1):.0%} tiled",
                 "pixel_cost": (t["sparse_pixels"].median - floor) / body / max(active / total, 1e-9),
                 "tile_cost": (t["sparse_tiles"].median - floor) / body / max(area / total, 1e-9),
-                "model_auto_kernel": body_cost(mixed, total),
+                "model_auto_kernel": costs.body(mixed, total),
             })
     return rows
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="blobs,scattered")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     height, width = parse_resolution(args.resolution)
     net = reparameterize_model(load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT))
     rows = measure(net, height, width, [float(d) for d in args.densities.split(",")], args.kinds.split(","),
-                   args.repeats)
-    print(f"{height}x{width}, {torch.get_num_threads()} threads, median of {args.repeats}, interleaved; "
+                   args.repeats, args.precision)
+    print(f"{height}x{width}, {args.precision}, {torch.get_num_threads()} threads, median of {args.repeats}, interleaved; "
           "ratios to the dense call")
     print("mask       active  tiles   dense_ms  floor  pixels  tiles   mixed   auto (runs)          "
           "pixel_cost tile_cost")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if usable:
         print(f"median pixel_cost {statistics.median(r['pixel_cost'] for r in usable):.2f}, "
               f"median tile_cost {statistics.median(r['tile_cost'] for r in usable):.2f} "
-              "(executor.PIXEL_COST / TILE_COST)")
+              f"(executor.KERNEL_COSTS[{args.precision!r}])")
     if args.out:
         write_json(args.out, rows)
     return 0

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import M2AEError
 from ..model import M2AENet
-from ..model.mask import full_resolution, working_mask
+from ..model.mask import full_resolution
+from ..precision import BF16_TOLERANCE as _PRECISION_BF16_TOLERANCE, error_against_fp32
 from .onnx import DEFAULT_OPSET, GraphSpec, export_onnx
 from .runner import GraphExecutor
 
@@ -33,14 +34,8 @@ PRECISIONS = {"fp32": "f32", "bf16": "bf16"}     # ours -> OpenVINO's INFERENCE_
 # on the machine this was written on (loaded by a training run, AVX2 only).
 OPENVINO_DENSE_ABOVE = 0.45
 
-# Error of precision="bf16" against the fp32 torch reference, over the masked pixels of the example photo with
-# its mask, shipped checkpoint (tests/test_openvino.py asserts it where the CPU has bf16). NOT measured in
-# OpenVINO: no CPU with bf16 was at hand (the project's machine, AVX2, reports FP32/INT8/BIN only). Measured
-# instead with :func:`bf16_error` on the same network in torch: bf16 autocast max 0.0118, mean 9.6e-4,
-# PSNR 56.1 dB; all-bf16 weights and activations max 0.0113, mean 1.46e-3, PSNR 53.8 dB (both sizes of
-# onnx.example_inputs alike). The bounds leave a 2-2.5x margin over the worse of the two (docs/performance.md,
-# "OpenVINO bf16"); ENVIRONMENT.md §7 saw ~1e-2 max for OpenVINO bf16 on random default networks.
-BF16_TOLERANCE = {"max_abs": 0.03, "mean_abs": 3e-3, "min_psnr_db": 48.0}
+# precision="bf16"'s error bound against the fp32 torch reference, shared by every bf16 engine (measured there).
+BF16_TOLERANCE = _PRECISION_BF16_TOLERANCE
 
 
 class OpenVinoUnavailable(M2AEError, ValueError):
@@ -118,7 +113,6 @@ def bf16_error(net: M2AENet, image: torch.Tensor, mask: torch.Tensor, engine: st
     residual stream in fp32) or ``"torch-bf16"`` (weights and every activation in bf16).
     """
     with torch.inference_mode():
-        reference = net(image, mask)
         if engine == "openvino":
             output = OpenVinoExecutor(net, precision="bf16").run(image, mask, execution="dense").output
         elif engine == "torch-autocast":
@@ -128,8 +122,4 @@ def bf16_error(net: M2AENet, image: torch.Tensor, mask: torch.Tensor, engine: st
             output = copy.deepcopy(net).to(torch.bfloat16)(image.to(torch.bfloat16), mask).float()
         else:
             raise ValueError(f"engine must be 'openvino', 'torch-autocast' or 'torch-bf16', got {engine!r}")
-    inside = full_resolution(working_mask(mask), image.shape[-2:]).expand_as(image)
-    err = (output - reference).abs()[inside].double()
-    mse = float((err ** 2).mean())
-    return {"max_abs": float(err.max()), "mean_abs": float(err.mean()),
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse)), "values": int(inside.sum())}
+    return error_against_fp32(net, image, mask, output)

@@ -16,7 +16,7 @@ Here the working grid is cut into ``T x T`` tiles. Per stage, for a set of tiles
    the 3x3 convolution (7 of 17 ms at 720p, 50 % blobs, 2 threads).
 
 A tiled stage costs about a dense convolution over the tiles' area, whatever their fill; a per-pixel stage costs
-about ``PIXEL_COST / TILE_COST`` times more per active pixel. :func:`plan_tiles` therefore sends each tile whose
+about ``pixel / tile`` times more per active pixel (``executor.KERNEL_COSTS``). :func:`plan_tiles` therefore sends each tile whose
 fill is at least ``min_fill`` to the tile kernel and the active pixels of the other tiles to the per-pixel kernel:
 region masks run mostly tiled, scattered masks per pixel, and a mixed mask takes each part the cheaper way. Both
 kernels work on one buffer and read it before either writes, so a stage is exactly the dense masked stage.

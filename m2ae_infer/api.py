@@ -87,16 +87,18 @@ class Deblurrer:
             shipped checkpoint), else 0.5.
         dilation: grow the predicted mask by this many working pixels (2 input pixels each).
         config, key_map: passed to :func:`load_checkpoint` for checkpoints that need them.
-        dense_above: active fraction above which ``execution="auto"`` runs dense; default: the backend's
-            measured switch (torch 0.45, ONNX Runtime 0.6).
+        dense_above: active fraction above which ``execution="auto"`` always runs dense; default: the backend's
+            measured switch (torch 1.0: its cost model decides, see ``executor.KernelCosts``; ONNX Runtime 0.6,
+            OpenVINO, Triton and TensorRT 0.45).
         tile: ``"auto"`` (images above ``tiling.AUTO_TILE_PIXELS`` pixels run in tiles of ``tiling.DEFAULT_TILE``),
             ``None``/``0`` (never tile) or a tile size in pixels (rounded up to a multiple of 4). Tiled
             output equals untiled output within float rounding (see :mod:`m2ae_infer.tiling`).
         tile_overlap: pixels of context around each tile; default and minimum: the network's receptive
-            field (28 for the default config). Smaller values are refused.
-        precision: ``"fp32"`` (default; what the contracts hold for) or ``"bf16"``, an opt-in of the
-            ``openvino`` backend on CPUs with bf16 (error bound: ``export.openvino.BF16_TOLERANCE``); other
-            backends refuse it.
+            field (264 for the shipped v2 network, 28 for v1). Smaller values are refused.
+        precision: ``"fp32"`` (default; what the contracts hold for) or ``"bf16"``, an opt-in of the ``torch``
+            and ``openvino`` backends where the hardware runs bf16 natively (AVX-512-BF16/AMX CPUs; for torch also
+            CUDA); the mask stays fp32's, unmasked pixels the input's, restored pixels within
+            ``precision.BF16_TOLERANCE`` of fp32. Other backends, and CPUs without bf16, refuse it in one line.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",

@@ -7,7 +7,7 @@ all go through it. The engines registered here:
 ==============  ==========================================  =====================================
 name            class                                       runs on
 ==============  ==========================================  =====================================
-``torch``       :class:`m2ae_infer.executor.TorchExecutor`   CPU, CUDA
+``torch``       :class:`m2ae_infer.executor.TorchExecutor`   CPU, CUDA (fp32; bf16 where native)
 ``triton``      :class:`m2ae_infer.triton_executor.TritonExecutor`  CUDA (CPU: interpreter, checks only)
 ``onnxruntime`` :class:`m2ae_infer.export.ort.OrtExecutor`   CPU (CUDA with onnxruntime-gpu)
 ``tensorrt``    :class:`m2ae_infer.export.trt.TrtExecutor`   CUDA with TensorRT
@@ -18,7 +18,8 @@ A new engine implements the protocol and calls :func:`register_backend` with a f
 engines. Factories import their heavy dependencies (triton, onnxruntime, tensorrt, openvino) only when called.
 
 Precision: every engine runs ``"fp32"`` (the default, and what the 1e-5/1e-4 contracts hold for); an engine
-that also offers ``"bf16"`` lists it in its entry's ``precisions`` (``openvino`` only, on CPUs with bf16).
+that also offers ``"bf16"`` lists it in its entry's ``precisions`` (``torch`` and ``openvino``, where the hardware
+runs bf16 natively; :mod:`m2ae_infer.precision` holds its error bound).
 """
 from __future__ import annotations
 
@@ -153,9 +154,9 @@ def make_backend(name: str, network, *, device: str | torch.device = "cpu", exec
 
 # ------------------------------------------------------------------------------------ the engines
 # ``dense_above=None`` is each engine's own measured switch: the classes take None for it.
-def _torch(network, *, device, dense_above, **_):
+def _torch(network, *, device, dense_above, precision, **_):
     from .executor import TorchExecutor
-    return TorchExecutor(network.to(device), dense_above=dense_above)
+    return TorchExecutor(network.to(device), dense_above=dense_above, precision=precision)
 
 
 def _triton(network, *, device, dense_above, **_):
@@ -194,7 +195,8 @@ def _openvino(network, *, device, execution, threshold, dilation, dense_above, t
     return executor
 
 
-register_backend("torch", _torch, "torch ops: oneDNN dense convolutions, the per-pixel sparse GEMM path")
+register_backend("torch", _torch, "torch ops: oneDNN dense convolutions, tile and per-pixel sparse kernels",
+                 precisions=("fp32", "bf16"))
 register_backend("triton", _triton, "fused sparse-pixel Triton kernels (CUDA)", timed_devices=("cuda",),
                  untimed_reason="needs a CUDA GPU; on a CPU the kernels run only in the Triton interpreter, "
                                 "which checks correctness, not speed")

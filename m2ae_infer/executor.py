@@ -13,19 +13,21 @@ Both paths share the dense stages (pad, stem, mask prediction) and differ in how
     tiles of the working grid, gated inside them; its cost follows the active tiles' area, several times
     cheaper per pixel, so it wins on masks made of regions and loses on scattered ones.
 
-  ``sparse_kernel="auto"`` (the default) runs both in one call: tiles at least ``TILE_COST / PIXEL_COST`` full
+  ``sparse_kernel="auto"`` (the default) runs both in one call: tiles at least ``tile / pixel`` full (:class:`KernelCosts`)
   go to the tile kernel, the other active pixels to the per-pixel one (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
-* ``auto``: sparse where the cost model (:func:`body_cost`) says it beats the dense body, else dense; always dense
+* ``auto``: sparse where the cost model (:meth:`KernelCosts.body`) says it beats the dense body, else dense; always dense
   above the ``dense_above`` active fraction (docs/performance.md).
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from .allocator import keep_freed_memory
 from .backends import ExecutionResult, choose_execution
+from .errors import InvalidArgument
 from .flops import AffineFlops, count_isolated
 from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets, sparse_stage_update,
                                 sparse_tail_)
@@ -34,25 +36,38 @@ from .model import M2AENet
 from .model.mask import pad_to_even, working_mask
 from .model.network import SHUFFLE
 from .packing import pack_stages, pack_tail
+from .precision import DTYPES, bf16_unavailable
 
-# Active fraction above which `auto` always runs dense; below it the cost model (body_cost) chooses. 1.0: the
+# Active fraction above which `auto` always runs dense; below it the cost model (KernelCosts.body) chooses. 1.0: the
 # cost model alone (it already prefers dense where the sparse kernels cost more).
 DENSE_ABOVE = 1.0
-# The cost model, in units of the dense body's time per working pixel (benchmarks/tile_sparse.py measures both):
-# the per-pixel kernel's body time per active pixel, and the tile kernel's per pixel of tile area. Medians over
-# blob masks of 5-80 % at 720p, shipped checkpoint, 2 threads, on the project's 2-core AVX-512 CPU
-# (docs/performance.md). With 1 thread both are lower (1.87 and 1.16): the gathers scale worse than oneDNN's conv.
-PIXEL_COST = 2.9
-TILE_COST = 1.38
+@dataclass(frozen=True)
+class KernelCosts:
+    """The cost model of the two sparse kernels, in units of the dense body's time per working pixel
+    (``python -m m2ae_infer.benchmarks.tile_sparse`` measures both): ``pixel``, the per-pixel kernel's body time
+    per active pixel; ``tile``, the tile kernel's per pixel of tile area."""
+
+    pixel: float
+    tile: float
+
+    def min_fill(self, kernel: str) -> float:
+        """:func:`~m2ae_infer.kernels.tiles.plan_tiles`' ``min_fill`` for ``sparse_kernel=kernel``: ``auto``
+        tiles a tile where the tile kernel is the cheaper (fill >= tile / pixel); ``tiles`` every tile, ``pixels`` none."""
+        return {"auto": self.tile / self.pixel, "tiles": 0.0, "pixels": 2.0}[kernel]
+
+    def body(self, plan: TilePlan, total: int) -> float:
+        """Estimated time of the sparse body for ``plan``, as a fraction of the dense body's (``total`` working
+        pixels): ``pixel`` per pixel left to the per-pixel kernel, ``tile`` per pixel of tile area."""
+        return (self.pixel * plan.pixels[0].numel() + self.tile * plan.tiles * TILE * TILE) / max(total, 1)
+
+
+# Per precision: medians over blob and scattered masks of 5-80 % at 720p, shipped checkpoint, 2 threads, on the
+# project's 2-core AMD EPYC with AVX-512-BF16 (2026-12-04, docs/performance.md "The torch sparse body"). They
+# depend on the CPU: the AVX-512 EPYC without bf16 of 2026-12-03, whose dense convolutions were ~2x slower,
+# measured 2.9 / 1.38 for fp32. bf16 makes the dense body's convolutions ~3x faster but the kernels' gathers and
+# copies only ~2x (half the bytes), so the per-pixel kernel costs more in units of its dense body.
+KERNEL_COSTS = {"fp32": KernelCosts(pixel=2.43, tile=1.81), "bf16": KernelCosts(pixel=3.89, tile=1.51)}
 SPARSE_KERNELS = ("auto", "pixels", "tiles")
-MIN_FILL = {"auto": TILE_COST / PIXEL_COST, "tiles": 0.0, "pixels": 2.0}   # plan_tiles' min_fill per kernel
-
-
-def body_cost(plan: TilePlan, total: int) -> float:
-    """Estimated time of the sparse body for ``plan``, as a fraction of the dense body's (``total`` working
-    pixels): ``PIXEL_COST`` per pixel left to the per-pixel kernel, ``TILE_COST`` per pixel of tile area."""
-    per_pixel = plan.pixels[0].numel()
-    return (PIXEL_COST * per_pixel + TILE_COST * plan.tiles * TILE * TILE) / max(total, 1)
 
 
 def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, threshold: float,
@@ -76,14 +91,21 @@ class TorchExecutor:
     Args:
         net: the network in deploy form (``reparameterize_model`` first).
         dense_above: active fraction above which ``execution="auto"`` always runs dense (None: :data:`DENSE_ABOVE`).
-        sparse_kernel: ``"auto"`` (both, split by the cost model: :data:`MIN_FILL`), ``"pixels"`` or ``"tiles"``:
+        sparse_kernel: ``"auto"`` (both, split by the cost model of its precision: :data:`KERNEL_COSTS`), ``"pixels"`` or ``"tiles"``:
             how the sparse execution updates the active pixels (all exact; module docstring).
+        precision: ``"fp32"`` (default) or ``"bf16"``: the masked stages and the tail in bfloat16 (weights and
+            features; oneDNN's native bf16 convolutions and GEMMs), on devices that run bf16 natively
+            (:func:`~m2ae_infer.precision.bf16_unavailable`). The stem and the mask prediction stay fp32 (the
+            mask is fp32's), the output is fp32 and unmasked pixels are the input's bit for bit; the restored
+            pixels are within :data:`~m2ae_infer.precision.BF16_TOLERANCE` of the fp32 reference, and sparse
+            equals dense within bf16 rounding (not bit for bit: the two sum in different orders).
     """
 
     name = "torch"
     measures_memory = True
 
-    def __init__(self, net: M2AENet, dense_above: float | None = None, sparse_kernel: str = "auto"):
+    def __init__(self, net: M2AENet, dense_above: float | None = None, sparse_kernel: str = "auto",
+                 precision: str = "fp32"):
         if not net.inference_mode:
             raise ValueError("TorchExecutor needs the deploy form: call reparameterize_model(net) first")
         dense_above = DENSE_ABOVE if dense_above is None else dense_above
@@ -91,14 +113,24 @@ class TorchExecutor:
             raise ValueError(f"dense_above must lie in [0, 1], got {dense_above}")
         if sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {precision!r}")
+        device = next(net.parameters()).device
+        if precision == "bf16" and bf16_unavailable(device):
+            raise InvalidArgument("precision", f"backend 'torch': precision='bf16' needs native bf16; "
+                                  f"{bf16_unavailable(device)}; use precision='fp32'")
         # channels-last weights: oneDNN's fast dense convolutions on CPU.
         self.net = net.eval().to(memory_format=torch.channels_last)
         if all(p.device.type == "cpu" for p in net.parameters()):
             keep_freed_memory()     # dense calls re-fault hundreds of MB per call otherwise (see allocator.py)
-        self.dense_above, self.sparse_kernel = dense_above, sparse_kernel
-        self.stages = pack_stages(net)
+        self.dense_above, self.sparse_kernel, self.precision = dense_above, sparse_kernel, precision
+        self.costs = KERNEL_COSTS[precision]
+        dtype = DTYPES[precision]
+        # the dense body's network: the net itself, or a copy in the body's precision (its front is not used)
+        self.body_net = self.net if precision == "fp32" else copy.deepcopy(self.net).to(dtype)
+        self.stages = [stage.to(dtype) for stage in pack_stages(net)]
         self.tile_weights = spatial_weights(self.stages)      # the 3x3 convs the tile kernel runs
-        self.tail_weight, self.tail_bias = pack_tail(net)   # [C, 12], [12]
+        self.tail_weight, self.tail_bias = (t.to(dtype) for t in pack_tail(net))   # [C, 12], [12]
         self._meta: TorchExecutor | None = None    # meta-device twin for FLOP counting
         self._flops = AffineFlops(self._count_on_meta)
 
@@ -124,11 +156,11 @@ class TorchExecutor:
         active = int(m.sum())
         chosen = self.choose(execution, active, m.numel())
         if chosen == "sparse":
-            plan = plan_tiles(m, MIN_FILL[self.sparse_kernel], TILE)
-            if execution == "auto" and body_cost(plan, m.numel()) >= 1.0:
+            plan = plan_tiles(m, self.costs.min_fill(self.sparse_kernel), TILE)
+            if execution == "auto" and self.costs.body(plan, m.numel()) >= 1.0:
                 chosen = "dense"
         if chosen == "dense":
-            out = self.net.masked_body(padded, features, m)
+            out = self.body_net.masked_body(padded, features, m)
             return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active)
         coords = plan.pixels if not plan.tiles else active_pixels(m[:, 0])   # no tiles: the plan's are all of them
         out = self.sparse_body(padded.contiguous(), features, coords, plan)
@@ -142,7 +174,7 @@ class TorchExecutor:
 
         ``padded``: ``[B, 3, H, W]`` contiguous (H, W even); ``features``: ``[B, C, H/2, W/2]``.
         """
-        buffer = to_tile_buffer(features, TILE)
+        buffer = to_tile_buffer(features.to(self.tail_weight.dtype), TILE)
         grid_h, grid_w = buffer.shape[1] - 2, buffer.shape[2] - 2
         rows_view = buffer.view(-1, buffer.shape[-1])
         pixel_rows = padded_rows(*plan.pixels, grid_h, grid_w)
@@ -182,7 +214,8 @@ class TorchExecutor:
     def _count_on_meta(self, key: tuple, counts: tuple[int, ...]) -> int:
         batch, height, width, execution, predict_mask = key
         if self._meta is None:
-            self._meta = TorchExecutor(copy.deepcopy(self.net).to("meta"), self.dense_above)
+            self._meta = TorchExecutor(copy.deepcopy(self.net).to("meta"), self.dense_above,
+                                       precision=self.precision)
         net = self._meta.net
         meta = lambda *shape, dtype=torch.long: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
 
@@ -192,7 +225,7 @@ class TorchExecutor:
             if predict_mask:
                 net.mask_logits(padded, features)
             if execution == "dense":
-                net.masked_body(padded, features, meta(batch, 1, *features.shape[-2:], dtype=torch.bool))
+                self._meta.body_net.masked_body(padded, features, meta(batch, 1, *features.shape[-2:], dtype=torch.bool))
                 return
             per_pixel, tiles, in_tiles = counts
             coords = tuple(meta(per_pixel + in_tiles) for _ in range(3))

@@ -112,10 +112,10 @@ def test_auto_switches_to_dense_above_threshold(executor):
 
 
 def test_auto_follows_the_cost_model():
-    """Where the cost model (``body_cost``) puts a sparse call at or above the dense body, ``auto`` runs dense:
-    a scattered 60 % mask per pixel (PIXEL_COST * 0.6 > 1), and the same mask tiled (every tile active)."""
-    from m2ae_infer.executor import PIXEL_COST, TILE_COST
-    assert PIXEL_COST * 0.6 > 1.0 and TILE_COST > 1.0
+    """Where the cost model (``KernelCosts.body``) puts a sparse call at or above the dense body, ``auto`` runs dense:
+    a scattered 60 % mask per pixel (pixel cost * 0.6 > 1), and the same mask tiled (every tile active)."""
+    from m2ae_infer.executor import KERNEL_COSTS
+    assert KERNEL_COSTS["fp32"].pixel * 0.6 > 1.0 and KERNEL_COSTS["fp32"].tile > 1.0
     image = torch.rand(1, 3, 64, 64)
     mask = full_resolution(make_mask("random0.6", 32, 32, seed=4), (64, 64))
     for kernel in SPARSE_KERNELS:

@@ -14,7 +14,6 @@ from PIL import Image
 from m2ae_infer import Deblurrer, M2AEConfig, M2AENet, reparameterize_model, tiling
 from m2ae_infer.imgio import PreparedImage, prepare_image
 from m2ae_infer.model.mask import pad_to_even
-from m2ae_infer.executor import MIN_FILL
 from m2ae_infer.kernels.tiles import plan_tiles as split_tiles
 from m2ae_infer.tiling import ALIGN, Tiling, plan_tiles, receptive_field, run_tiled
 
@@ -299,7 +298,7 @@ def test_flops_are_the_sum_of_exact_per_tile_counts():
             continue
         top, bottom, left, right = t.body_crop
         crop = working[top // 2:-(-bottom // 2), left // 2:-(-right // 2)]
-        plan = split_tiles(crop[None, None], MIN_FILL[deblurrer.executor.sparse_kernel])   # the tiles it ran
+        plan = split_tiles(crop[None, None], deblurrer.executor.costs.min_fill(deblurrer.executor.sparse_kernel))   # the tiles it ran
         expected += deblurrer.executor.count_flops(1, bottom - top, right - left, int(crop.sum()), "sparse", False,
                                                    plan.tiles, plan.tile_pixels)
         expected_dense += deblurrer.executor.count_flops(1, bottom - top, right - left, 0, "dense", False)

@@ -112,8 +112,12 @@ class M2AENet(nn.Module):
         return self.masked_body(padded, features, m)[..., :height, :width]
 
     def masked_body(self, padded: torch.Tensor, features: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Stages and tail, densely computed and gated by the working mask ``m``."""
-        x = features
+        """Stages and tail, densely computed and gated by the working mask ``m``.
+
+        The body runs in the dtype of this network's weights (a bfloat16 copy runs it in bf16,
+        :class:`~m2ae_infer.executor.TorchExecutor` ``precision="bf16"``); the sum with the image and the
+        pass-through stay in the image's dtype, so unmasked pixels are the input's bit for bit either way."""
+        x = features.to(self.tail.weight.dtype)
         for stage in self.stages():
             # where() rather than x + m * F(x): exact pass-through even if F(x) is inf/nan somewhere.
             x = torch.where(m, x + stage(x), x)
