@@ -15,7 +15,7 @@ from pathlib import Path
 from ..cliutil import OneLineArgumentParser, check_device, device_arg, path_arg, say, writable_folder
 from ..messages import one_line
 from .baselines import BASELINES, DENSE_ENGINES
-from .grid import BACKENDS, MASK_SOURCES, QUICK, RESOLUTIONS, TORCH_KERNELS, BenchSettings, run_grid
+from .grid import BACKENDS, MASK_SOURCES, QUICK, RESOLUTIONS, TORCH_VARIANTS, BenchSettings, run_grid
 
 
 def _list(text: str) -> tuple[str, ...]:
@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(real: the mask predictor on real photos)")
     g.add_argument("--backends", type=_list, help=f"comma-separated from {', '.join(BACKENDS)} "
                                                   "(name:bf16: that engine's bf16 opt-in; default: every one "
-                                                  f"that runs here), or {', '.join(TORCH_KERNELS)}: the torch "
-                                                  "executor with one sparse kernel only")
+                                                  f"that runs here), or {', '.join(TORCH_VARIANTS)}: the torch "
+                                                  "executor with one sparse kernel only, or with its compiled "
+                                                  "dense path (its dense row is compile's)")
     g.add_argument("--dense-baselines", type=_list,
                    help=f"our network run dense by these engines too, each a row the sparse cells are compared "
                         f"with: {', '.join(DENSE_ENGINES)}, or 'none' (default: every one installed here but "

@@ -20,6 +20,7 @@ from ..backends import Backend, backend_entry, make_backend
 from ..cliutil import progress_stream
 from ..flops import count_isolated
 from ..model import M2AENet
+from ..model.mask import pad_to_even
 from ..reparam import reparameterize_model
 from .baselines import (DEFAULT_BASELINES, DENSE_ENGINES, CompiledDense, build_baseline, default_dense_baselines,
                         dense_engine_name, fastest_dense, parameter_count)
@@ -30,9 +31,12 @@ from .photos import real_photos
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
 # The bench's default order: registry names, ``name:bf16`` for an engine's bf16 opt-in.
 BACKENDS = ("torch", "torch:bf16", "onnxruntime", "openvino", "openvino:bf16", "triton", "tensorrt")
-# Opt-in rows for the torch executor's sparse kernels one at a time (``torch`` runs their mix, the default):
-# ``--backends torch,torch/pixels,torch/tiles``.
-TORCH_KERNELS = {"torch/pixels": "pixels", "torch/tiles": "tiles"}
+# Opt-in variants of the torch executor: -> (its options, the dense row it shares). Its sparse kernels one at a time
+# (``torch`` runs their mix, the default), and its opt-in compiled dense path, whose own dense call is the
+# ``compile`` row (``--backends torch,torch/pixels,torch/tiles,torch/compile``).
+TORCH_VARIANTS = {"torch/pixels": ({"sparse_kernel": "pixels"}, "eager"),
+                  "torch/tiles": ({"sparse_kernel": "tiles"}, "eager"),
+                  "torch/compile": ({"compile_dense": True}, "compile")}
 # Untimed seconds before each timed call when several engines share the run (see time_interleaved).
 PAUSE = 0.03
 MASK_SOURCES = (*MASK_KINDS, "real")
@@ -75,8 +79,8 @@ class BenchSettings:
         bad = [m for m in self.masks if m not in MASK_SOURCES]
         if bad:
             raise ValueError(f"unknown mask source(s) {bad}; choose from {MASK_SOURCES}")
-        if self.backends is not None and (bad := [b for b in self.backends if b not in (*BACKENDS, *TORCH_KERNELS)]):
-            raise ValueError(f"unknown backend(s) {bad}; choose from {(*BACKENDS, *TORCH_KERNELS)}")
+        if self.backends is not None and (bad := [b for b in self.backends if b not in (*BACKENDS, *TORCH_VARIANTS)]):
+            raise ValueError(f"unknown backend(s) {bad}; choose from {(*BACKENDS, *TORCH_VARIANTS)}")
         if self.dense_baselines is not None and (bad := [d for d in self.dense_baselines if d not in DENSE_ENGINES]):
             raise ValueError(f"unknown dense baseline(s) {bad}; choose from {tuple(DENSE_ENGINES)}")
         if not all(0.0 <= d <= 1.0 for d in self.densities):
@@ -136,11 +140,11 @@ def make_backends(net: M2AENet, names, device: str, threads: int | None,
         engines.append(Engine(label, precision, runner, dense_engine_name(name, precision), sparse))
 
     for label in names or BACKENDS:
-        if label in TORCH_KERNELS:   # one sparse kernel of the torch executor; its dense row is torch's
+        if label in TORCH_VARIANTS:   # the torch executor with other options; it shares a dense row
             from ..executor import TorchExecutor
-            engines.append(Engine(label, "fp32", TorchExecutor(reparameterize_model(net).to(device),
-                                                               sparse_kernel=TORCH_KERNELS[label]),
-                                  dense_engine_name("torch", "fp32")))
+            options, dense_row = TORCH_VARIANTS[label]
+            engines.append(Engine(label, "fp32", TorchExecutor(reparameterize_model(net).to(device), **options),
+                                  dense_row))
             continue
         name, _, precision = label.partition(":")
         build(label, name, precision or "fp32", True)
@@ -179,8 +183,8 @@ def measure_case(engines: list[Engine], case: Case, settings: BenchSettings) -> 
     """Every engine dense, and sparse where it runs sparse cells, on one case, all timed alternately:
     ``(cell rows, dense rows)``."""
     calls = {}
-    # one dense row per dense engine, run by the first engine that has it: the torch kernel rows (TORCH_KERNELS)
-    # share torch's
+    # one dense row per dense engine, run by the first engine that has it: the torch variants (TORCH_VARIANTS)
+    # share torch's, or the compile row
     owners: dict[str, Engine] = {}
     for e in engines:
         owners.setdefault(e.dense_name, e)
@@ -199,17 +203,25 @@ def measure_case(engines: list[Engine], case: Case, settings: BenchSettings) -> 
     dense_rows = []
     for e in dense_engines:
         timing = t[f"{e.name} dense"]
-        compiled = isinstance(e.runner, CompiledDense)
         dense_rows.append({
             "engine": e.dense_name, "precision": e.precision, "ms": timing.median * 1e3, "spread": timing.spread,
             "repeats": settings.repeats,
-            "compile_s": e.runner.compile_seconds[(tuple(case.image.shape), case.mask is None)] if compiled else None,
+            "compile_s": _compile_seconds(e.runner, case),
             # against torch eager dense (or the first engine): bf16 rows show their rounding here
             "max_abs_vs_eager": float((outputs[f"{e.name} dense"] - reference).abs().max())})
     cells = [measure_cell(e, case, settings, t[f"{e.name} sparse"], dense_rows, outputs[f"{e.name} sparse"],
                           outputs[f"{owners[e.dense_name].name} dense"], t[f"{e.name} auto"], outputs[f"{e.name} auto"])
              for e in engines if e.sparse]
     return cells, dense_rows
+
+
+def _compile_seconds(runner, case: Case) -> float | None:
+    """First-call seconds (compilation and one run) of a compiled dense path for this case's shape, else None."""
+    if isinstance(runner, CompiledDense):
+        return runner.compile_seconds[(tuple(case.image.shape), case.mask is None)]
+    if getattr(runner, "compile_dense", False):     # TorchExecutor(compile_dense=True): keyed by the padded shape
+        return runner.compile_seconds[tuple(pad_to_even(case.image).shape)]
+    return None
 
 
 def measure_cell(engine: Engine, case: Case, settings: BenchSettings, sparse_time, dense_rows: list[dict],

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import EXECUTIONS, backend_entry, check_precision, make_backend
+from .backends import EXECUTIONS, backend_entry, check_compile_dense, check_precision, make_backend
 from .checkpoint import load_checkpoint
 from .checks import check_mask_settings
 from .errors import InvalidArgument
@@ -99,15 +99,20 @@ class Deblurrer:
             and ``openvino`` backends where the hardware runs bf16 natively (AVX-512-BF16/AMX CPUs; for torch also
             CUDA); the mask stays fp32's, unmasked pixels the input's, restored pixels within
             ``precision.BF16_TOLERANCE`` of fp32. Other backends, and CPUs without bf16, refuse it in one line.
+        compile_dense: ``backend="torch"``/``"auto"`` only, opt-in: the dense path through ``torch.compile``. The
+            first dense call of each image (or tile) size compiles, tens of seconds on 2 cores
+            (``executor.compile_seconds``); later dense calls are faster than eager, and ``execution="auto"``
+            weighs the sparse kernels against the compiled dense path. Results and FLOPs are the eager path's.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",
                  backend: str = "auto", execution: str = "auto", threshold: float | None = None, dilation: int = 0,
                  config=None, key_map=None, dense_above: float | None = None, tile: int | str | None = "auto",
-                 tile_overlap: int | None = None, precision: str = "fp32"):
+                 tile_overlap: int | None = None, precision: str = "fp32", compile_dense: bool = False):
         if backend != "auto":
             backend_entry(backend)    # an unknown name fails here, before the checkpoint loads
         check_precision(backend, precision)
+        check_compile_dense(backend, compile_dense)
         if execution not in EXECUTIONS:
             raise InvalidArgument("execution", f"execution must be one of {EXECUTIONS}, got {execution!r}")
         check_mask_settings(0.5 if threshold is None else threshold, dilation)
@@ -118,7 +123,7 @@ class Deblurrer:
         self.network = reparameterize_model(net).to(self.device)
         self.executor = make_backend(backend, self.network, device=self.device, execution=execution,
                                      threshold=self.threshold, dilation=dilation, dense_above=dense_above,
-                                     precision=precision)
+                                     precision=precision, compile_dense=compile_dense)
         self.backend = self.executor.name
         self.tiling = Tiling.resolve(tile, tile_overlap, receptive_field(self.network))
         self._mask_flops = None   # the tiled runs' FLOP counter, made on first use

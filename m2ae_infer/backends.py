@@ -138,25 +138,38 @@ def check_precision(name: str, precision: str) -> None:
 
 def make_backend(name: str, network, *, device: str | torch.device = "cpu", execution: str = "auto",
                  threshold: float = 0.5, dilation: int = 0, dense_above: float | None = None,
-                 threads: int | None = None, precision: str = "fp32") -> Backend:
+                 threads: int | None = None, precision: str = "fp32", compile_dense: bool = False) -> Backend:
     """The engine ``name`` (``"auto"``: torch) for a deploy-form ``network`` on ``device``.
 
     ``execution``, ``threshold`` and ``dilation`` let engines that export or compile prepare what the first
     call will need; ``dense_above=None`` takes the engine's measured switch; ``threads``: the engine's own
     thread pool where it has one (torch uses ``torch.set_num_threads``); ``precision``: ``"fp32"`` or, for the
-    engines whose entry lists it, ``"bf16"`` (:func:`check_precision`). Raises ValueError when the engine
-    cannot run here."""
+    engines whose entry lists it, ``"bf16"`` (:func:`check_precision`); ``compile_dense``: the torch engine's
+    opt-in ``torch.compile`` of its dense path (:class:`~m2ae_infer.executor.TorchExecutor`; the other engines
+    compile their graphs anyway). Raises ValueError when the engine cannot run here."""
     entry = backend_entry("torch" if name == "auto" else name)
     check_precision(name, precision)
+    check_compile_dense(name, compile_dense)
+    extra = {"compile_dense": True} if compile_dense else {}
     return entry.factory(network, device=torch.device(device), execution=execution, threshold=threshold,
-                         dilation=dilation, dense_above=dense_above, threads=threads, precision=precision)
+                         dilation=dilation, dense_above=dense_above, threads=threads, precision=precision, **extra)
+
+
+def check_compile_dense(name: str, compile_dense: bool) -> None:
+    """Raise InvalidArgument (one line) if ``compile_dense`` is asked of an engine other than torch."""
+    if not isinstance(compile_dense, bool):
+        raise InvalidArgument("compile_dense", f"compile_dense must be True or False, got {compile_dense!r}")
+    if compile_dense and name not in ("auto", "torch"):
+        raise InvalidArgument("compile_dense", f"compile_dense is an option of backend 'torch' (torch.compile of "
+                              f"its dense path); backend {name!r} compiles its own graphs: drop compile_dense")
 
 
 # ------------------------------------------------------------------------------------ the engines
 # ``dense_above=None`` is each engine's own measured switch: the classes take None for it.
-def _torch(network, *, device, dense_above, precision, **_):
+def _torch(network, *, device, dense_above, precision, compile_dense=False, **_):
     from .executor import TorchExecutor
-    return TorchExecutor(network.to(device), dense_above=dense_above, precision=precision)
+    return TorchExecutor(network.to(device), dense_above=dense_above, precision=precision,
+                         compile_dense=compile_dense)
 
 
 def _triton(network, *, device, dense_above, **_):

@@ -21,6 +21,7 @@ Both paths share the dense stages (pad, stem, mask prediction) and differ in how
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ class KernelCosts:
 
     pixel: float
     tile: float
+    compiled_dense: float = 1.0     # the torch.compile'd dense body's time in units of the eager one's
 
     def min_fill(self, kernel: str) -> float:
         """:func:`~m2ae_infer.kernels.tiles.plan_tiles`' ``min_fill`` for ``sparse_kernel=kernel``: ``auto``
@@ -61,12 +63,17 @@ class KernelCosts:
         return (self.pixel * plan.pixels[0].numel() + self.tile * plan.tiles * TILE * TILE) / max(total, 1)
 
 
+# torch.compile's dense body against eager (bench: the "compile" dense row), 720p, 2 threads, same CPU as below.
+COMPILED_FP32 = 0.84
+COMPILED_BF16 = 0.84
+
 # Per precision: medians over blob and scattered masks of 5-80 % at 720p, shipped checkpoint, 2 threads, on the
 # project's 2-core AMD EPYC with AVX-512-BF16 (2026-12-04, docs/performance.md "The torch sparse body"). They
 # depend on the CPU: the AVX-512 EPYC without bf16 of 2026-12-03, whose dense convolutions were ~2x slower,
 # measured 2.9 / 1.38 for fp32. bf16 makes the dense body's convolutions ~3x faster but the kernels' gathers and
 # copies only ~2x (half the bytes), so the per-pixel kernel costs more in units of its dense body.
-KERNEL_COSTS = {"fp32": KernelCosts(pixel=2.43, tile=1.81), "bf16": KernelCosts(pixel=3.89, tile=1.51)}
+KERNEL_COSTS = {"fp32": KernelCosts(pixel=2.43, tile=1.81, compiled_dense=COMPILED_FP32),
+                "bf16": KernelCosts(pixel=3.89, tile=1.51, compiled_dense=COMPILED_BF16)}
 SPARSE_KERNELS = ("auto", "pixels", "tiles")
 
 
@@ -93,6 +100,10 @@ class TorchExecutor:
         dense_above: active fraction above which ``execution="auto"`` always runs dense (None: :data:`DENSE_ABOVE`).
         sparse_kernel: ``"auto"`` (both, split by the cost model of its precision: :data:`KERNEL_COSTS`), ``"pixels"`` or ``"tiles"``:
             how the sparse execution updates the active pixels (all exact; module docstring).
+        compile_dense: run the dense body through ``torch.compile`` (inductor, static shapes), opt-in: the first
+            dense call of each shape compiles (tens of seconds on 2 cores; :attr:`compile_seconds`), later ones
+            are faster than eager (:attr:`KernelCosts.compiled_dense`), and ``auto`` weighs the sparse kernels
+            against the compiled dense body. Same operations, same FLOP count as eager.
         precision: ``"fp32"`` (default) or ``"bf16"``: the masked stages and the tail in bfloat16 (weights and
             features; oneDNN's native bf16 convolutions and GEMMs), on devices that run bf16 natively
             (:func:`~m2ae_infer.precision.bf16_unavailable`). The stem and the mask prediction stay fp32 (the
@@ -105,7 +116,7 @@ class TorchExecutor:
     measures_memory = True
 
     def __init__(self, net: M2AENet, dense_above: float | None = None, sparse_kernel: str = "auto",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", compile_dense: bool = False):
         if not net.inference_mode:
             raise ValueError("TorchExecutor needs the deploy form: call reparameterize_model(net) first")
         dense_above = DENSE_ABOVE if dense_above is None else dense_above
@@ -125,6 +136,9 @@ class TorchExecutor:
             keep_freed_memory()     # dense calls re-fault hundreds of MB per call otherwise (see allocator.py)
         self.dense_above, self.sparse_kernel, self.precision = dense_above, sparse_kernel, precision
         self.costs = KERNEL_COSTS[precision]
+        self.compile_dense = bool(compile_dense)
+        self._compiled = None                               # the compiled dense body, made on first use
+        self.compile_seconds: dict[tuple, float] = {}       # (padded shape) -> first call: compilation + one run
         dtype = DTYPES[precision]
         # the dense body's network: the net itself, or a copy in the body's precision (its front is not used)
         self.body_net = self.net if precision == "fp32" else copy.deepcopy(self.net).to(dtype)
@@ -157,15 +171,30 @@ class TorchExecutor:
         chosen = self.choose(execution, active, m.numel())
         if chosen == "sparse":
             plan = plan_tiles(m, self.costs.min_fill(self.sparse_kernel), TILE)
-            if execution == "auto" and self.costs.body(plan, m.numel()) >= 1.0:
+            dense_cost = self.costs.compiled_dense if self.compile_dense else 1.0
+            if execution == "auto" and self.costs.body(plan, m.numel()) >= dense_cost:
                 chosen = "dense"
         if chosen == "dense":
-            out = self.body_net.masked_body(padded, features, m)
+            out = self.dense_body(padded, features, m)
             return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active)
         coords = plan.pixels if not plan.tiles else active_pixels(m[:, 0])   # no tiles: the plan's are all of them
         out = self.sparse_body(padded.contiguous(), features, coords, plan)
         return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active, plan.tiles,
                                plan.tile_pixels)
+
+    def dense_body(self, padded: torch.Tensor, features: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Masked stages and tail everywhere (:meth:`M2AENet.masked_body`), eager or compiled."""
+        if not self.compile_dense:
+            return self.body_net.masked_body(padded, features, m)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.body_net.masked_body, dynamic=False)
+        key = tuple(padded.shape)
+        if key in self.compile_seconds:
+            return self._compiled(padded, features, m)
+        start = time.perf_counter()
+        out = self._compiled(padded, features, m)
+        self.compile_seconds[key] = time.perf_counter() - start
+        return out
 
     def sparse_body(self, padded: torch.Tensor, features: torch.Tensor,
                     coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], plan: TilePlan) -> torch.Tensor:
