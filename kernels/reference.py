@@ -139,27 +139,43 @@ def to_padded_buffer(features: torch.Tensor) -> torch.Tensor:
 
 
 def shuffle_targets(b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, channels: int, scale: int,
-                    height: int, width: int) -> torch.Tensor:
+                    height: int, width: int, channels_last: bool = False) -> torch.Tensor:
     """Flat indices into ``[B, channels, height, width]`` written by a pixel shuffle from working pixels.
 
     Working pixel ``(b, y, x)`` with ``channels*scale**2`` values ``k = (c*scale + i)*scale + j`` lands at
-    ``(b, c, scale*y + i, scale*x + j)`` (``torch.nn.PixelShuffle`` order). Returns ``[N, channels*scale**2]``.
+    ``(b, c, scale*y + i, scale*x + j)`` (``torch.nn.PixelShuffle`` order). Returns ``[N, channels*scale**2]``,
+    indices into the contiguous memory of the tensor, or with ``channels_last`` of its channels-last memory
+    (``[B, height, width, channels]``, what :func:`flat_memory` views).
     """
     c = torch.arange(channels, device=b.device)[:, None, None]
     i = torch.arange(scale, device=b.device)[None, :, None]
     j = torch.arange(scale, device=b.device)[None, None, :]
-    plane = (c * height * width + i * width + j).reshape(-1)              # offsets within one image
-    base = (b * channels * height + scale * y) * width + scale * x      # [N]
+    if channels_last:
+        plane = (i * width * channels + j * channels + c).reshape(-1)
+        base = ((b * height + scale * y) * width + scale * x) * channels
+    else:
+        plane = (c * height * width + i * width + j).reshape(-1)              # offsets within one image
+        base = (b * channels * height + scale * y) * width + scale * x      # [N]
     return base[:, None] + plane[None, :]
+
+
+def flat_memory(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a contiguous or channels-last ``[B, C, H, W]`` tensor's memory (no copy)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).view(-1)
+    raise ValueError("flat_memory needs a contiguous or channels-last tensor")
 
 
 def sparse_tail_(output: torch.Tensor, image: torch.Tensor, buffer: torch.Tensor, rows: torch.Tensor,
                  targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """In place: ``output[targets] = image[targets] + (buffer[rows] @ weight + bias)``.
 
-    ``output``/``image``: ``[B, 3, H, W]`` contiguous; ``weight``: ``[C, 3*s*s]``; ``targets`` from
-    :func:`shuffle_targets`. Pixels not targeted keep whatever ``output`` holds (the input, bit-exact).
+    ``output``/``image``: ``[B, 3, H, W]``, both contiguous or both channels-last; ``weight``: ``[C, 3*s*s]``;
+    ``targets`` from :func:`shuffle_targets` for that memory layout. Pixels not targeted keep whatever ``output``
+    holds (the input, bit-exact).
     """
     delta = torch.addmm(bias, buffer.index_select(0, rows), weight)
     flat_targets = targets.reshape(-1)
-    output.view(-1)[flat_targets] = image.reshape(-1)[flat_targets] + delta.reshape(-1)
+    flat_memory(output)[flat_targets] = flat_memory(image)[flat_targets] + delta.reshape(-1)

@@ -77,6 +77,11 @@ KERNEL_COSTS = {"fp32": KernelCosts(pixel=2.43, tile=1.81, compiled_dense=COMPIL
 SPARSE_KERNELS = ("auto", "pixels", "tiles")
 
 
+def _crop(out: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``out[..., :height, :width]``, channels-last (a copy only where padding is cut off)."""
+    return out[..., :height, :width].contiguous(memory_format=torch.channels_last)
+
+
 def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, threshold: float,
                 dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The part every executor runs densely: ``(padded image, stem features, working mask)``.
@@ -176,11 +181,10 @@ class TorchExecutor:
                 chosen = "dense"
         if chosen == "dense":
             out = self.dense_body(padded, features, m)
-            return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active)
+            return ExecutionResult(_crop(out, height, width), m, chosen, active)
         coords = plan.pixels if not plan.tiles else active_pixels(m[:, 0])   # no tiles: the plan's are all of them
-        out = self.sparse_body(padded.contiguous(), features, coords, plan)
-        return ExecutionResult(out[..., :height, :width].contiguous(), m, chosen, active, plan.tiles,
-                               plan.tile_pixels)
+        out = self.sparse_body(padded, features, coords, plan)
+        return ExecutionResult(_crop(out, height, width), m, chosen, active, plan.tiles, plan.tile_pixels)
 
     def dense_body(self, padded: torch.Tensor, features: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Masked stages and tail everywhere (:meth:`M2AENet.masked_body`), eager or compiled."""
@@ -201,8 +205,10 @@ class TorchExecutor:
         """Masked stages and tail at the working-grid pixels ``coords = (b, y, x)`` only, split between the tile and
         per-pixel kernels by ``plan`` (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
 
-        ``padded``: ``[B, 3, H, W]`` contiguous (H, W even); ``features``: ``[B, C, H/2, W/2]``.
+        ``padded``: ``[B, 3, H, W]`` (H, W even); ``features``: ``[B, C, H/2, W/2]``. The output is channels-last
+        (the layout of an HWC image, and of the padded input :func:`dense_front` makes): no transposing copy.
         """
+        padded = padded.contiguous(memory_format=torch.channels_last)
         buffer = to_tile_buffer(features.to(self.tail_weight.dtype), TILE)
         grid_h, grid_w = buffer.shape[1] - 2, buffer.shape[2] - 2
         rows_view = buffer.view(-1, buffer.shape[-1])
@@ -217,7 +223,7 @@ class TorchExecutor:
                 rows_view.index_copy_(0, inner_rows, tiled)
             if update is not None:
                 rows_view.index_add_(0, pixel_rows, update)
-        targets = shuffle_targets(*coords, padded.shape[1], SHUFFLE, *padded.shape[-2:])
+        targets = shuffle_targets(*coords, padded.shape[1], SHUFFLE, *padded.shape[-2:], channels_last=True)
         out = padded.clone()
         sparse_tail_(out, padded, rows_view, padded_rows(*coords, grid_h, grid_w), targets, self.tail_weight,
                      self.tail_bias)
