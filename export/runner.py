@@ -11,6 +11,8 @@ How ``execution="auto"`` decides (the graphs are batch 1 and take their decision
   runs first; the density picks the dense or sparse *mask-input* graph, fed with that mask. The stem runs
   twice (~4 % of the dense FLOPs at the default config); :meth:`count_flops` does not include that stem.
 * ``auto_policy="dense"`` (TensorRT): always the dense graph, no pre-pass (see ``trt.py``).
+
+``mask_apart`` (OpenVINO bf16): predicted masks always come from the mask graph, whatever the execution.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ class GraphExecutor:
     name = "graph"
     measures_memory = True
     auto_policy = "measure"     # or "dense": auto runs the dense graph without measuring the mask
+    # predict the mask with the mask graph even where one graph could do all (an engine whose restoring graphs
+    # run in lower precision keeps the mask graph at full precision, so the mask is fp32's)
+    mask_apart = False
 
     def __init__(self, net: M2AENet, *, dense_above: float, fp16: bool = False, opset: int = DEFAULT_OPSET):
         self.torch_executor = TorchExecutor(net, dense_above=dense_above)   # validates net and dense_above
@@ -92,15 +97,16 @@ class GraphExecutor:
                                                            for i in range(mask.shape[0])]
         if execution == "auto" and self.auto_policy == "dense":
             execution = "dense"
-        if execution == "auto":
-            if mask is None:   # learn the density first: the mask graph, then its mask as a user mask
+        if execution == "auto" or (mask is None and self.mask_apart):
+            if mask is None:   # the mask graph first, then its mask as a user mask
                 spec = self.spec("mask", False, threshold, dilation)
                 working = [self._run(self.graph(spec), spec, img, None)[0].to(image.device) for img in images]
                 masks = [full_resolution(w, img.shape[-2:]) for w, img in zip(working, images)]
             else:
                 working = [working_mask(m) for m in masks]
-            active = sum(int(w.sum()) for w in working)
-            execution = self.choose("auto", active, sum(w.numel() for w in working))
+            if execution == "auto":
+                active = sum(int(w.sum()) for w in working)
+                execution = self.choose("auto", active, sum(w.numel() for w in working))
         mask_input = masks[0] is not None
         spec = self.spec(execution, mask_input, threshold, dilation)
         graph = self.graph(spec)

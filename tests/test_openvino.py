@@ -20,6 +20,7 @@ from m2ae_infer.errors import InvalidArgument
 from m2ae_infer.executor import TorchExecutor
 from m2ae_infer.export import openvino as ovx
 from m2ae_infer.model.mask import full_resolution, pad_to_even
+from m2ae_infer import precision as prec
 
 WHY = "openvino is not installed: pip install 'm2ae-infer[openvino]'"
 needs_openvino = pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("openvino", "onnx", "onnxscript")),
@@ -206,3 +207,23 @@ def test_bf16_within_the_documented_bound_on_the_shipped_checkpoint():
         result = deblurrer.executor.run(image, mask, execution="dense")
         outside = ~full_resolution(result.mask, image.shape[-2:]).expand_as(image)
         assert torch.equal(result.output[outside], image[outside])
+
+
+@pytest.mark.slow
+@needs_openvino
+@pytest.mark.parametrize("execution", ["dense", "sparse", "auto"])
+def test_bf16_predicts_the_fp32_mask(execution):
+    """In bf16 the mask graph stays f32: a predicted mask equals the fp32 torch one (bf16 logits flipped ~2 % of the
+    coin photo's mask), and the restored pixels stay within the bound."""
+    if "bf16" not in ovx.cpu_precisions():
+        pytest.skip("this CPU has no bf16 (OpenVINO's OPTIMIZATION_CAPABILITIES lack BF16)")
+    from m2ae_infer.benchmarks.photos import real_photos
+    deblurrer = Deblurrer(backend="openvino", precision="bf16", execution=execution, tile=None)
+    for _, image in real_photos(240, 320, 0)[:2]:
+        ours = deblurrer.executor.run(image, threshold=deblurrer.threshold, execution=execution)
+        reference = TorchExecutor(deblurrer.network).run(image, threshold=deblurrer.threshold, execution="dense")
+        assert torch.equal(ours.mask, reference.mask)
+        changed = full_resolution(ours.mask, image.shape[-2:]).expand_as(image)
+        assert torch.equal(ours.output[~changed], image[~changed])
+        if changed.any():
+            assert prec.within_tolerance(prec.output_error(ours.output, reference.output, changed))
