@@ -271,7 +271,10 @@ class PreparedImage:
             if not self.round_trips:
                 raise ValueError("changed=None needs an input whose pixels round-trip (RGB float32/uint8/uint16)")
             out = torch.empty_like(self._original) if self._original.shape[1] == 3 else self.new_output()
-            out[:, :3].copy_(self._encode(restored, out))
+            if out.shape[1] == 3 and out.dtype == torch.float32 and restored.dtype == torch.float32:
+                torch.clamp(restored.detach().to(out.device), 0.0, 1.0, out=out)   # _encode in one pass
+            else:
+                out[:, :3].copy_(self._encode(restored, out))
             return self._finish(out)
         if tuple(changed.shape) != (b, 1, h, w) or changed.dtype != torch.bool:
             raise ValueError(f"changed must be bool {(b, 1, h, w)}, "

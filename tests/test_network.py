@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2ae_infer.model.mask import pad_to_even, working_mask
+from m2ae_infer.model.mask import full_resolution, pad_to_even, working_mask
 from helpers import random_net
 
 
@@ -32,3 +32,16 @@ def test_working_mask_is_the_2x2_max_pool(size, density):
     mask = torch.rand(3, 1, *size, generator=torch.Generator().manual_seed(6)) < density
     expected = F.max_pool2d(pad_to_even(mask.to(torch.uint8)).float(), 2) > 0
     assert torch.equal(working_mask(mask), expected)
+
+
+@pytest.mark.parametrize("shape, size", [((1, 1, 3, 5), (6, 10)), ((2, 1, 4, 7), (7, 13)), ((1, 1, 1, 1), (1, 2)),
+                                         ((3, 1, 6, 6), (11, 12))])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_full_resolution_doubles_every_pixel_like_repeat_interleave(shape, size, dtype):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(4)) > 0.5
+    mask = mask.to(dtype)
+    expected = mask.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[..., :size[0], :size[1]]
+    ours = full_resolution(mask, size)
+    assert ours.dtype == dtype and torch.equal(ours, expected)
+    strided = mask.transpose(-1, -2).contiguous().transpose(-1, -2)      # the same values, other strides
+    assert torch.equal(full_resolution(strided, size), expected)
