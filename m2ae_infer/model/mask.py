@@ -101,9 +101,11 @@ def working_mask(full_mask: torch.Tensor) -> torch.Tensor:
 def full_resolution(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Working mask -> the full-resolution pixels it lets the network change, cropped to ``size``."""
     *lead, h, w = mask.shape   # one copy (an expanded view reshaped), not two repeat_interleaves
-    if mask.dtype == torch.bool:
+    if mask.dtype == torch.bool and not torch.compiler.is_compiling():
         # each byte doubled along x at once (b * 257 as int16 holds b in both bytes, either endianness), then the
-        # rows doubled by an expanded view: 10x faster than expanding single bools (0.07 against 0.74 ms at 720p)
+        # rows doubled by an expanded view: 10x faster than expanding single bools (0.07 against 0.74 ms at 720p).
+        # Not under torch.compile: inductor fuses the plain expand, and its C++ code for these views fails to build
+        # (torch 2.13: "Vectorized<bool> has no member named cast").
         pairs = (mask.contiguous().view(torch.uint8).to(torch.int16) * 257).view(torch.uint8)   # [..., h, 2w]
         up = pairs[..., :, None, :].expand(*lead, h, 2, 2 * w).reshape(*lead, 2 * h, 2 * w).view(torch.bool)
     else:
