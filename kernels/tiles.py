@@ -47,7 +47,12 @@ def to_tile_buffer(features: torch.Tensor, tile: int = TILE) -> torch.Tensor:
     ``tile``), a new tensor."""
     b, c, h, w = features.shape
     nty, ntx = tile_grid(h, w, tile)
-    buffer = features.new_zeros((b, nty * tile + 2, ntx * tile + 2, c))
+    # only the ring and the padding are zeroed: filling the whole buffer first cost 2-6 ms of a 25 ms call (720p)
+    buffer = features.new_empty((b, nty * tile + 2, ntx * tile + 2, c))
+    buffer[:, 0].zero_()
+    buffer[:, h + 1:].zero_()
+    buffer[:, 1:h + 1, 0].zero_()
+    buffer[:, 1:h + 1, w + 1:].zero_()
     buffer[:, 1:h + 1, 1:w + 1] = features.permute(0, 2, 3, 1)
     return buffer
 

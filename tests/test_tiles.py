@@ -117,3 +117,18 @@ def test_count_flops_equals_the_real_call(kernel, config, predicted):
                                 result.tile_pixels) == counter.get_total_flops()
     if mask is not None:
         assert result.active_pixels == int(working_mask(mask).sum())
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 16, 16), (2, 3, 13, 21), (1, 5, 1, 9), (1, 8, 24, 8)])
+def test_tile_buffer_is_the_features_in_a_zero_ring_and_zero_padding(shape):
+    """Only the ring and the padding are zeroed (the rest is written over): memory that held NaN just before must
+    not leak into them."""
+    b, c, h, w = shape
+    features = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    nty, ntx = -(-h // TILE), -(-w // TILE)
+    expected = torch.zeros(b, nty * TILE + 2, ntx * TILE + 2, c)
+    expected[:, 1:h + 1, 1:w + 1] = features.permute(0, 2, 3, 1)
+    for _ in range(3):
+        poison = torch.full_like(expected, float("nan"))   # freed right away: the allocator may hand it out again
+        del poison
+        assert torch.equal(to_tile_buffer(features), expected)
