@@ -1,6 +1,6 @@
 """``m2ae-train --out DIR``: train M2AENet on synthetic local motion blur (``m2ae_infer.data.synth``).
 
-Loss = Charbonnier(restored, sharp) + w_reblur * L1 reblur (inside the annotated mask) + w_mask * (BCE + Dice).
+Loss = Charbonnier(restored, sharp) (pixels of the annotated blur weighted ``--blur-weight``) + w_reblur * L1 reblur (inside the annotated mask) + w_mask * (BCE + Dice).
 AdamW (no decay on biases/norms), linear warm-up then cosine, global-norm clipping. The body is gated by the
 annotated working mask (``M2AENet.forward_train``). Data: a pool of ``--pool`` synthetic samples on the
 training photos only, generated lazily (about 40 ms each at 128 px) and cached in fp16, served in a fixed
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from .atomic import atomic_path, atomic_write
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import M2AEConfig
-from .model.mask import working_mask
+from .model.mask import full_resolution, working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
 from .reparam import expand_model, reparameterize_model
@@ -52,9 +52,15 @@ FINAL_RESERVE_S = 30.0  # time kept for the final validation and saves under --t
 
 
 # ----------------------------------------------------------------------------------------------- losses
-def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Mean of ``sqrt((pred - target)^2 + eps^2)`` over every element."""
-    return torch.sqrt((pred - target) ** 2 + eps * eps).mean()
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``sqrt((pred - target)^2 + eps^2)`` over every element; with ``weight`` (broadcast to ``pred``) the
+    weighted mean ``sum(w * c) / sum(w)``."""
+    c = torch.sqrt((pred - target) ** 2 + eps * eps)
+    if weight is None:
+        return c.mean()
+    weight = weight.expand_as(c)
+    return (c * weight).sum() / weight.sum()
 
 
 def reblur_loss(sharp: torch.Tensor, blurry: torch.Tensor, params: torch.Tensor, mask: torch.Tensor,
@@ -86,7 +92,10 @@ def compute_losses(model: M2AENet, blurry: torch.Tensor, sharp: torch.Tensor, ma
         zero = mk.new_zeros(())
         return {"loss": mk, "rec": zero, "reblur": zero, "mask": mk}
     out = model.forward_train(blurry, work, gate_predicted=settings.gate == "union")
-    rec = charbonnier(out.restored, sharp)
+    # --blur-weight: the annotated blur counts W times a pixel the body must leave alone (a wrongly flagged one)
+    weight = None if settings.blur_weight == 1.0 else 1.0 + (settings.blur_weight - 1.0) * full_resolution(
+        work, sharp.shape[-2:])
+    rec = charbonnier(out.restored, sharp, weight=weight)
     source = sharp if settings.reblur_source == "sharp" else out.restored
     rb = reblur_loss(source, blurry, out.trajectory, mask, model.config.motion_points)
     mk = mask_loss(out.mask_logits, work, settings.pos_weight)
@@ -360,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", choices=("annotated", "union"),
                    help="gate the body with the annotated mask, or with its union with the predicted mask so the "
                         "body learns to leave wrongly flagged sharp pixels alone (default annotated)")
+    p.add_argument("--blur-weight", type=float, help="weight of the annotated blur's pixels in the reconstruction "
+                   "loss, against 1 for every other pixel (with --gate union: the wrongly flagged pixels the body must "
+                   "leave alone); 1 is the plain mean (default 1)")
     p.add_argument("--defocus", type=float, help="share of local/sharp samples whose static background gets a "
                                                  "defocused region, kept out of the mask (default 0)")
     p.add_argument("--exclude-photos", metavar="A,B",

@@ -23,7 +23,7 @@ GATES = ("annotated", "union")
 # lower bounds of the numeric settings: (bound, strict), worded "--lr must be > 0" / "--steps must be >= 1"
 _BOUNDS = {"steps": (1, False), "batch": (1, False), "pool": (1, False), "warmup": (0, False), "lr": (0, True),
            "clip": (0, True), "pos_weight": (0, True), "w_reblur": (0, False), "w_mask": (0, False),
-           "weight_decay": (0, False)}
+           "weight_decay": (0, False), "blur_weight": (0, True)}
 # the annotations (strings under ``from __future__ import annotations``) -> accepted types, and how a message says so
 _KINDS = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
           "bool": ((bool,), "true or false"), "str | None": ((str, type(None)), "a path or None")}
@@ -64,6 +64,7 @@ class RunSettings:
     pos_weight: float = 2.0          # BCE weight of blurred pixels
     reblur_source: str = "sharp"     # REBLUR_SOURCES: re-blur the ground truth or the restored image
     gate: str = "annotated"          # GATES: gate the body with the annotated mask or its union with the predicted
+    blur_weight: float = 1.0         # reconstruction-loss weight of the annotated blur's pixels (others: 1)
     init: str | None = None          # start from these weights (fine-tuning)
     defocus: float = 0.0             # share of local/sharp samples with a defocused background region
     train: str = "all"               # TRAINABLE

@@ -15,6 +15,7 @@ pytest.importorskip("skimage", reason="the synthetic training data needs scikit-
 
 from m2ae_infer import M2AEConfig, M2AENet, load_checkpoint, reparameterize_model  # noqa: E402
 from m2ae_infer.checkpoint import read_checkpoint  # noqa: E402
+from m2ae_infer.model.mask import full_resolution, working_mask  # noqa: E402
 from m2ae_infer.data.synth import HELDOUT_PHOTOS, TRAIN_PHOTOS  # noqa: E402
 from m2ae_infer.train import (RUN_DEFAULTS, RunSettings, TrainStream, UsageError, build_optimizer,  # noqa: E402
                               charbonnier, compute_losses, init_for_training, main, mask_loss, reblur_loss)
@@ -30,6 +31,35 @@ def test_charbonnier_matches_float64_formula():
     ref = ((a.double() - b.double()) ** 2 + 1e-6).sqrt().mean()
     assert abs(charbonnier(a, b).item() - ref.item()) < 1e-7
     assert abs(charbonnier(a, a).item() - 1e-3) < 1e-9  # the floor is eps, not 0
+
+
+def test_weighted_charbonnier_is_the_weighted_float64_mean():
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.rand(2, 3, 6, 5, generator=gen), torch.rand(2, 3, 6, 5, generator=gen)
+    w = 1.0 + 3.0 * (torch.rand(2, 1, 6, 5, generator=gen) < 0.4).double()       # per pixel, all channels
+    c = ((a.double() - b.double()) ** 2 + 1e-6).sqrt()
+    ref = (c * w).sum() / w.expand_as(c).sum()
+    assert abs(charbonnier(a, b, weight=w.float()).item() - ref.item()) < 1e-7
+    assert abs(charbonnier(a, b, weight=torch.ones(2, 1, 6, 5)).item() - charbonnier(a, b).item()) < 1e-7
+
+
+def test_blur_weight_weights_the_annotated_pixels_of_the_reconstruction_loss():
+    """--blur-weight W: the reconstruction loss is the weighted mean with W on the annotated blur, computed here
+    from the network's own output."""
+    settings = RunSettings(config="tiny", batch=2, crop=32, pool=2, blur_weight=4.0)
+    stream = TrainStream(settings.crop, settings.pool, seed=3)
+    blurry, sharp, mask = (torch.stack(x) for x in zip(*(stream[i] for i in range(2))))
+    assert 0 < mask.float().mean() < 1
+    torch.manual_seed(0)
+    model = M2AENet(M2AEConfig.from_name("tiny")).eval()
+    with torch.no_grad():
+        ours = compute_losses(model, blurry, sharp, mask, settings)["rec"]
+        plain = compute_losses(model, blurry, sharp, mask, RunSettings(config="tiny", batch=2, crop=32, pool=2))["rec"]
+        restored = model.forward_train(blurry, working_mask(mask).float()).restored
+    c = ((restored.double() - sharp.double()) ** 2 + 1e-6).sqrt()
+    w = (1.0 + 3.0 * full_resolution(working_mask(mask), sharp.shape[-2:]).double()).expand_as(c)
+    assert abs(ours.item() - ((c * w).sum() / w.sum()).item()) < 1e-6
+    assert abs(plain.item() - c.mean().item()) < 1e-6 and abs(ours.item() - plain.item()) > 1e-6
 
 
 def test_mask_loss_matches_bce_on_probabilities_plus_dice():
