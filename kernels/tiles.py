@@ -34,6 +34,9 @@ import torch.nn.functional as F
 
 from .reference import SparseStage, activation, pointwise_chain
 
+# Rows of the per-pixel maps (activation, mixers, gate) run at once after a stage's convolution: their intermediates
+# ([rows, 2C] floats) then stay in the cache instead of passing through memory once per op.
+POINTWISE_ROWS = 4096
 TILE = 8   # working-grid pixels per tile side (16 input pixels); 4 and 16 were slower (docs/performance.md)
 
 
@@ -123,11 +126,14 @@ def tile_stage_update(rows_view: torch.Tensor, patch_rows: torch.Tensor, inactiv
     c = rows_view.shape[1]
     patches = rows_view.index_select(0, patch_rows).view(-1, tile + 2, tile + 2, c)   # [N, T+2, T+2, C]
     h = F.conv2d(patches.permute(0, 3, 1, 2), spatial_weight, stage.spatial_bias)    # [N, C_mid, T, T]
-    h = activation(h.permute(0, 2, 3, 1), stage.act)                                  # [N, T, T, C_mid]
-    h = pointwise_chain(h.reshape(-1, h.shape[-1]), stage.mixers[:-1], gate_last=len(stage.mixers) > 1)
+    h = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])                                 # [N*T*T, C_mid] rows
     weight, bias = stage.mixers[-1]
     new = (patches[:, 1:-1, 1:-1] + bias).reshape(-1, c)          # x + b, contiguous: the GEMM accumulates on it
-    torch.addmm(new, h, weight, out=new)   # not addmm_: FlopCounterMode does not count the in-place op
+    for start in range(0, h.shape[0], POINTWISE_ROWS):   # the per-pixel part in cache-sized pieces
+        part = activation(h[start:start + POINTWISE_ROWS], stage.act)
+        part = pointwise_chain(part, stage.mixers[:-1], gate_last=len(stage.mixers) > 1)
+        out = new[start:start + POINTWISE_ROWS]
+        torch.addmm(out, part, weight, out=out)   # not addmm_: FlopCounterMode does not count the in-place op
     # inactive pixels: x itself, from the gathered patches (interior pixel (n, i, j) is patch row
     # n*(T+2)^2 + (i+1)*(T+2) + j+1)
     n, ij = inactive // (tile * tile), inactive % (tile * tile)

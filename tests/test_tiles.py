@@ -8,6 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from m2ae_infer import reparameterize_model
 from m2ae_infer.executor import SPARSE_KERNELS, TorchExecutor
 from m2ae_infer.kernels.reference import neighbour_offsets, padded_rows, sparse_stage_update
+from m2ae_infer.kernels import tiles
 from m2ae_infer.kernels.tiles import TILE, plan_tiles, spatial_weights, tile_rows, tile_stage_update, to_tile_buffer
 from m2ae_infer.model.mask import working_mask
 from m2ae_infer.packing import pack_stages
@@ -46,7 +47,9 @@ def test_plan_splits_the_active_pixels_exactly(shape, kind, min_fill):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", ["full", "random0.3", "blobs", "borders"])
-def test_tiled_stage_equals_the_dense_stage(shape, kind):
+@pytest.mark.parametrize("rows", [tiles.POINTWISE_ROWS, 37])    # 37: pieces that cut through tiles
+def test_tiled_stage_equals_the_dense_stage(shape, kind, rows, monkeypatch):
+    monkeypatch.setattr(tiles, "POINTWISE_ROWS", rows)
     """The tile kernel on the plan's tiles plus the per-pixel kernel on the edge strips (both read the buffer
     before either writes, as the executor runs them) == the network's dense stage, gated."""
     net = reparameterize_model(random_net("tiny", seed=3))
