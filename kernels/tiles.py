@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from .reference import SparseStage, activation, pointwise_chain
 
-# Rows of the per-pixel maps (activation, mixers, gate) run at once after a stage's convolution: their intermediates
-# ([rows, 2C] floats) then stay in the cache instead of passing through memory once per op.
+# Rows of the per-pixel maps (x + b, activation, mixers, gate) run at once after a stage's convolution, in whole
+# tiles: their intermediates ([rows, 2C] floats) then stay in the cache instead of passing through memory per op.
 POINTWISE_ROWS = 4096
 TILE = 8   # working-grid pixels per tile side (16 input pixels); 4 and 16 were slower (docs/performance.md)
 
@@ -128,16 +128,20 @@ def tile_stage_update(rows_view: torch.Tensor, patch_rows: torch.Tensor, inactiv
     h = F.conv2d(patches.permute(0, 3, 1, 2), spatial_weight, stage.spatial_bias)    # [N, C_mid, T, T]
     h = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])                                 # [N*T*T, C_mid] rows
     weight, bias = stage.mixers[-1]
-    new = (patches[:, 1:-1, 1:-1] + bias).reshape(-1, c)          # x + b, contiguous: the GEMM accumulates on it
-    for start in range(0, h.shape[0], POINTWISE_ROWS):   # the per-pixel part in cache-sized pieces
-        part = activation(h[start:start + POINTWISE_ROWS], stage.act)
-        part = pointwise_chain(part, stage.mixers[:-1], gate_last=len(stage.mixers) > 1)
-        out = new[start:start + POINTWISE_ROWS]
+    n, area = patches.shape[0], tile * tile
+    new = patches.new_empty((n * area, c))
+    per = max(1, POINTWISE_ROWS // area)                 # tiles per piece: the per-pixel part in cache-sized pieces
+    for first in range(0, n, per):
+        rows = slice(first * area, min(n, first + per) * area)
+        out = new[rows]
+        # x + b of these tiles' interiors, contiguous: the last GEMM accumulates on it while it is in cache
+        torch.add(patches[first:first + per, 1:-1, 1:-1], bias, out=out.view(-1, tile, tile, c))
+        part = pointwise_chain(activation(h[rows], stage.act), stage.mixers[:-1], gate_last=len(stage.mixers) > 1)
         torch.addmm(out, part, weight, out=out)   # not addmm_: FlopCounterMode does not count the in-place op
-    # inactive pixels: x itself, from the gathered patches (interior pixel (n, i, j) is patch row
-    # n*(T+2)^2 + (i+1)*(T+2) + j+1)
-    n, ij = inactive // (tile * tile), inactive % (tile * tile)
-    source = n * (tile + 2) ** 2 + (ij // tile + 1) * (tile + 2) + ij % tile + 1
+    # inactive pixels: x itself, from the gathered patches (interior pixel (k, i, j) is patch row
+    # k*(T+2)^2 + (i+1)*(T+2) + j+1)
+    k, ij = inactive // area, inactive % area
+    source = k * (tile + 2) ** 2 + (ij // tile + 1) * (tile + 2) + ij % tile + 1
     return new.index_copy_(0, inactive, patches.view(-1, c).index_select(0, source))
 
 

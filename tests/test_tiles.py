@@ -47,7 +47,7 @@ def test_plan_splits_the_active_pixels_exactly(shape, kind, min_fill):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", ["full", "random0.3", "blobs", "borders"])
-@pytest.mark.parametrize("rows", [tiles.POINTWISE_ROWS, 37])    # 37: pieces that cut through tiles
+@pytest.mark.parametrize("rows", [tiles.POINTWISE_ROWS, 37, 130])    # pieces of one tile, two tiles
 def test_tiled_stage_equals_the_dense_stage(shape, kind, rows, monkeypatch):
     monkeypatch.setattr(tiles, "POINTWISE_ROWS", rows)
     """The tile kernel on the plan's tiles plus the per-pixel kernel on the edge strips (both read the buffer
