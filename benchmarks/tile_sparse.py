@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     net = reparameterize_model(load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT))
     rows = measure(net, height, width, [float(d) for d in args.densities.split(",")], args.kinds.split(","),
                    args.repeats, args.precision)
-    print(f"{height}x{width}, {args.precision}, {torch.get_num_threads()} threads, median of {args.repeats}, interleaved; "
-          "ratios to the dense call")
+    print(f"{height}x{width}, {args.precision}, {torch.get_num_threads()} threads, median of {args.repeats}, "
+          "interleaved; ratios to the dense call")
     print("mask       active  tiles   dense_ms  floor  pixels  tiles   mixed   auto (runs)          "
           "pixel_cost tile_cost")
     for r in rows:

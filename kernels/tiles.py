@@ -16,9 +16,10 @@ Here the working grid is cut into ``T x T`` tiles. Per stage, for a set of tiles
    the 3x3 convolution (7 of 17 ms at 720p, 50 % blobs, 2 threads).
 
 A tiled stage costs about a dense convolution over the tiles' area, whatever their fill; a per-pixel stage costs
-about ``pixel / tile`` times more per active pixel (``executor.KERNEL_COSTS``). :func:`plan_tiles` therefore sends each tile whose
-fill is at least ``min_fill`` to the tile kernel and the active pixels of the other tiles to the per-pixel kernel:
-region masks run mostly tiled, scattered masks per pixel, and a mixed mask takes each part the cheaper way. Both
+about ``pixel / tile`` times more per active pixel (``executor.KERNEL_COSTS``). :func:`plan_tiles` therefore sends
+each tile whose fill is at least ``min_fill`` to the tile kernel and the active pixels of the other tiles to the
+per-pixel kernel: region masks run mostly tiled, scattered masks per pixel, and a mixed mask takes each part the
+cheaper way. Both
 kernels work on one buffer and read it before either writes, so a stage is exactly the dense masked stage.
 
 Buffer: ``[B, Hp+2, Wp+2, C]``, the working grid padded up to multiples of ``T`` (``Hp``, ``Wp``) with a zero ring

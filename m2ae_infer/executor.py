@@ -13,10 +13,11 @@ Both paths share the dense stages (pad, stem, mask prediction) and differ in how
     tiles of the working grid, gated inside them; its cost follows the active tiles' area, several times
     cheaper per pixel, so it wins on masks made of regions and loses on scattered ones.
 
-  ``sparse_kernel="auto"`` (the default) runs both in one call: tiles at least ``tile / pixel`` full (:class:`KernelCosts`)
-  go to the tile kernel, the other active pixels to the per-pixel one (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
-* ``auto``: sparse where the cost model (:meth:`KernelCosts.body`) says it beats the dense body, else dense; always dense
-  above the ``dense_above`` active fraction (docs/performance.md).
+  ``sparse_kernel="auto"`` (the default) runs both in one call: tiles at least ``tile / pixel`` full
+  (:class:`KernelCosts`) go to the tile kernel, the other active pixels to the per-pixel one
+  (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
+* ``auto``: sparse where the cost model (:meth:`KernelCosts.body`) says it beats the dense body, else dense; always
+  dense above the ``dense_above`` active fraction (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ from .precision import DTYPES, bf16_unavailable
 # Active fraction above which `auto` always runs dense; below it the cost model (KernelCosts.body) chooses. 1.0: the
 # cost model alone (it already prefers dense where the sparse kernels cost more).
 DENSE_ABOVE = 1.0
+
+
 @dataclass(frozen=True)
 class KernelCosts:
     """The cost model of the two sparse kernels, in units of the dense body's time per working pixel
@@ -54,7 +57,8 @@ class KernelCosts:
 
     def min_fill(self, kernel: str) -> float:
         """:func:`~m2ae_infer.kernels.tiles.plan_tiles`' ``min_fill`` for ``sparse_kernel=kernel``: ``auto``
-        tiles a tile where the tile kernel is the cheaper (fill >= tile / pixel); ``tiles`` every tile, ``pixels`` none."""
+        tiles a tile where the tile kernel is the cheaper (fill >= tile / pixel); ``tiles`` every tile, ``pixels``
+        none."""
         return {"auto": self.tile / self.pixel, "tiles": 0.0, "pixels": 2.0}[kernel]
 
     def body(self, plan: TilePlan, total: int) -> float:
@@ -63,9 +67,10 @@ class KernelCosts:
         return (self.pixel * plan.pixels[0].numel() + self.tile * plan.tiles * TILE * TILE) / max(total, 1)
 
 
-# torch.compile's dense body against eager (bench: the "compile" dense row), 720p, 2 threads, same CPU as below.
+# torch.compile's dense body against eager: fp32 0.78-0.84 at 720p, 2 threads, same CPU as below (the bench's compile
+# row against eager, 2026-12-04). bf16 was not measured compiled; it takes fp32's figure.
 COMPILED_FP32 = 0.84
-COMPILED_BF16 = 0.84
+COMPILED_BF16 = COMPILED_FP32
 
 # Per precision: medians over blob and scattered masks of 5-80 % at 720p, shipped checkpoint, 2 threads, on the
 # project's 2-core AMD EPYC with AVX-512-BF16 (2026-12-04, docs/performance.md "The torch sparse body"; fp32 after
@@ -104,8 +109,9 @@ class TorchExecutor:
     Args:
         net: the network in deploy form (``reparameterize_model`` first).
         dense_above: active fraction above which ``execution="auto"`` always runs dense (None: :data:`DENSE_ABOVE`).
-        sparse_kernel: ``"auto"`` (both, split by the cost model of its precision: :data:`KERNEL_COSTS`), ``"pixels"`` or ``"tiles"``:
-            how the sparse execution updates the active pixels (all exact; module docstring).
+        sparse_kernel: ``"auto"`` (both, split by the cost model of its precision: :data:`KERNEL_COSTS`),
+            ``"pixels"`` or ``"tiles"``: how the sparse execution updates the active pixels (all exact; module
+            docstring).
         compile_dense: run the dense body through ``torch.compile`` (inductor, static shapes), opt-in: the first
             dense call of each shape compiles (tens of seconds on 2 cores; :attr:`compile_seconds`), later ones
             are faster than eager (:attr:`KernelCosts.compiled_dense`), and ``auto`` weighs the sparse kernels

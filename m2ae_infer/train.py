@@ -1,6 +1,7 @@
 """``m2ae-train --out DIR``: train M2AENet on synthetic local motion blur (``m2ae_infer.data.synth``).
 
-Loss = Charbonnier(restored, sharp) (pixels of the annotated blur weighted ``--blur-weight``) + w_reblur * L1 reblur (inside the annotated mask) + w_mask * (BCE + Dice).
+Loss = Charbonnier(restored, sharp) (the annotated blur's pixels weighted ``--blur-weight``) + w_reblur * L1 reblur
+(inside the annotated mask) + w_mask * (BCE + Dice).
 AdamW (no decay on biases/norms), linear warm-up then cosine, global-norm clipping. The body is gated by the
 annotated working mask (``M2AENet.forward_train``). Data: a pool of ``--pool`` synthetic samples on the
 training photos only, generated lazily (about 40 ms each at 128 px) and cached in fp16, served in a fixed

@@ -120,7 +120,8 @@ def test_the_shipped_checkpoint_through_the_api_stays_within_the_bound(tile):
     for _, image, mask in example_inputs():
         executor = TorchExecutor(fp32.network, precision="bf16")
         for execution in ("sparse", "dense"):
-            err = prec.error_against_fp32(fp32.network, image, mask, executor.run(image, mask, execution=execution).output)
+            output = executor.run(image, mask, execution=execution).output
+            err = prec.error_against_fp32(fp32.network, image, mask, output)
             assert prec.within_tolerance(err), (execution, err)
     rgb = image[0].permute(1, 2, 0).numpy()
     ours, info = Deblurrer(precision="bf16", tile=tile).run(rgb, mask=mask[0, 0].numpy(), return_info=True)

@@ -298,7 +298,8 @@ def test_flops_are_the_sum_of_exact_per_tile_counts():
             continue
         top, bottom, left, right = t.body_crop
         crop = working[top // 2:-(-bottom // 2), left // 2:-(-right // 2)]
-        plan = split_tiles(crop[None, None], deblurrer.executor.costs.min_fill(deblurrer.executor.sparse_kernel))   # the tiles it ran
+        executor = deblurrer.executor
+        plan = split_tiles(crop[None, None], executor.costs.min_fill(executor.sparse_kernel))   # the tiles it ran
         expected += deblurrer.executor.count_flops(1, bottom - top, right - left, int(crop.sum()), "sparse", False,
                                                    plan.tiles, plan.tile_pixels)
         expected_dense += deblurrer.executor.count_flops(1, bottom - top, right - left, 0, "dense", False)
