@@ -67,10 +67,11 @@ class KernelCosts:
         return (self.pixel * plan.pixels[0].numel() + self.tile * plan.tiles * TILE * TILE) / max(total, 1)
 
 
-# torch.compile's dense body against eager: fp32 0.78-0.84 at 720p, 2 threads, same CPU as below (the bench's compile
-# row against eager, 2026-12-04). bf16 was not measured compiled; it takes fp32's figure.
+# torch.compile's dense body against eager, 720p, 2 threads, same CPU as below (2026-12-04): fp32 0.78-0.84 (the
+# bench's compile row against eager; the dense body alone, interleaved, median of 9: 0.788), bf16 0.726 (86.6 against
+# 119.3 ms, the same measurement; compiled output equal to eager's).
 COMPILED_FP32 = 0.84
-COMPILED_BF16 = COMPILED_FP32
+COMPILED_BF16 = 0.73
 
 # Per precision: medians over blob and scattered masks of 5-80 % at 720p, shipped checkpoint, 2 threads, on the
 # project's 2-core AMD EPYC with AVX-512-BF16 (2026-12-04, docs/performance.md "The torch sparse body"; fp32 after

@@ -17,6 +17,7 @@ from m2ae_infer.errors import InvalidArgument
 from m2ae_infer.executor import KernelCosts, TorchExecutor
 from m2ae_infer.kernels.tiles import plan_tiles
 from m2ae_infer.model.mask import full_resolution, working_mask
+from m2ae_infer.precision import BF16_TOLERANCE, bf16_unavailable
 
 HEIGHT, WIDTH = 32, 48
 
@@ -26,18 +27,26 @@ def net():
     return reparameterize_model(random_net("tiny_v2", seed=31))
 
 
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def precision(request):
+    if request.param == "bf16" and bf16_unavailable("cpu"):
+        pytest.skip(f"bf16 needs native bf16: {bf16_unavailable('cpu')}")
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def compiled(net):
-    return TorchExecutor(net, compile_dense=True)
+def compiled(net, precision):
+    return TorchExecutor(net, compile_dense=True, precision=precision)
 
 
-def test_equals_eager_dense_and_counts_the_same_flops(net, compiled):
+def test_equals_eager_dense_and_counts_the_same_flops(net, compiled, precision):
     image = torch.rand(1, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(2))
     mask = make_mask("blobs", HEIGHT, WIDTH, seed=5)
-    eager = TorchExecutor(net).run(image, mask, execution="dense")
+    eager = TorchExecutor(net, precision=precision).run(image, mask, execution="dense")
     ours = compiled.run(image, mask, execution="dense")
     assert compiled.compile_seconds.keys() == {(1, 3, HEIGHT, WIDTH)}
-    assert (ours.output - eager.output).abs().max() <= 1e-5 and torch.equal(ours.mask, eager.mask)
+    tolerance = 1e-5 if precision == "fp32" else BF16_TOLERANCE["max_abs"]   # inductor may sum bf16 in another order
+    assert (ours.output - eager.output).abs().max() <= tolerance and torch.equal(ours.mask, eager.mask)
     outside = ~full_resolution(ours.mask, (HEIGHT, WIDTH)).expand_as(image)
     assert torch.equal(ours.output[outside], image[outside])
     first = dict(compiled.compile_seconds)
