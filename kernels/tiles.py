@@ -19,8 +19,8 @@ A tiled stage costs about a dense convolution over the tiles' area, whatever the
 about ``pixel / tile`` times more per active pixel (``executor.KERNEL_COSTS``). :func:`plan_tiles` therefore sends
 each tile whose fill is at least ``min_fill`` to the tile kernel and the active pixels of the other tiles to the
 per-pixel kernel: region masks run mostly tiled, scattered masks per pixel, and a mixed mask takes each part the
-cheaper way. Both
-kernels work on one buffer and read it before either writes, so a stage is exactly the dense masked stage.
+cheaper way. Both kernels work on one buffer and read it before either writes, so a stage is exactly the dense
+masked stage.
 
 Buffer: ``[B, Hp+2, Wp+2, C]``, the working grid padded up to multiples of ``T`` (``Hp``, ``Wp``) with a zero ring
 (:func:`to_tile_buffer`); viewed as rows ``[P, C]`` it is the per-pixel kernel's layout for a ``Hp x Wp`` grid

@@ -139,10 +139,10 @@ class TorchExecutor:
             raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got {sparse_kernel!r}")
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {tuple(DTYPES)}, got {precision!r}")
-        device = next(net.parameters()).device
-        if precision == "bf16" and bf16_unavailable(device):
-            raise InvalidArgument("precision", f"backend 'torch': precision='bf16' needs native bf16; "
-                                  f"{bf16_unavailable(device)}; use precision='fp32'")
+        missing = bf16_unavailable(next(net.parameters()).device) if precision == "bf16" else None
+        if missing:
+            raise InvalidArgument("precision", f"backend 'torch': precision='bf16' needs native bf16; {missing}; "
+                                  "use precision='fp32'")
         # channels-last weights: oneDNN's fast dense convolutions on CPU.
         self.net = net.eval().to(memory_format=torch.channels_last)
         if all(p.device.type == "cpu" for p in net.parameters()):
@@ -200,12 +200,9 @@ class TorchExecutor:
             return self.body_net.masked_body(padded, features, m)
         if self._compiled is None:
             self._compiled = torch.compile(self.body_net.masked_body, dynamic=False)
-        key = tuple(padded.shape)
-        if key in self.compile_seconds:
-            return self._compiled(padded, features, m)
-        start = time.perf_counter()
+        key, start = tuple(padded.shape), time.perf_counter()
         out = self._compiled(padded, features, m)
-        self.compile_seconds[key] = time.perf_counter() - start
+        self.compile_seconds.setdefault(key, time.perf_counter() - start)   # the first call compiles
         return out
 
     def sparse_body(self, padded: torch.Tensor, features: torch.Tensor,
@@ -268,7 +265,7 @@ class TorchExecutor:
             if predict_mask:
                 net.mask_logits(padded, features)
             if execution == "dense":
-                self._meta.body_net.masked_body(padded, features, meta(batch, 1, *features.shape[-2:], dtype=torch.bool))
+                self._meta.dense_body(padded, features, meta(batch, 1, *features.shape[-2:], dtype=torch.bool))
                 return
             per_pixel, tiles, in_tiles = counts
             coords = tuple(meta(per_pixel + in_tiles) for _ in range(3))

@@ -240,6 +240,14 @@ class PreparedImage:
         x = (x * self._scale).round() if self._scale is not None else x
         return x.to(out.dtype)
 
+    def _encode_into(self, restored: torch.Tensor, colour: torch.Tensor) -> None:
+        """:meth:`_encode` written into ``colour`` (``out``'s colour channels): where encoding is a clamp only
+        (RGB float32), clamped straight into it, one pass instead of two."""
+        if self._colour == 3 and self._scale is None and colour.dtype == restored.dtype == torch.float32:
+            torch.clamp(restored.detach().to(colour.device), 0.0, 1.0, out=colour)
+        else:
+            colour.copy_(self._encode(restored, colour))
+
     def finish(self, out: torch.Tensor) -> Any:
         """``out`` ``[B, C, H, W]`` (from :meth:`new_output`) as the input's kind, dtype and shape."""
         return self._finish(out)
@@ -271,10 +279,7 @@ class PreparedImage:
             if not self.round_trips:
                 raise ValueError("changed=None needs an input whose pixels round-trip (RGB float32/uint8/uint16)")
             out = torch.empty_like(self._original) if self._original.shape[1] == 3 else self.new_output()
-            if out.shape[1] == 3 and out.dtype == torch.float32 and restored.dtype == torch.float32:
-                torch.clamp(restored.detach().to(out.device), 0.0, 1.0, out=out)   # _encode in one pass
-            else:
-                out[:, :3].copy_(self._encode(restored, out))
+            self._encode_into(restored, out[:, :3])
             return self._finish(out)
         if tuple(changed.shape) != (b, 1, h, w) or changed.dtype != torch.bool:
             raise ValueError(f"changed must be bool {(b, 1, h, w)}, "
