@@ -33,7 +33,8 @@ from .errors import InvalidArgument
 from .flops import AffineFlops, count_isolated
 from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets, sparse_stage_update,
                                 sparse_tail_)
-from .kernels.tiles import TILE, TilePlan, plan_tiles, spatial_weights, tile_rows, tile_stage_update, to_tile_buffer
+from .kernels.tiles import (TILE, TileHalo, TilePlan, exchange_halos, gather_tiles, plan_tiles, scatter_tiles,
+                            spatial_weights, tile_halo, tile_stage_, to_tile_buffer)
 from .model import M2AENet
 from .model.mask import pad_to_even, working_mask
 from .model.network import SHUFFLE
@@ -206,7 +207,8 @@ class TorchExecutor:
         return out
 
     def sparse_body(self, padded: torch.Tensor, features: torch.Tensor,
-                    coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], plan: TilePlan) -> torch.Tensor:
+                    coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], plan: TilePlan,
+                    halo: TileHalo | None = None) -> torch.Tensor:
         """Masked stages and tail at the working-grid pixels ``coords = (b, y, x)`` only, split between the tile and
         per-pixel kernels by ``plan`` (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
 
@@ -218,16 +220,21 @@ class TorchExecutor:
         grid_h, grid_w = buffer.shape[1] - 2, buffer.shape[2] - 2
         rows_view = buffer.view(-1, buffer.shape[-1])
         pixel_rows = padded_rows(*plan.pixels, grid_h, grid_w)
-        patch_rows, inner_rows = tile_rows(plan.index, buffer.shape, TILE)
         offsets = neighbour_offsets(grid_w, device=buffer.device)
+        if plan.tiles:
+            halo = tile_halo(plan, buffer.shape, pixel_rows, offsets, TILE) if halo is None else halo
+            patches, fixed = gather_tiles(rows_view, halo, TILE)   # the tiles stay gathered through the stages
         for stage, weight in zip(self.stages, self.tile_weights):
-            # both updates are computed from the buffer as it is before either is written
+            # both updates are computed from the features as they are before either is written
             update = sparse_stage_update(rows_view, pixel_rows, offsets, stage) if pixel_rows.numel() else None
             if plan.tiles:
-                tiled = tile_stage_update(rows_view, patch_rows, plan.inactive, stage, weight, TILE)
-                rows_view.index_copy_(0, inner_rows, tiled)
+                tile_stage_(patches, halo.inactive, fixed, stage, weight)
             if update is not None:
                 rows_view.index_add_(0, pixel_rows, update)
+            if plan.tiles:
+                exchange_halos(patches, rows_view, halo)
+        if plan.tiles:
+            scatter_tiles(patches, rows_view, halo)
         targets = shuffle_targets(*coords, padded.shape[1], SHUFFLE, *padded.shape[-2:], channels_last=True)
         out = padded.clone()
         sparse_tail_(out, padded, rows_view, padded_rows(*coords, grid_h, grid_w), targets, self.tail_weight,
@@ -272,5 +279,8 @@ class TorchExecutor:
             plan = TilePlan(meta(tiles, 3), meta(tiles, TILE, TILE, 1, dtype=torch.bool),
                             tuple(meta(per_pixel) for _ in range(3)), in_tiles,
                             meta(max(tiles * TILE * TILE - in_tiles, 0)))   # copies: no FLOPs, any size
-            self._meta.sparse_body(padded, features, coords, plan)
+            inner = tiles * TILE * TILE
+            halo = TileHalo(meta(tiles * (TILE + 2) ** 2), meta(inner), meta(inner), *(meta(0) for _ in range(6)),
+                            plan.inactive)
+            self._meta.sparse_body(padded, features, coords, plan, halo)
         return count_isolated(call)

@@ -9,7 +9,7 @@ from m2ae_infer import reparameterize_model
 from m2ae_infer.executor import SPARSE_KERNELS, TorchExecutor
 from m2ae_infer.kernels.reference import neighbour_offsets, padded_rows, sparse_stage_update
 from m2ae_infer.kernels import tiles
-from m2ae_infer.kernels.tiles import TILE, plan_tiles, spatial_weights, tile_rows, tile_stage_update, to_tile_buffer
+from m2ae_infer.kernels.tiles import TILE, plan_tiles, spatial_weights, to_tile_buffer
 from m2ae_infer.model.mask import working_mask
 from m2ae_infer.packing import pack_stages
 from helpers import make_mask, random_net
@@ -45,30 +45,43 @@ def test_plan_splits_the_active_pixels_exactly(shape, kind, min_fill):
         assert not inner.any()
 
 
+def run_stages(view, buffer_shape, plan, stages, tile_kernel=True):
+    """The executor's loop, kernel level: every stage through the tile kernel (its tiles kept gathered, halos
+    exchanged) and the per-pixel kernel (the plan's other pixels), each reading the features before either
+    writes."""
+    grid_h, grid_w = buffer_shape[1] - 2, buffer_shape[2] - 2
+    pixel_rows = padded_rows(*plan.pixels, grid_h, grid_w)
+    offsets = neighbour_offsets(grid_w)
+    halo = tiles.tile_halo(plan, buffer_shape, pixel_rows, offsets)
+    patches, fixed = tiles.gather_tiles(view, halo)
+    for stage in stages:
+        per_pixel = sparse_stage_update(view, pixel_rows, offsets, stage)
+        tiles.tile_stage_(patches, halo.inactive, fixed, stage, spatial_weights([stage])[0])
+        view.index_add_(0, pixel_rows, per_pixel)
+        tiles.exchange_halos(patches, view, halo)
+    tiles.scatter_tiles(patches, view, halo)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", ["full", "random0.3", "blobs", "borders"])
+@pytest.mark.parametrize("min_fill", [0.0, 0.5])                      # tiles only (and edge strips); mixed
 @pytest.mark.parametrize("rows", [tiles.POINTWISE_ROWS, 37, 130])    # pieces of one tile, two tiles
-def test_tiled_stage_equals_the_dense_stage(shape, kind, rows, monkeypatch):
+def test_tiled_stages_equal_the_dense_stages(shape, kind, min_fill, rows, monkeypatch):
+    """All the stages of a net through both kernels (halos exchanged between stages) == the network's dense
+    stages one after the other, each gated: a halo that missed a neighbour's update changes the result from the
+    second stage on."""
     monkeypatch.setattr(tiles, "POINTWISE_ROWS", rows)
-    """The tile kernel on the plan's tiles plus the per-pixel kernel on the edge strips (both read the buffer
-    before either writes, as the executor runs them) == the network's dense stage, gated."""
     net = reparameterize_model(random_net("tiny", seed=3))
-    stage_module, stage = net.stages()[1], pack_stages(net)[1]
     x = torch.randn(2, net.config.channels, *shape, generator=torch.Generator().manual_seed(8))
     mask = make_mask(kind, *shape, seed=2, batch=2)
-    with torch.no_grad():   # the reference: the network's own dense stage, gated
-        expected = torch.where(mask, x + stage_module(x), x)
-    plan = plan_tiles(mask, 0.0)
+    with torch.no_grad():   # the reference: the network's own dense stages, gated
+        expected = x
+        for module in net.stages():
+            expected = torch.where(mask, expected + module(expected), expected)
+    plan = plan_tiles(mask, min_fill)
     buffer = to_tile_buffer(x)
-    view = buffer.view(-1, buffer.shape[-1])
-    patch_rows, inner_rows = tile_rows(plan.index, buffer.shape)
-    grid_h, grid_w = buffer.shape[1] - 2, buffer.shape[2] - 2
-    pixel_rows = padded_rows(*plan.pixels, grid_h, grid_w)
     with torch.no_grad():
-        per_pixel = sparse_stage_update(view, pixel_rows, neighbour_offsets(grid_w), stage)
-        view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.inactive, stage,
-                                                          spatial_weights([stage])[0]))
-        view.index_add_(0, pixel_rows, per_pixel)
+        run_stages(buffer.view(-1, buffer.shape[-1]), buffer.shape, plan, pack_stages(net))
     got = buffer[:, 1:shape[0] + 1, 1:shape[1] + 1].permute(0, 3, 1, 2)
     assert (got - expected).abs().max().item() <= 1e-5
     outside = ~mask.expand_as(x)
@@ -78,20 +91,31 @@ def test_tiled_stage_equals_the_dense_stage(shape, kind, rows, monkeypatch):
     assert not ring.any()                                            # the zero ring and padding stay zero
 
 
+def test_halo_exchange_reaches_every_neighbour_kind():
+    """The mixed case the exchange exists for: tiles next to tiles, to per-pixel pixels and to inactive pixels."""
+    mask = torch.zeros(1, 1, 24, 24, dtype=torch.bool)
+    mask[0, 0, :16, :16] = True             # four full tiles, side by side
+    mask[0, 0, 16, 3] = True                # a lone pixel under them (per pixel with min_fill 0.5)
+    mask[0, 0, 3, 16:20] = True             # a sparse tile on the right (per pixel)
+    plan = plan_tiles(mask, 0.5)
+    assert plan.tiles == 4 and plan.pixels[0].numel() == 5
+    buffer_shape = to_tile_buffer(torch.zeros(1, 2, 24, 24)).shape
+    halo = tiles.tile_halo(plan, buffer_shape, padded_rows(*plan.pixels, 24, 24), neighbour_offsets(24))
+    assert halo.ring_to.numel() == 4 * (2 * TILE + 1)     # each tile's two inner sides and the diagonal corner
+    assert halo.pixel_ring_to.numel() == 2                 # (16, 3) below tile (1, 0); (3, 16) right of tile (0, 1)
+    assert halo.export_to.numel() == 3 + 3                 # the three tile pixels each of those two reads
+
+
 def test_tiled_stage_passes_non_finite_neighbours_through():
     """An inactive pixel holding inf inside an active tile comes back as inf (copied back, not x + m * F(x))."""
     net = reparameterize_model(random_net("tiny", seed=3))
-    stage = pack_stages(net)[0]
     x = torch.rand(1, net.config.channels, 8, 8)
     x[0, :, 0, 0] = float("inf")
     mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     mask[0, 0, 5, 5] = True
     plan = plan_tiles(mask, 0.0)
     buffer = to_tile_buffer(x)
-    view = buffer.view(-1, buffer.shape[-1])
-    patch_rows, inner_rows = tile_rows(plan.index, buffer.shape)
-    view.index_copy_(0, inner_rows, tile_stage_update(view, patch_rows, plan.inactive, stage,
-                                                      spatial_weights([stage])[0]))
+    run_stages(buffer.view(-1, buffer.shape[-1]), buffer.shape, plan, pack_stages(net)[:1])
     assert torch.isinf(buffer[0, 1, 1]).all() and torch.isfinite(buffer[0, 6, 6]).all()
 
 
