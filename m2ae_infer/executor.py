@@ -74,13 +74,16 @@ class KernelCosts:
 COMPILED_FP32 = 0.84
 COMPILED_BF16 = 0.73
 
-# Per precision: medians over blob and scattered masks of 5-80 % at 720p, shipped checkpoint, 2 threads, on the
-# project's 2-core AMD EPYC with AVX-512-BF16 (2026-12-04, docs/performance.md "The torch sparse body"; fp32 after
-# the tile kernel's piecewise per-pixel maps; bf16 the mean of two runs, 3.89 / 1.51 and 2.81 / 1.67). They
-# depend on the CPU: the AVX-512 EPYC without bf16 of 2026-12-03, whose dense convolutions were ~2x slower,
-# measured 2.9 / 1.38 for fp32. bf16 makes the dense body's convolutions ~3x faster but the kernels' gathers and
-# copies only ~2x (half the bytes), so the per-pixel kernel costs more in units of its dense body.
-KERNEL_COSTS = {"fp32": KernelCosts(pixel=2.38, tile=1.59, compiled_dense=COMPILED_FP32),
+# Per precision: medians over blob and scattered masks of 5-80 % at 720p, shipped checkpoint, 2 threads
+# (docs/performance.md "The torch sparse body"). fp32: on the project's 2-core Intel Xeon without bf16
+# (2026-12-06), after the tiles stay gathered across the stages (tile kernel 1.16 per pixel of tile area; the
+# per-pixel kernel 1.90). bf16: on the 2-core AMD EPYC with AVX-512-BF16 of 2026-12-04, with the tile kernel of
+# before (it gathered every patch each stage), the mean of two runs (3.89 / 1.51 and 2.81 / 1.67); not re-measured
+# since, no CPU with bf16 was at hand. They depend on the CPU: on that EPYC, fp32 measured 2.38 / 1.59 with the
+# tile kernel of before, and 2.9 / 1.38 on the AVX-512 EPYC without bf16 of 2026-12-03, whose dense convolutions
+# were ~2x slower. bf16 makes the dense body's convolutions ~3x faster but the kernels' gathers and copies only
+# ~2x (half the bytes), so the per-pixel kernel costs more in units of its dense body.
+KERNEL_COSTS = {"fp32": KernelCosts(pixel=1.90, tile=1.16, compiled_dense=COMPILED_FP32),
                 "bf16": KernelCosts(pixel=3.35, tile=1.59, compiled_dense=COMPILED_BF16)}
 SPARSE_KERNELS = ("auto", "pixels", "tiles")
 
