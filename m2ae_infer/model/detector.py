@@ -83,8 +83,15 @@ class MultiScaleBlurDetector(nn.Module):
 
     def coarse_logits(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, 3, H, W]`` -> logits ``[B, 1, ceil(H/8), ceil(W/8)]`` before the upsample (local: see tiling)."""
-        luma = (image * self.luma.to(image.dtype)).sum(dim=1, keepdim=True)
-        energy = torch.log(self.energy_pool(_pad_to(self.filters(luma) ** 2, 4)) + ENERGY_EPS)
+        # luma as a 1x1 convolution: a weighted sum over the channels of a channels-last image ran as a slow strided
+        # reduction, and the 1-channel map it made sent the filter bank down a slow path. With the in-place square
+        # below, a whole 720p call with a predicted mask went from 84.6-101.0 to 78.0-93.7 ms (old and new code
+        # interleaved in one process, three runs, 2 threads); the mask was the same, the output within 6e-8.
+        luma = F.conv2d(image, self.luma.to(image.dtype))
+        response = self.filters(luma)
+        # squared in place where nothing keeps the response for a backward pass: no second 12-channel full-size map
+        response = response ** 2 if torch.is_grad_enabled() else response.square_()
+        energy = torch.log(self.energy_pool(_pad_to(response, 4)) + ENERGY_EPS)
         energy = (energy - LOG_ENERGY_CENTRE) * LOG_ENERGY_SCALE      # O(1) inputs for the trunk
         colour = self.colour_pool(_pad_to(image, 4))
         norms = [_identity] * len(self.norms) if self.folded else list(self.norms)
