@@ -86,7 +86,7 @@ class MultiScaleBlurDetector(nn.Module):
         # luma as a 1x1 convolution: a weighted sum over the channels of a channels-last image ran as a slow strided
         # reduction, and the 1-channel map it made sent the filter bank down a slow path. With the in-place square
         # below, a whole 720p call with a predicted mask went from 84.6-101.0 to 78.0-93.7 ms (old and new code
-        # interleaved in one process, three runs, 2 threads); the mask was the same, the output within 6e-8.
+        # interleaved in one process, two runs, 2 threads); the mask was the same, the output within 6e-8.
         luma = F.conv2d(image, self.luma.to(image.dtype))
         response = self.filters(luma)
         # squared in place where nothing keeps the response for a backward pass: no second 12-channel full-size map
