@@ -4,6 +4,8 @@ within bf16 rounding, FLOPs equal to ``FlopCounterMode`` on the real call; refus
 has no native bf16. The bf16 numbers need a CPU with AVX-512-BF16 or AMX and skip elsewhere, saying so."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,18 @@ def test_refused_in_one_line_without_native_bf16(monkeypatch, reason):
 def test_bf16_unavailable_names_devices_it_cannot_use():
     assert prec.bf16_unavailable("meta") is None
     assert "not mps" in prec.bf16_unavailable("mps")
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from /proc/cpuinfo (Linux)")
+def test_cpu_bf16_follows_the_cpu_flags():
+    """Native bf16 means the CPU's own bf16 instructions, read here from the kernel's CPU flags (an independent
+    source): an AVX-512 CPU without them runs oneDNN's bf16 emulated, slower than fp32, and must be refused."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert (prec.bf16_unavailable("cpu") is None) == native
 
 
 def test_output_error_and_tolerance_on_known_values():
