@@ -30,7 +30,9 @@ def bf16_unavailable(device: torch.device | str) -> str | None:
         # the CPU's own bf16 instructions (AVX-512-BF16 or AMX). oneDNN's _is_mkldnn_bf16_supported is not the
         # check: it is True on any AVX-512 CPU, where its bf16 kernels are emulated -- on the project's 2-core
         # AVX-512 Xeon without bf16 (2026-12-06) a dense 720p call took 759 ms in bf16 against 324 ms in fp32.
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        # (private helpers of torch.cpu; a torch without them is taken to have no native bf16)
+        native = any(getattr(torch.cpu, name, lambda: False)()
+                     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         if not torch.backends.mkldnn.is_available() or not native:
             return "this CPU has no native bf16 (AVX-512-BF16 or AMX)"
         return None
