@@ -17,8 +17,9 @@ last (:func:`scatter_tiles`). Per stage (:func:`tile_stage_`):
    from that tile's interior, one the per-pixel kernel updates from the buffer, and the tile pixels the per-pixel
    kernel reads go to the buffer; everything else a halo holds (inactive pixels, padding, the zero ring) never
    changes. Gathering every patch and copying every interior back each stage instead moved ``(T+2)**2 + T**2``
-   rows per tile and stage, not ``4T+4`` at most: that version cost 0.495 / 0.837 of the dense call at 20 / 50 %
-   blobs against 0.413 / 0.739 now (720p, 2 threads, interleaved, median of 7).
+   rows per tile and stage, not ``4T+4`` at most: that version cost 0.434 / 0.866 of the dense call at 20 / 50 %
+   blobs against 0.353 / 0.740 now (720p, 2 threads, both versions interleaved, median of 9; a first run of 7 gave
+   0.495 / 0.837 against 0.413 / 0.739; docs/performance.md "Persistent tiles").
 
 The stage is memory-bound on this CPU, so every pass over the tiles counts: a ``torch.where`` over them cost as
 much as the 3x3 convolution (7 of 17 ms at 720p, 50 % blobs, 2 threads).
