@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .reference import SparseStage, activation, pointwise_chain
+from .reference import SparseStage, activation, neighbour_offsets, padded_rows, pointwise_chain, sparse_stage_update
 
 # Rows of the per-pixel maps (x + b, activation, mixers, gate) run at once after a stage's convolution, in whole
 # tiles: their intermediates ([rows, 2C] floats) then stay in the cache instead of passing through memory per op.
@@ -228,6 +228,31 @@ def scatter_tiles(patches: torch.Tensor, rows_view: torch.Tensor, halo: TileHalo
     """The tiles' interiors back into the buffer (after the last stage)."""
     flat = patches.view(-1, patches.shape[-1])
     rows_view.index_copy_(0, halo.inner_rows, flat.index_select(0, halo.interior))
+
+
+def masked_stages_(rows_view: torch.Tensor, buffer_shape: tuple[int, ...], plan: TilePlan,
+                   stages: list[SparseStage], tile_weights: list[torch.Tensor], halo: TileHalo | None = None) -> None:
+    """In place: every masked stage at the plan's active pixels of the ``[P, C]`` buffer view (of a
+    ``[B, Hp+2, Wp+2, C]`` :func:`to_tile_buffer`): its tiles by the tile kernel, kept gathered and their halos
+    exchanged between stages, its other pixels by the per-pixel kernel; both updates of a stage are computed from
+    the features as they were before it. ``tile_weights``: :func:`spatial_weights` of ``stages``; ``halo``:
+    :func:`tile_halo` of the plan, built here when None."""
+    grid_w = buffer_shape[2] - 2
+    pixel_rows = padded_rows(*plan.pixels, buffer_shape[1] - 2, grid_w)
+    offsets = neighbour_offsets(grid_w, device=rows_view.device)
+    if plan.tiles:
+        halo = tile_halo(plan, buffer_shape, pixel_rows, offsets) if halo is None else halo
+        patches, fixed = gather_tiles(rows_view, halo)
+    for stage, weight in zip(stages, tile_weights):
+        update = sparse_stage_update(rows_view, pixel_rows, offsets, stage) if pixel_rows.numel() else None
+        if plan.tiles:
+            tile_stage_(patches, halo.inactive, fixed, stage, weight)
+        if update is not None:
+            rows_view.index_add_(0, pixel_rows, update)
+        if plan.tiles:
+            exchange_halos(patches, rows_view, halo)
+    if plan.tiles:
+        scatter_tiles(patches, rows_view, halo)
 
 
 def spatial_weights(stages: list[SparseStage]) -> list[torch.Tensor]:

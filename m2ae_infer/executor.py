@@ -31,10 +31,8 @@ from .allocator import keep_freed_memory
 from .backends import ExecutionResult, choose_execution
 from .errors import InvalidArgument
 from .flops import AffineFlops, count_isolated
-from .kernels.reference import (active_pixels, neighbour_offsets, padded_rows, shuffle_targets, sparse_stage_update,
-                                sparse_tail_)
-from .kernels.tiles import (TILE, TileHalo, TilePlan, exchange_halos, gather_tiles, plan_tiles, scatter_tiles,
-                            spatial_weights, tile_halo, tile_stage_, to_tile_buffer)
+from .kernels.reference import active_pixels, padded_rows, shuffle_targets, sparse_tail_
+from .kernels.tiles import TILE, TileHalo, TilePlan, masked_stages_, plan_tiles, spatial_weights, to_tile_buffer
 from .model import M2AENet
 from .model.mask import pad_to_even, working_mask
 from .model.network import SHUFFLE
@@ -222,22 +220,7 @@ class TorchExecutor:
         buffer = to_tile_buffer(features.to(self.tail_weight.dtype), TILE)
         grid_h, grid_w = buffer.shape[1] - 2, buffer.shape[2] - 2
         rows_view = buffer.view(-1, buffer.shape[-1])
-        pixel_rows = padded_rows(*plan.pixels, grid_h, grid_w)
-        offsets = neighbour_offsets(grid_w, device=buffer.device)
-        if plan.tiles:
-            halo = tile_halo(plan, buffer.shape, pixel_rows, offsets, TILE) if halo is None else halo
-            patches, fixed = gather_tiles(rows_view, halo, TILE)   # the tiles stay gathered through the stages
-        for stage, weight in zip(self.stages, self.tile_weights):
-            # both updates are computed from the features as they are before either is written
-            update = sparse_stage_update(rows_view, pixel_rows, offsets, stage) if pixel_rows.numel() else None
-            if plan.tiles:
-                tile_stage_(patches, halo.inactive, fixed, stage, weight)
-            if update is not None:
-                rows_view.index_add_(0, pixel_rows, update)
-            if plan.tiles:
-                exchange_halos(patches, rows_view, halo)
-        if plan.tiles:
-            scatter_tiles(patches, rows_view, halo)
+        masked_stages_(rows_view, buffer.shape, plan, self.stages, self.tile_weights, halo)
         targets = shuffle_targets(*coords, padded.shape[1], SHUFFLE, *padded.shape[-2:], channels_last=True)
         out = padded.clone()
         sparse_tail_(out, padded, rows_view, padded_rows(*coords, grid_h, grid_w), targets, self.tail_weight,
@@ -283,7 +266,9 @@ class TorchExecutor:
                             tuple(meta(per_pixel) for _ in range(3)), in_tiles,
                             meta(max(tiles * TILE * TILE - in_tiles, 0)))   # copies: no FLOPs, any size
             inner = tiles * TILE * TILE
-            halo = TileHalo(meta(tiles * (TILE + 2) ** 2), meta(inner), meta(inner), *(meta(0) for _ in range(6)),
-                            plan.inactive)
+            none = meta(0)    # no exchange: copies count no FLOPs
+            halo = TileHalo(patch_rows=meta(tiles * (TILE + 2) ** 2), inner_rows=meta(inner), interior=meta(inner),
+                            ring_to=none, ring_from=none, pixel_ring_to=none, pixel_ring_from=none,
+                            export_from=none, export_to=none, inactive=plan.inactive)
             self._meta.sparse_body(padded, features, coords, plan, halo)
         return count_isolated(call)

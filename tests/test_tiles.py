@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from m2ae_infer import reparameterize_model
 from m2ae_infer.executor import SPARSE_KERNELS, TorchExecutor
-from m2ae_infer.kernels.reference import neighbour_offsets, padded_rows, sparse_stage_update
+from m2ae_infer.kernels.reference import neighbour_offsets, padded_rows
 from m2ae_infer.kernels import tiles
 from m2ae_infer.kernels.tiles import TILE, plan_tiles, spatial_weights, to_tile_buffer
 from m2ae_infer.model.mask import working_mask
@@ -45,21 +45,9 @@ def test_plan_splits_the_active_pixels_exactly(shape, kind, min_fill):
         assert not inner.any()
 
 
-def run_stages(view, buffer_shape, plan, stages, tile_kernel=True):
-    """The executor's loop, kernel level: every stage through the tile kernel (its tiles kept gathered, halos
-    exchanged) and the per-pixel kernel (the plan's other pixels), each reading the features before either
-    writes."""
-    grid_h, grid_w = buffer_shape[1] - 2, buffer_shape[2] - 2
-    pixel_rows = padded_rows(*plan.pixels, grid_h, grid_w)
-    offsets = neighbour_offsets(grid_w)
-    halo = tiles.tile_halo(plan, buffer_shape, pixel_rows, offsets)
-    patches, fixed = tiles.gather_tiles(view, halo)
-    for stage in stages:
-        per_pixel = sparse_stage_update(view, pixel_rows, offsets, stage)
-        tiles.tile_stage_(patches, halo.inactive, fixed, stage, spatial_weights([stage])[0])
-        view.index_add_(0, pixel_rows, per_pixel)
-        tiles.exchange_halos(patches, view, halo)
-    tiles.scatter_tiles(patches, view, halo)
+def run_stages(view, buffer_shape, plan, stages):
+    """The executor's stage loop (:func:`tiles.masked_stages_`) on a bare buffer."""
+    tiles.masked_stages_(view, buffer_shape, plan, stages, spatial_weights(stages))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
