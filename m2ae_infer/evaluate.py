@@ -388,7 +388,7 @@ def _run(parser, args) -> int:
     runners, ckpt, meta = _load_runners(args)
     outputs = _prepare_outputs(Path(args.out), args.force)
     per_sample, grid = _score_set(args, runners, photos, paths)
-    summary = summarize(per_sample)
+    summary = summarize(per_sample, args.set)
     notes = [NOTES[args.set]] if args.set in NOTES else []
     report = {"set": args.set, "notes": notes,
               "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "quiet")},
@@ -553,9 +553,10 @@ def _changed_outside(before: np.ndarray, after: np.ndarray, mask: np.ndarray) ->
     return int((diff & ~mask).sum())
 
 
-def summarize(per_sample: list[dict]) -> dict:
+def summarize(per_sample: list[dict], set_name: str | None = None) -> dict:
     """Means per row (all samples and per kind), pooled mask scores, cost, exactness, do-no-harm figures and the
-    issue's targets. The rows are those the samples were scored with (see :func:`evaluate`)."""
+    the targets of ``set_name`` (:data:`TARGETS`). The rows are those the samples were scored with (see
+    :func:`evaluate`)."""
     def mean(values):
         values = [v for v in values if v is not None]
         return float(np.mean(values)) if values else None
@@ -572,7 +573,7 @@ def summarize(per_sample: list[dict]) -> dict:
     mask = {"pooled": _ratios(pooled["inter"], pooled["union"], pooled["pred"], pooled["true"]),
             "per_sample_mean": {k: mean(r["mask"][k] for r in per_sample) for k in ("iou", "precision", "recall")},
             "mean_active_fraction": mean(r["active_fraction"] for r in per_sample),
-            "mean_flops_saved": mean(r["flops_saved"] for r in per_sample)}
+            "mean_flops_saved": mean(r["flops_saved"] for r in per_sample), "true_pixels": pooled["true"]}
     exact = {"sparse_dense_max_abs": max(r["sparse_dense_max_abs"] for r in per_sample),
              "masks_agree": all(r["masks_agree"] for r in per_sample),
              "changed_outside_mask": sum(sum(r["changed_outside_mask"].values()) for r in per_sample)}
@@ -597,11 +598,36 @@ def summarize(per_sample: list[dict]) -> dict:
     gain = None
     if rows["ours_sparse"]["all"]["psnr_mask"] is not None:
         gain = rows["ours_sparse"]["all"]["psnr_mask"] - rows["blurry"]["all"]["psnr_mask"]
-    targets = {"mask_iou_ge_0.75": mask["pooled"]["iou"] >= 0.75 if pooled["true"] else None,
-               "psnr_mask_gain_db": gain, "psnr_mask_gain_ge_3db": None if gain is None else gain >= 3.0,
-               "outside_mask_bit_exact": exact["changed_outside_mask"] == 0,
-               "output_never_below_input": harm["output_below_input"]["ours_sparse"] == 0}
-    return {"rows": rows, "mask": mask, "contracts": exact, "do_no_harm": harm, "targets": targets}
+    summary = {"rows": rows, "mask": mask, "contracts": exact, "do_no_harm": harm, "psnr_mask_gain_db": gain}
+    return {**summary, "targets": check_targets(summary, set_name)}
+
+
+# The quality targets of issue 14 ("A shipped model that deblurs photos it has never seen, and never damages a sharp
+# one"), per evaluation set, as docs/model_card.md reports them: name -> (">=" or "<=", bound). "Whole-image PSNR never
+# below the input's" and, on real motion, "untouched elsewhere" are both samples_below_input == 0.
+TARGETS = {
+    "synthetic": {"mask_iou": (">=", 0.6), "psnr_mask_gain_db": (">=", 1.5), "samples_below_input": ("<=", 0)},
+    "independent": {"mask_iou": (">=", 0.6), "psnr_mask_gain_db": (">=", 1.5), "samples_below_input": ("<=", 0)},
+    "video": {"mask_iou": (">=", 0.45), "psnr_mask_gain_db": (">=", 0.5), "samples_below_input": ("<=", 0)},
+    "sharp": {"mean_flagged_fraction": ("<=", 0.05), "photos_below_40db": ("<=", 0)},
+}
+
+
+def check_targets(summary: dict, set_name: str | None) -> dict:
+    """``{name: {"value", "op", "bound", "met"}}`` for the :data:`TARGETS` of ``set_name`` (none for another set,
+    e.g. a training run's validation); ``met`` is None where the value does not exist (no true mask)."""
+    harm = summary["do_no_harm"]
+    values = {"mask_iou": summary["mask"]["pooled"]["iou"] if summary["mask"]["true_pixels"] else None,
+              "psnr_mask_gain_db": summary["psnr_mask_gain_db"],
+              "samples_below_input": harm["output_below_input"]["ours_sparse"],
+              "mean_flagged_fraction": harm["sharp_samples"]["mean_flagged_fraction"],
+              "photos_below_40db": harm["sharp_samples"]["below_40db"]}
+    out = {}
+    for name, (op, bound) in TARGETS.get(set_name, {}).items():
+        v = values[name]
+        met = None if v is None else (v >= bound if op == ">=" else v <= bound)
+        out[name] = {"value": v, "op": op, "bound": bound, "met": met}
+    return out
 
 
 def format_table(summary: dict) -> str:
@@ -631,9 +657,10 @@ def format_table(summary: dict) -> str:
         lines.append(f"sharp samples ({s['n']}): flagged {s['mean_flagged_fraction']:.2%} of pixels on average; "
                      f"worst PSNR(output, input) {fmt(s['worst_psnr_vs_input'])} dB ({s['worst']}); "
                      f"{s['below_40db']} below 40 dB")
-    lines.append(f"targets: IoU>=0.75 {yes(t['mask_iou_ge_0.75'])}; PSNR@mask gain "
-                 f"{fmt(t['psnr_mask_gain_db'])} dB (>=3: {yes(t['psnr_mask_gain_ge_3db'])}); "
-                 f"output never below input {yes(t['output_never_below_input'])}")
+    if t:
+        lines.append("targets (issue 14): " + "; ".join(
+            f"{name.replace('_', ' ')} {fmt(v['value'], 3) if isinstance(v['value'], float) else v['value']} "
+            f"({v['op']} {v['bound']}: {yes(v['met'])})" for name, v in t.items()))
     return "\n".join(lines)
 
 

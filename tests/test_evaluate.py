@@ -272,7 +272,13 @@ def test_sharp_set_on_a_tiny_corpus(tiny_ckpt, tmp_path, capsys):
     assert 0.0 < s["mean_flagged_fraction"] < 1.0                          # the re-centred head flags some pixels
     # on a sharp photo PSNR against sharp IS PSNR against the input
     assert all(r["ours_sparse"]["psnr"] == r["ours_sparse"]["vs_input"]["psnr"] for r in per)
-    assert report["contracts"]["pass"] and report["targets"]["mask_iou_ge_0.75"] is None
+    assert report["contracts"]["pass"]
+    # issue 14's sharp-photo targets, from the per-photo figures: <= 5 % flagged on average, every photo >= 40 dB
+    t = report["targets"]
+    assert set(t) == {"mean_flagged_fraction", "photos_below_40db"} and "targets (issue 14)" in text
+    assert t["mean_flagged_fraction"]["met"] == (np.mean([r["flagged_fraction"] for r in per]) <= 0.05)
+    assert t["photos_below_40db"]["value"] == sum(p < 40 for p in psnrs)
+    assert t["photos_below_40db"]["met"] == all(p >= 40 for p in psnrs)
     assert (out / "eval_grid.png").is_file()
 
 
@@ -329,7 +335,8 @@ def test_video_set_end_to_end(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "vid"
     assert ev.main(["--checkpoint", str(tiny_ckpt), "--set", "video", "--video", str(path), "--samples", "2",
                     "--radius", "2", "--threads", "1", "--out", str(out), "-q"]) == 0
-    assert "outside the true mask" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "outside the true mask" in text and "targets (issue 14): mask iou" in text
     report = json.loads((out / "eval.json").read_text())
     assert set(report["rows"]) == {"blurry", "ours_dense", "ours_sparse", "ours_true_mask"}
     assert report["settings"]["samples"] == 2 and all(r["kind"] == "local" for r in report["per_sample"])
@@ -344,6 +351,15 @@ def test_video_set_end_to_end(tiny_ckpt, tmp_path, capsys):
     assert 0 <= harm["outside_true_mask"]["ours_true_mask"]["mean_abs"] < 0.02
     assert all(r["blurry"]["vs_input"]["psnr_outside_true_mask"] == ev.PSNR_CAP for r in per)
     assert report["rows"]["blurry"]["all"]["psnr_mask"] < 40                # the patch really is smeared
+    # issue 14's real-motion targets (IoU >= 0.45, >= +0.5 dB in the motion mask, no window below the input),
+    # recomputed from the per-window records
+    t, inter = report["targets"], sum(r["mask"]["inter"] for r in per)
+    iou = inter / sum(r["mask"]["union"] for r in per)
+    assert t["mask_iou"]["value"] == pytest.approx(iou) and t["mask_iou"]["met"] == (iou >= 0.45)
+    gain = np.mean([r["ours_sparse"]["psnr_mask"] for r in per]) - np.mean([r["blurry"]["psnr_mask"] for r in per])
+    assert t["psnr_mask_gain_db"]["value"] == pytest.approx(gain) and t["psnr_mask_gain_db"]["met"] == (gain >= 0.5)
+    below = sum(r["ours_sparse"]["psnr"] < r["blurry"]["psnr"] for r in per)
+    assert t["samples_below_input"] == {"value": below, "op": "<=", "bound": 0, "met": below == 0}
 
 
 def test_independent_set_skips_classical_and_says_so(tiny_ckpt, tmp_path, capsys):
