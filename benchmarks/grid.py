@@ -234,7 +234,7 @@ def measure_cell(engine: Engine, case: Case, settings: BenchSettings, sparse_tim
     predicted = case.mask is None
     flops_dense = ex.count_flops(1, height, width, 0, "dense", predicted)
     flops_sparse = ex.count_flops(1, height, width, active, "sparse", predicted, sparse_out.sparse_tiles,
-                                  sparse_out.tile_pixels)
+                                  sparse_out.tile_pixels, sparse_out.stem_cells)
     measure = settings.memory and ex.measures_memory
     mem = {k: peak_memory(lambda: ex.run(case.image, case.mask, execution=k), settings.device) if measure else None
            for k in ("dense", "sparse")}
@@ -253,6 +253,7 @@ def measure_cell(engine: Engine, case: Case, settings: BenchSettings, sparse_tim
         "headline_dense": best["engine"], "headline_dense_ms": best["ms"], "headline_ratio": sparse_ms / best["ms"],
         "dense_peak_mb": _mb(mem["dense"]), "sparse_peak_mb": _mb(mem["sparse"]),
         "sparse_tiles": sparse_out.sparse_tiles, "tile_pixels": sparse_out.tile_pixels,
+        "stem_cells": sparse_out.stem_cells,   # None: the dense stem
         "tiled_fraction": sparse_out.tile_pixels / active if active else 0.0,
         "auto_picks": auto_out.execution, "auto_ms": auto_time.median * 1e3, "auto_spread": auto_time.spread,
         "auto_headline_ratio": auto_time.median * 1e3 / best["ms"], "auto_own_ratio": auto_time.median * 1e3 / own["ms"],
@@ -267,7 +268,7 @@ def measure_baselines(net: M2AENet, image: torch.Tensor, names, settings: BenchS
     height, width = image.shape[-2:]
     sparse = ours.executor.run(image, execution="sparse")
     sparse_flops = ours.executor.count_flops(1, height, width, sparse.active_pixels, "sparse", True,
-                                             sparse.sparse_tiles, sparse.tile_pixels)
+                                             sparse.sparse_tiles, sparse.tile_pixels, sparse.stem_cells)
     calls = {"M2AENet dense (ours)": (lambda: ours.executor.run(image, execution="dense"),
                                       ours.executor.count_flops(1, height, width, 0, "dense"),
                                       parameter_count(ours.network)),

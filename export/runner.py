@@ -116,9 +116,10 @@ class GraphExecutor:
         return ExecutionResult(restored, working, execution, int(working.sum()))
 
     def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
-                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0) -> int:
+                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0,
+                    stem_cells: int | None = None) -> int:
         """FLOPs of the same call in torch (``FlopCounterMode`` on the torch executor, same shapes and active
         count): the graphs compute the same GEMMs/convolutions, so the count is that of the graph that ran
         (except the repeated stem of a measured ``auto`` call, see the module docstring)."""
         return self.torch_executor.count_flops(batch, height, width, active, execution, predict_mask, sparse_tiles,
-                                              tile_pixels)
+                                              tile_pixels, stem_cells)

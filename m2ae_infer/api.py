@@ -197,7 +197,7 @@ class Deblurrer:
             flops_dense=dense,
             flops_executed=self.executor.count_flops(batch, height, width, result.active_pixels,
                                                      result.execution, predicted, result.sparse_tiles,
-                                                     result.tile_pixels),
+                                                     result.tile_pixels, result.stem_cells),
             seconds=seconds, execution=result.execution, backend=self.backend, flops_untiled=dense)
         return restored, info
 

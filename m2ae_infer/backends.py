@@ -44,6 +44,7 @@ class ExecutionResult:
     active_pixels: int          # True pixels of the working mask (over the batch)
     sparse_tiles: int = 0       # working-grid tiles the tile kernel computed (0: per pixel only, or dense)
     tile_pixels: int = 0        # active pixels inside those tiles (the rest ran per pixel)
+    stem_cells: int | None = None   # tile-grid cells the stem ran at (kernels.cells); None: the dense stem
 
 
 def choose_execution(execution: str, active: int, total: int, dense_above: float) -> str:
@@ -60,7 +61,8 @@ class Backend(Protocol):
     """What an engine offers. Contracts (tests/test_backends.py and the per-engine tests): ``run`` equals the
     dense masked torch reference within the engine's tolerance and leaves unmasked pixels bit-identical;
     ``count_flops`` equals ``FlopCounterMode`` on the real call (for the non-torch engines: on the torch
-    reference of the same call), given the call's ``active_pixels``, ``sparse_tiles`` and ``tile_pixels``.
+    reference of the same call), given the call's ``active_pixels``, ``sparse_tiles``, ``tile_pixels`` and
+    ``stem_cells``.
 
     Attributes:
         name: the registry name.
@@ -84,9 +86,11 @@ class Backend(Protocol):
         (predicted with ``threshold``/``dilation`` when omitted)."""
 
     def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
-                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0) -> int:
+                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0,
+                    stem_cells: int | None = None) -> int:
         """FLOPs one call of that shape executes with ``active`` working pixels, ``tile_pixels`` of them in
-        ``sparse_tiles`` tiles (:class:`ExecutionResult`), without running it."""
+        ``sparse_tiles`` tiles, the stem at ``stem_cells`` cells or densely (None) (:class:`ExecutionResult`),
+        without running it."""
 
 
 @dataclass(frozen=True)

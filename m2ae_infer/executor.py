@@ -3,9 +3,11 @@
 Both paths share the dense stages (pad, stem, mask prediction) and differ in how the masked stages run:
 
 * ``dense``: every stage computed everywhere with oneDNN channels-last convolutions, then gated.
-* ``sparse``: features copied once into a zero-bordered channels-last buffer; the stages update the active pixels
-  only, by one of two kernels, and the tail writes only the active pixels of the output, which starts as a copy of
-  the input:
+* ``sparse``: the stem features go into a zero-bordered channels-last buffer, only at the cells the stages read
+  where that is the smaller part of the grid (:mod:`m2ae_infer.kernels.cells`: a given mask, or a mask head that
+  reads the image; else the dense stem's features are copied in); the stages update the active pixels only, by
+  one of two kernels, and the tail writes only the active pixels of the output, which starts as a copy of the
+  input:
 
   - ``pixels`` (:mod:`m2ae_infer.kernels.reference`): each stage gathers the 3x3 neighbourhoods of the active
     pixels, runs its GEMMs and adds the update back at those pixels; its cost follows the active count;
@@ -31,6 +33,7 @@ from .allocator import keep_freed_memory
 from .backends import ExecutionResult, choose_execution
 from .errors import InvalidArgument
 from .flops import AffineFlops, count_isolated
+from .kernels.cells import read_cells, stem_tile_buffer
 from .kernels.reference import active_pixels, padded_rows, shuffle_targets, sparse_tail_
 from .kernels.tiles import TILE, TileHalo, TilePlan, masked_stages_, plan_tiles, spatial_weights, to_tile_buffer
 from .model import M2AENet
@@ -42,6 +45,9 @@ from .precision import DTYPES, bf16_unavailable
 # Active fraction above which `auto` always runs dense; below it the cost model (KernelCosts.body) chooses. 1.0: the
 # cost model alone (it already prefers dense where the sparse kernels cost more).
 DENSE_ABOVE = 1.0
+# The sparse stem (kernels.cells) runs when the cells the stages read cover at most this share of the working grid's
+# pixels; above it the dense stem and one copy into the buffer are cheaper (measured: docs/performance.md).
+STEM_CELLS_BELOW = 0.6
 
 
 @dataclass(frozen=True)
@@ -92,17 +98,25 @@ def _crop(out: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, threshold: float,
-                dilation: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                dilation: int, stem: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The part every executor runs densely: ``(padded image, stem features, working mask)``.
 
     ``image`` ``[B, 3, H, W]`` is padded to even H, W (channels-last for oneDNN); the working mask is predicted
-    (``threshold``, ``dilation``) or max-pooled from the user's full-resolution ``mask``.
+    (``threshold``, ``dilation``) or max-pooled from the user's full-resolution ``mask``. ``stem=False``: no
+    features (None) where the mask needs none (:func:`needs_stem_for_mask`), for a caller that computes them
+    later, only where it needs them.
     """
     padded = pad_to_even(image).contiguous(memory_format=torch.channels_last)
-    features = net.stem_features(padded)
+    features = net.stem_features(padded) if stem or needs_stem_for_mask(net, mask) else None
     if mask is None:
         return padded, features, net.predict_mask(padded, features, threshold, dilation)
     return padded, features, working_mask(mask.to(image.device))
+
+
+def needs_stem_for_mask(net: M2AENet, mask: torch.Tensor | None) -> bool:
+    """True where the mask is predicted from the stem features (a v1 mask head), so they are computed densely
+    whatever runs next."""
+    return mask is None and not net.mask_head.reads_image
 
 
 class TorchExecutor:
@@ -181,7 +195,7 @@ class TorchExecutor:
             execution: ``"auto"``, ``"sparse"`` or ``"dense"``.
         """
         height, width = image.shape[-2:]
-        padded, features, m = dense_front(self.net, image, mask, threshold, dilation)
+        padded, features, m = dense_front(self.net, image, mask, threshold, dilation, stem=False)
         active = int(m.sum())
         chosen = self.choose(execution, active, m.numel())
         if chosen == "sparse":
@@ -190,11 +204,18 @@ class TorchExecutor:
             if execution == "auto" and self.costs.body(plan, m.numel()) >= dense_cost:
                 chosen = "dense"
         if chosen == "dense":
+            features = self.net.stem_features(padded) if features is None else features
             out = self.dense_body(padded, features, m)
             return ExecutionResult(_crop(out, height, width), m, chosen, active)
+        cells = None
+        if features is None:
+            cells = read_cells(plan, *m.shape[:1], *m.shape[-2:])
+            if cells.shape[0] * TILE * TILE > STEM_CELLS_BELOW * m.numel():   # never more than the dense stem
+                cells, features = None, self.net.stem_features(padded)
         coords = plan.pixels if not plan.tiles else active_pixels(m[:, 0])   # no tiles: the plan's are all of them
-        out = self.sparse_body(padded, features, coords, plan)
-        return ExecutionResult(_crop(out, height, width), m, chosen, active, plan.tiles, plan.tile_pixels)
+        out = self.sparse_body(padded, features, coords, plan, cells=cells)
+        return ExecutionResult(_crop(out, height, width), m, chosen, active, plan.tiles, plan.tile_pixels,
+                               None if cells is None else cells.shape[0])
 
     def dense_body(self, padded: torch.Tensor, features: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Masked stages and tail everywhere (:meth:`M2AENet.masked_body`), eager or compiled."""
@@ -207,17 +228,22 @@ class TorchExecutor:
         self.compile_seconds.setdefault(key, time.perf_counter() - start)   # the first call compiles
         return out
 
-    def sparse_body(self, padded: torch.Tensor, features: torch.Tensor,
+    def sparse_body(self, padded: torch.Tensor, features: torch.Tensor | None,
                     coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor], plan: TilePlan,
-                    halo: TileHalo | None = None) -> torch.Tensor:
+                    halo: TileHalo | None = None, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Masked stages and tail at the working-grid pixels ``coords = (b, y, x)`` only, split between the tile and
         per-pixel kernels by ``plan`` (:func:`~m2ae_infer.kernels.tiles.plan_tiles`).
 
-        ``padded``: ``[B, 3, H, W]`` (H, W even); ``features``: ``[B, C, H/2, W/2]``. The output is channels-last
+        ``padded``: ``[B, 3, H, W]`` (H, W even); ``features``: ``[B, C, H/2, W/2]``, or None: the stem runs here
+        at ``cells`` only (:func:`~m2ae_infer.kernels.cells.read_cells` of the plan). The output is channels-last
         (the layout of an HWC image, and of the padded input :func:`dense_front` makes): no transposing copy.
         """
         padded = padded.contiguous(memory_format=torch.channels_last)
-        buffer = to_tile_buffer(features.to(self.tail_weight.dtype), TILE)
+        if features is None:
+            buffer = stem_tile_buffer(padded, *self.net.stem_kernel(), cells, (padded.shape[-2] // SHUFFLE,
+                                      padded.shape[-1] // SHUFFLE), TILE, dtype=self.tail_weight.dtype)
+        else:
+            buffer = to_tile_buffer(features.to(self.tail_weight.dtype), TILE)
         grid_h, grid_w = buffer.shape[1] - 2, buffer.shape[2] - 2
         rows_view = buffer.view(-1, buffer.shape[-1])
         masked_stages_(rows_view, buffer.shape, plan, self.stages, self.tile_weights, halo)
@@ -228,24 +254,28 @@ class TorchExecutor:
         return out
 
     def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
-                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0) -> int:
+                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0,
+                    stem_cells: int | None = None) -> int:
         """FLOPs one call executes, from a per-shape cost model: ``active`` True working-mask pixels, of which
-        ``tile_pixels`` lay in the ``sparse_tiles`` tiles the tile kernel ran (:class:`ExecutionResult`).
+        ``tile_pixels`` lay in the ``sparse_tiles`` tiles the tile kernel ran, and the stem run densely
+        (``stem_cells=None``) or at ``stem_cells`` cells (:class:`ExecutionResult`).
 
         Counted once per shape by ``FlopCounterMode`` on a meta-device twin running this executor's own
         code, so the count equals what ``FlopCounterMode`` sees on the real call; sparse counts are affine in
-        the per-pixel kernel's pixels, the tiles and the tiles' pixels (:class:`~m2ae_infer.flops.AffineFlops`),
+        the per-pixel kernel's pixels, the tiles, the tiles' pixels and the stem's cells
+        (:class:`~m2ae_infer.flops.AffineFlops`),
         and the counting never shows in a ``FlopCounterMode`` (or any ``TorchDispatchMode``) around the caller
         (:func:`~m2ae_infer.flops.count_isolated`). Gathers and scatters move bytes, not FLOPs, and count zero.
         A tile's inactive pixels are computed and count; the tail runs at the active pixels only.
         """
         if execution == "dense":
             return self._flops((batch, height, width, "dense", predict_mask), ())
-        return self._flops((batch, height, width, "sparse", predict_mask),
-                           (active - tile_pixels, sparse_tiles, tile_pixels))
+        cells = () if stem_cells is None else (stem_cells,)
+        return self._flops((batch, height, width, "sparse", predict_mask, stem_cells is not None),
+                           (active - tile_pixels, sparse_tiles, tile_pixels, *cells))
 
     def _count_on_meta(self, key: tuple, counts: tuple[int, ...]) -> int:
-        batch, height, width, execution, predict_mask = key
+        batch, height, width, execution, predict_mask, *sparse_stem = key
         if self._meta is None:
             self._meta = TorchExecutor(copy.deepcopy(self.net).to("meta"), self.dense_above,
                                        precision=self.precision)
@@ -254,13 +284,14 @@ class TorchExecutor:
 
         def call() -> None:
             padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
-            features = net.stem_features(padded)
+            lazy = execution == "sparse" and sparse_stem[0]
+            features = None if lazy else net.stem_features(padded)
             if predict_mask:
                 net.mask_logits(padded, features)
             if execution == "dense":
                 self._meta.dense_body(padded, features, meta(batch, 1, *features.shape[-2:], dtype=torch.bool))
                 return
-            per_pixel, tiles, in_tiles = counts
+            per_pixel, tiles, in_tiles, *stem_cells = counts
             coords = tuple(meta(per_pixel + in_tiles) for _ in range(3))
             plan = TilePlan(meta(tiles, 3), meta(tiles, TILE, TILE, 1, dtype=torch.bool),
                             tuple(meta(per_pixel) for _ in range(3)), in_tiles,
@@ -270,5 +301,5 @@ class TorchExecutor:
             halo = TileHalo(patch_rows=meta(tiles * (TILE + 2) ** 2), inner_rows=meta(inner), interior=meta(inner),
                             ring_to=none, ring_from=none, pixel_ring_to=none, pixel_ring_from=none,
                             export_from=none, export_to=none, inactive=plan.inactive)
-            self._meta.sparse_body(padded, features, coords, plan, halo)
+            self._meta.sparse_body(padded, features, coords, plan, halo, meta(*stem_cells, 3) if lazy else None)
         return count_isolated(call)

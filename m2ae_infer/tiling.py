@@ -334,7 +334,7 @@ def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: t
             run.flops_dense += executor.count_flops(batch, crop_h, crop_w, 0, "dense", False)
             run.flops_executed += executor.count_flops(batch, crop_h, crop_w, result.active_pixels,
                                                        result.execution, False, result.sparse_tiles,
-                                                       result.tile_pixels)
+                                                       result.tile_pixels, result.stem_cells)
         del crop, crop_mask, result
     if device.type == "cuda":
         torch.cuda.synchronize(device)

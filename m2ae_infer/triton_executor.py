@@ -132,7 +132,8 @@ class TritonExecutor:
         return out
 
     def count_flops(self, batch: int, height: int, width: int, active: int, execution: str,
-                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0) -> int:
+                    predict_mask: bool = True, sparse_tiles: int = 0, tile_pixels: int = 0,
+                    stem_cells: int | None = None) -> int:
         """FLOPs of one call, counted by ``FlopCounterMode`` on the torch reference with the same shapes.
 
         The kernels run the same GEMMs as the torch sparse path (``9C x C_mid``, the mixers and the tail, at the
@@ -140,4 +141,4 @@ class TritonExecutor:
         of two, the last partial row block) are work the GPU does but are not counted.
         """
         return self.torch.count_flops(batch, height, width, active, execution, predict_mask, sparse_tiles,
-                                     tile_pixels)
+                                     tile_pixels, stem_cells)

@@ -85,13 +85,17 @@ def test_flops_match_an_independent_count(tiny_result, deploy_net):
         stem = _flops(lambda: deploy_net.stem_features(pad_to_even(image)))
         features = deploy_net.stem_features(pad_to_even(image))
         head = _flops(lambda: deploy_net.mask_logits(pad_to_even(image), features))
-        front = stem + (head if r["mask"] == "real" else 0)
         tail = _flops(lambda: deploy_net.tail(features))
         total = features.shape[-2] * features.shape[-1]
+        dense_front = stem + (head if r["mask"] == "real" else 0)
+        # the sparse stem (kernels/cells.py) computes whole cells of TILE x TILE working pixels
+        sparse_stem = stem if r["stem_cells"] is None else stem / total * r["stem_cells"] * TILE * TILE
+        front = sparse_stem + (head if r["mask"] == "real" else 0)
         computed = r["active_fraction"] * total - r["tile_pixels"] + r["sparse_tiles"] * TILE * TILE
-        expected = front + computed / total * (dense - front - tail) + r["active_fraction"] * tail
+        expected = front + computed / total * (dense - dense_front - tail) + r["active_fraction"] * tail
         assert r["flops_sparse"] == pytest.approx(expected, rel=1e-9)
         assert r["flop_ratio"] == pytest.approx(r["flops_sparse"] / r["flops_dense"])
+    assert {r["stem_cells"] is None for r in tiny_result.rows} == {True, False}     # both stems were counted
 
 
 def test_auto_choice_follows_density(tiny_result):

@@ -55,14 +55,17 @@ def test_a_users_counter_sees_only_the_real_work_on_the_first_call(net):
 
 @pytest.mark.parametrize("active,tiles,in_tiles", [(0, 0, 0), (1, 0, 0), (7, 0, 0), (1000, 0, 0), (9, 2, 9),
                                                    (1000, 5, 300)])
-def test_sparse_counts_are_affine_in_the_active_pixels(active, tiles, in_tiles):
+@pytest.mark.parametrize("stem_cells", [None, 0, 1, 37])
+def test_sparse_counts_are_affine_in_the_active_pixels(active, tiles, in_tiles, stem_cells):
     """The cost model's assumption, checked against a direct meta count at each (active pixels, tiles, active
-    pixels in tiles)."""
+    pixels in tiles, cells of the sparse stem or the dense stem)."""
     from m2ae_infer.reparam import reparameterize_model
     from m2ae_infer.executor import TorchExecutor
-    executor = TorchExecutor(reparameterize_model(random_net("tiny", seed=5)))
-    direct = executor._count_on_meta((1, 64, 80, "sparse", True), (active - in_tiles, tiles, in_tiles))
-    assert executor.count_flops(1, 64, 80, active, "sparse", True, tiles, in_tiles) == direct
+    executor = TorchExecutor(reparameterize_model(random_net("tiny_v2", seed=5)))
+    cells = () if stem_cells is None else (stem_cells,)
+    direct = executor._count_on_meta((1, 64, 80, "sparse", True, stem_cells is not None),
+                                     (active - in_tiles, tiles, in_tiles, *cells))
+    assert executor.count_flops(1, 64, 80, active, "sparse", True, tiles, in_tiles, stem_cells) == direct
 
 
 def test_count_isolated_hides_from_an_outer_counter_and_reraises():

@@ -121,7 +121,7 @@ def test_flop_count_equals_the_counter_on_the_real_call(net, kernel, execution):
     result = executor.run(image, mask, execution=execution)
     counted = _flops(lambda: executor.run(image, mask, execution=execution))
     assert counted > 0 and executor.count_flops(1, HEIGHT, WIDTH, result.active_pixels, result.execution, False,
-                                                result.sparse_tiles, result.tile_pixels) == counted
+                                                result.sparse_tiles, result.tile_pixels, result.stem_cells) == counted
 
 
 @needs_bf16

@@ -161,11 +161,14 @@ def test_flops_follow_the_mask_default_config(default_executor, mask_kind):
     # The meta-device count used for Deblurrer stats agrees with the count of the real runs.
     run = default_executor.run(image, mask, execution="sparse")
     assert default_executor.count_flops(1, h, w, run.active_pixels, "sparse", False, run.sparse_tiles,
-                                        run.tile_pixels) == sparse
+                                        run.tile_pixels, run.stem_cells) == sparse
     assert default_executor.count_flops(1, h, w, run.active_pixels, "dense", predict_mask=False) == dense
 
 
-def test_flops_scale_with_active_pixels(default_executor):
+def test_flops_scale_with_active_pixels(default_executor, monkeypatch):
+    """The body's FLOPs, with the dense stem (the sparse stem's own count: tests/test_cells.py, test_bench.py)."""
+    import m2ae_infer.executor as executor_mod
+    monkeypatch.setattr(executor_mod, "STEM_CELLS_BELOW", -1.0)
     image = torch.rand(1, 3, 64, 64)
     counts = [counted_flops(lambda: default_executor.run(image, make_mask(k, 64, 64), execution="sparse"))
               for k in ("empty", "one_pixel", "random0.5", "full")]

@@ -129,7 +129,7 @@ def test_count_flops_equals_the_real_call(kernel, config, predicted):
     if kernel != "pixels" and not predicted:
         assert result.sparse_tiles > 0
     assert executor.count_flops(2, 70, 90, result.active_pixels, "sparse", predicted, result.sparse_tiles,
-                                result.tile_pixels) == counter.get_total_flops()
+                                result.tile_pixels, result.stem_cells) == counter.get_total_flops()
     if mask is not None:
         assert result.active_pixels == int(working_mask(mask).sum())
 
