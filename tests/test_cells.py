@@ -125,3 +125,19 @@ def test_sparse_stem_runs_only_where_it_pays():
     v1 = reparameterize_model(M2AENet(M2AEConfig.from_name("tiny")).eval())
     with torch.inference_mode():
         assert TorchExecutor(v1).run(image, execution="sparse").stem_cells is None
+
+
+@pytest.mark.parametrize("size", [(16, 16), (30, 46), (34, 18), (66, 50)])
+def test_cell_windows_are_the_zero_padded_image_around_each_cell(size):
+    """Against slices of the whole image zero-padded once (every cell of the grid: corners, edges, ragged ends)."""
+    from m2ae_infer.kernels.cells import STEM_RADIUS, cell_windows
+    height, width = size
+    image = torch.rand(2, 3, height, width).contiguous(memory_format=torch.channels_last)
+    nty, ntx = tile_grid(height // 2, width // 2)
+    cells = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(nty), torch.arange(ntx), indexing="ij"),
+                        -1).reshape(-1, 3)[torch.randperm(2 * nty * ntx, generator=torch.Generator().manual_seed(1))]
+    step, span, r = 2 * TILE, 2 * TILE + 2 * STEM_RADIUS, STEM_RADIUS
+    whole = F.pad(image, [r, step * ntx + r - width, r, step * nty + r - height])
+    expected = torch.stack([whole[b, :, step * ty:step * ty + span, step * tx:step * tx + span]
+                            for b, ty, tx in cells.tolist()])
+    assert torch.equal(cell_windows(image, cells), expected)
