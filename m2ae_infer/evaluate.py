@@ -447,8 +447,8 @@ def _corpus_paths(args) -> list[Path] | None:
 def _check_video(video: str) -> None:
     """``--video`` exists and PyAV, which decodes it, is installed."""
     if not Path(video).is_file():
-        raise _Refused(f"--video {video} not found; give a video file (e.g. a corpus's "
-                       "videos/opencv-doc/vtest.avi)")
+        what = "is a folder, not a video file" if Path(video).is_dir() else "not found"
+        raise _Refused(f"--video {video} {what}; give a video file (e.g. a corpus's videos/opencv-doc/vtest.avi)")
     try:
         from .data.video import require_av
         require_av()

@@ -315,6 +315,10 @@ def test_missing_video_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("m2ae-eval: error:") and "none.avi" in err and "not found" in err and "\n" not in err
     assert not out.exists()
+    (tmp_path / "clips").mkdir()
+    assert ev.main(["--set", "video", "--video", str(tmp_path / "clips"), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a folder, not a video file" in err and "\n" not in err and not out.exists()
 
 
 def test_video_set_end_to_end(tiny_ckpt, tmp_path, capsys):
