@@ -46,8 +46,11 @@ from .precision import DTYPES, bf16_unavailable
 # cost model alone (it already prefers dense where the sparse kernels cost more).
 DENSE_ABOVE = 1.0
 # The sparse stem (kernels.cells) runs when the cells the stages read cover at most this share of the working grid's
-# pixels; above it the dense stem and one copy into the buffer are cheaper (measured: docs/performance.md).
-STEM_CELLS_BELOW = 0.6
+# pixels; above it the dense stem and one copy into the buffer are cheaper. Whole 720p sparse calls, sparse stem
+# against dense stem, interleaved, median of 8, 2 threads, AMD EPYC without AVX-512 (2026-12-07), by the cells' share:
+# 0.04 -> 0.57, 0.15 -> 0.78, 0.18 -> 0.65, 0.24 -> 0.96 / 0.98, 0.31 -> 0.94, 0.33 -> 0.91, 0.36 -> 1.00,
+# 0.43 -> 1.04 / 1.03, 0.58 -> 1.04, 0.63 -> 1.28, 0.78 -> 1.07, 0.99 -> 1.26 (docs/performance.md).
+STEM_CELLS_BELOW = 0.35
 
 
 @dataclass(frozen=True)

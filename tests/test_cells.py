@@ -141,3 +141,28 @@ def test_cell_windows_are_the_zero_padded_image_around_each_cell(size):
     expected = torch.stack([whole[b, :, step * ty:step * ty + span, step * tx:step * tx + span]
                             for b, ty, tx in cells.tolist()])
     assert torch.equal(cell_windows(image, cells), expected)
+
+
+@pytest.mark.parametrize("predicted", [False, True])
+def test_sparse_stem_flops_are_its_cells_convolutions(monkeypatch, predicted):
+    """FlopCounterMode on the real call equals the executor's count, and the stem's share is what a 6x6 stride-2
+    conv from 3 to C channels costs on the cells' T x T outputs (2 * C * 3 * 36 per output pixel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import m2ae_infer.executor as executor_mod
+    monkeypatch.setattr(executor_mod, "STEM_CELLS_BELOW", 10.0)
+    net = _net(3)
+    ex = TorchExecutor(net)
+    image = torch.rand(1, 3, 40, 64)
+    mask = None if predicted else full_resolution(_mask(1, 20, 32, "blobs", seed=7), (40, 64))
+    with torch.inference_mode():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            result = ex.run(image, mask, execution="sparse", threshold=0.0 if predicted else 0.5)
+    assert result.stem_cells
+    count = ex.count_flops(1, 40, 64, result.active_pixels, "sparse", predicted, result.sparse_tiles,
+                           result.tile_pixels, result.stem_cells)
+    assert count == counter.get_total_flops()
+    dense_stem = ex.count_flops(1, 40, 64, result.active_pixels, "sparse", predicted, result.sparse_tiles,
+                                result.tile_pixels)
+    per_pixel = 2 * net.stem.out_channels * 3 * 36
+    assert dense_stem - count == per_pixel * (20 * 32 - result.stem_cells * TILE * TILE)
