@@ -12,14 +12,14 @@ through one oneDNN convolution without padding, and the ``T x T`` outputs are wr
 buffer (:func:`stem_tile_buffer`). A cell's output is the dense stem's at those pixels (the same weights and
 input window: equal within float rounding, bit for bit in every measurement on oneDNN; tests/test_cells.py). Cells no stage
 reads are left unwritten: nothing reads them (the tests fill them with NaN to prove it). The zero ring and the
-padding beyond the grid are zeroed, as :func:`~kernels.tiles.to_tile_buffer` does.
+padding beyond the grid are zeroed (:func:`~kernels.tiles.zero_ring_`), as :func:`~kernels.tiles.to_tile_buffer` does.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .tiles import TILE, TilePlan, tile_grid
+from .tiles import TILE, TilePlan, tile_grid, zero_ring_
 
 SHUFFLE = 2     # input pixels per working pixel (the network's pixel-unshuffle factor)
 STEM_RADIUS = 2  # the stem, as a 6x6 stride-2 conv: working pixel y reads input rows 2y-2 .. 2y+3
@@ -71,11 +71,7 @@ def stem_tile_buffer(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         inner = buffer[:, 1:nty * tile + 1, 1:ntx * tile + 1]
         cell_view = inner.unflatten(1, (nty, tile)).unflatten(3, (ntx, tile)).permute(0, 1, 3, 2, 4, 5)
         cell_view[cells[:, 0], cells[:, 1], cells[:, 2]] = out.permute(0, 2, 3, 1).to(buffer.dtype)
-    buffer[:, 0].zero_()                    # the zero ring and the padding beyond the grid, as to_tile_buffer
-    buffer[:, h + 1:].zero_()
-    buffer[:, 1:h + 1, 0].zero_()
-    buffer[:, 1:h + 1, w + 1:].zero_()
-    return buffer
+    return zero_ring_(buffer, h, w)      # after the cells: their outputs past the grid must be zero too
 
 
 def cell_windows(padded: torch.Tensor, cells: torch.Tensor, tile: int = TILE) -> torch.Tensor:

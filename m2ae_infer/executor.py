@@ -105,21 +105,18 @@ def dense_front(net: M2AENet, image: torch.Tensor, mask: torch.Tensor | None, th
     """The part every executor runs densely: ``(padded image, stem features, working mask)``.
 
     ``image`` ``[B, 3, H, W]`` is padded to even H, W (channels-last for oneDNN); the working mask is predicted
-    (``threshold``, ``dilation``) or max-pooled from the user's full-resolution ``mask``. ``stem=False``: no
-    features (None) where the mask needs none (:func:`needs_stem_for_mask`), for a caller that computes them
-    later, only where it needs them.
+    (``threshold``, ``dilation``) or max-pooled from the user's full-resolution ``mask``. ``stem=False``: the
+    features only where the mask prediction reads them (:meth:`M2AENet.mask_features`), else None, for a caller
+    that computes them later, only where it needs them.
     """
     padded = pad_to_even(image).contiguous(memory_format=torch.channels_last)
-    features = net.stem_features(padded) if stem or needs_stem_for_mask(net, mask) else None
+    if stem:
+        features = net.stem_features(padded)
+    else:
+        features = net.mask_features(padded) if mask is None else None
     if mask is None:
         return padded, features, net.predict_mask(padded, features, threshold, dilation)
     return padded, features, working_mask(mask.to(image.device))
-
-
-def needs_stem_for_mask(net: M2AENet, mask: torch.Tensor | None) -> bool:
-    """True where the mask is predicted from the stem features (a v1 mask head), so they are computed densely
-    whatever runs next."""
-    return mask is None and not net.mask_head.reads_image
 
 
 class TorchExecutor:

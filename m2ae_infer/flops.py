@@ -91,14 +91,8 @@ class AffineFlops:
         return fixed + sum(n * slope for n, slope in zip(counts, slopes, strict=True))
 
 
-def mask_features(net: torch.nn.Module, padded: torch.Tensor) -> torch.Tensor | None:
-    """What the mask head reads besides the image: the stem features (v1), or None for a head that reads the
-    image alone (v2): the mask pass then skips the stem."""
-    return None if net.mask_head.reads_image else net.stem_features(padded)
-
-
 class MaskPassFlops:
-    """FLOPs of the mask pass on a crop (the stem where the mask head reads it, :func:`mask_features`, and the
+    """FLOPs of the mask pass on a crop (the stem where the mask head reads it, ``M2AENet.mask_features``, and the
     mask-head convs, as :func:`m2ae_infer.tiling.run_tiled` runs it per tile), counted once per crop shape on a
     meta-device copy of ``net``."""
 
@@ -111,6 +105,6 @@ class MaskPassFlops:
         if key not in self._cache:
             def call() -> None:
                 padded = pad_to_even(torch.empty((batch, 3, height, width), device="meta"))
-                self.net.mask_head.coarse_logits(padded, mask_features(self.net, padded))
+                self.net.mask_head.coarse_logits(padded, self.net.mask_features(padded))
             self._cache[key] = count_isolated(call)
         return self._cache[key]

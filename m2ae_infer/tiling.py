@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgument
-from .flops import MaskPassFlops, mask_features
+from .flops import MaskPassFlops
 from .model.mask import binarize, full_resolution, pad_to_even
 from .model.network import SHUFFLE, M2AENet
 
@@ -302,7 +302,7 @@ def run_tiled(prepared, tiles: list[Tile], executor, network: M2AENet, device: t
             top, bottom, left, right = t.crop
             crop = prepared.region(top, bottom, left, right).to(device)
             padded = pad_to_even(crop).contiguous(memory_format=torch.channels_last)   # as TorchExecutor.run
-            coarse = network.mask_head.coarse_logits(padded, mask_features(network, padded))
+            coarse = network.mask_head.coarse_logits(padded, network.mask_features(padded))
             qt, ql = top // jump, left // jump
             rows, cols = slice(t.top // jump, _cells(t.bottom, jump)), slice(t.left // jump, _cells(t.right, jump))
             logits[..., rows, cols] = coarse[..., rows.start - qt:rows.stop - qt, cols.start - ql:cols.stop - ql]

@@ -85,6 +85,11 @@ class M2AENet(nn.Module):
         weight, bias = self.stem_kernel()
         return F.conv2d(image, weight, bias, stride=SHUFFLE, padding=SHUFFLE)
 
+    def mask_features(self, padded: torch.Tensor) -> torch.Tensor | None:
+        """What the mask head reads besides the image: the stem features (a v1 head), or None for a head that reads
+        the image alone (v2), so a mask pass need not run the stem."""
+        return None if self.mask_head.reads_image else self.stem_features(padded)
+
     def mask_logits(self, padded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Blur logits ``[B, 1, H/2, W/2]`` from the padded image ``[B, 3, H, W]`` and its stem features
         (each mask head reads the one it needs)."""
