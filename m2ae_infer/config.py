@@ -71,7 +71,7 @@ class M2AEConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "M2AEConfig":
-        """Named variants: ``tiny`` (tests), ``default``, ``large``."""
+        """Named variants (:data:`VARIANTS`): ``tiny`` and ``tiny_v2`` (tests), ``default`` (v1), ``large``, ``v2``."""
         try:
             return cls(**VARIANTS[name])
         except KeyError:

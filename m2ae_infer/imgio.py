@@ -12,6 +12,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +36,10 @@ class ImageWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------------- load
+# Containers a user may hand the image reader by mistake: named in its error, with what to do instead.
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"})
+
+
 def load_image(path: str | os.PathLike[str], name: str | None = None) -> Image.Image:
     """Open ``path`` with Pillow, decode it fully and apply its EXIF orientation.
 
@@ -77,6 +82,10 @@ def _load(p: str, name: str) -> Image.Image:
         if variant:   # a TIFF that tifffile and others write but Pillow cannot decode
             raise ImageError(f"{name}: a TIFF variant Pillow cannot read ({variant}); convert it to 8- or 16-bit "
                              "gray, RGB or RGBA (TIFF or PNG)") from e
+        if Path(p).suffix.lower() in VIDEO_SUFFIXES:
+            raise ImageError(f"{name}: a video; this reads images: pass its frames (e.g. ffmpeg -i {Path(p).name} "
+                             "frames/%05d.png, then the folder), or score a static-camera clip with m2ae-eval --set "
+                             "video --video FILE") from e
         raise ImageError(f"{name}: not an image or an unrecognised format; "
                          "use PNG, JPEG, TIFF, BMP or WebP") from e
     except PermissionError as e:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_path, atomic_write
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from .config import M2AEConfig
+from .config import VARIANTS, M2AEConfig
 from .model.mask import full_resolution, working_mask
 from .model.motion import reblur
 from .model.network import M2AENet
@@ -342,12 +342,13 @@ def validate(model: M2AENet, n: int = 8, crop: int = 128, photos: Sequence[str] 
 # ------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     d = RUN_DEFAULTS
-    p = OneLineArgumentParser(prog="m2ae-train", description="Train M2AENet on synthetic local motion blur "
-                "(scikit-image photos; the held-out photos are never used for training).")
+    p = OneLineArgumentParser(prog="m2ae-train", description="Train M2AENet on synthetic local motion blur: the v2 "
+                "scenes of a photo corpus's train split (--data) and real static-camera video (--video), or the "
+                "v1 generator on the scikit-image photos; held-out photos are never used for training.")
     p.add_argument("--out", required=True, metavar="DIR", type=path_arg, help="run folder: checkpoints, log, deploy weights")
     p.add_argument("--resume", action="store_true", help="continue exactly from DIR/last.pth + last_state.pt")
-    p.add_argument("--config", help="architecture: tiny | default | large, optionally with field overrides, e.g. "
-                                    f"'default,mask_channels=32,mask_layers=4' (default {d['config']})")
+    p.add_argument("--config", help=f"architecture: {' | '.join(VARIANTS)} (the shipped model: v2), optionally "
+                   f"with field overrides, e.g. 'v2,num_blocks=10' (default {d['config']})")
     p.add_argument("--train", choices=TRAINABLE, help="what is trained: the whole network (all), the blur-mask head "
                    "alone with everything else frozen (mask), or everything but the mask head (body; best with "
                    "--gate union); mask and body need --init (default all)")

@@ -363,6 +363,9 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "empty": (_written("e.png", b""), ("empty",)),
     "text-as-png": (_written("x.png", b"hello\nworld\n"), ("not an image",)),
     "truncated": (_truncated_png, ("truncated",)),
+    # an MP4's first box: the reader names a video and says what to pass instead
+    "video": (_written("clip.MP4", b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(64)),
+              ("a video", "frames", "m2ae-eval --set video")),
 }
 
 

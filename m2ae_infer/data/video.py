@@ -186,7 +186,8 @@ def clip_set(path: str | os.PathLike[str], n: int, radius: int, seed: int,
     start, stop = frames
     total = frame_count(path) if stop is None else min(stop, frame_count(path))
     if total - start < 2 * radius + 1:
-        raise ValueError(f"{path}: frames {start}:{total} hold no window of {2 * radius + 1} frames")
+        raise ValueError(f"{path}: frames {start}:{total} hold no window of {2 * radius + 1} frames; give a longer "
+                         f"clip, a wider --frames range or a smaller --radius (at most {max((total - start - 1) // 2, 0)})")
     centres = [start + c for c in clip_centres(total - start, n, radius, seed)]
     needed = {t for c in centres for t in range(c - radius, c + radius + 1)}
     kept = {i: f for i, f in enumerate(_decode(path)) if i in needed}
