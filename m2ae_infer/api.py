@@ -12,6 +12,7 @@ import torch
 from .backends import EXECUTIONS, backend_entry, check_compile_dense, check_precision, make_backend
 from .checkpoint import load_checkpoint
 from .checks import check_mask_settings
+from .detector_scale import DETECTOR_SIDE, detector_factor, scaled_mask
 from .errors import InvalidArgument
 from .flops import MaskPassFlops
 from .imgio import ImageError, check_tensor, load_image, prepare_image
@@ -23,6 +24,7 @@ from .shipped import DEFAULT_CHECKPOINT
 from .tiling import Tiling, receptive_field, run_tiled
 
 DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
+MIN_DETECTOR_SIDE = 64    # smaller and the v2 detector's 1/8 trunk sees a handful of cells
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class RunInfo:
         flops_untiled: FLOPs of the same call run whole and densely: the cost pixel pruning is measured
             against (:attr:`flops_saved_untiled`). Equals ``flops_dense`` for an untiled run; for a tiled
             run ``flops_dense`` also counts the overlaps each tile computes.
+        detector_scale: the factor ``k`` the image was averaged down by for the mask prediction
+            (:mod:`m2ae_infer.detector_scale`); 1: predicted at full size, or the mask was given.
     """
 
     mask: Any
@@ -54,6 +58,7 @@ class RunInfo:
     backend: str
     tiles: int = 1
     flops_untiled: int = 0
+    detector_scale: int = 1
 
     @property
     def flops_saved(self) -> float:
@@ -95,6 +100,11 @@ class Deblurrer:
             output equals untiled output within float rounding (see :mod:`m2ae_infer.tiling`).
         tile_overlap: pixels of context around each tile; default and minimum: the network's receptive
             field (264 for the shipped v2 network, 28 for v1). Smaller values are refused.
+        detector_side: the longest side the blur detector sees: a predicted mask of a larger image is made from
+            the image averaged down by the smallest integer factor that fits (default 1024, the scale the
+            shipped detector was trained at; on full-size photos it flags far fewer sharp pixels,
+            :mod:`m2ae_infer.detector_scale`); ``None``/``0``: at the image's own size. The body always runs at
+            full resolution; a given mask is used as it is.
         precision: ``"fp32"`` (default; what the contracts hold for) or ``"bf16"``, an opt-in of the ``torch``
             and ``openvino`` backends where the hardware runs bf16 natively (AVX-512-BF16/AMX CPUs; for torch also
             CUDA); the mask stays fp32's, unmasked pixels the input's, restored pixels within
@@ -108,7 +118,8 @@ class Deblurrer:
     def __init__(self, checkpoint: str | os.PathLike | M2AENet | None = None, device: str = "auto",
                  backend: str = "auto", execution: str = "auto", threshold: float | None = None, dilation: int = 0,
                  config=None, key_map=None, dense_above: float | None = None, tile: int | str | None = "auto",
-                 tile_overlap: int | None = None, precision: str = "fp32", compile_dense: bool = False):
+                 tile_overlap: int | None = None, precision: str = "fp32", compile_dense: bool = False,
+                 detector_side: int | None = DETECTOR_SIDE):
         if backend != "auto":
             backend_entry(backend)    # an unknown name fails here, before the checkpoint loads
         check_precision(backend, precision)
@@ -116,6 +127,11 @@ class Deblurrer:
         if execution not in EXECUTIONS:
             raise InvalidArgument("execution", f"execution must be one of {EXECUTIONS}, got {execution!r}")
         check_mask_settings(0.5 if threshold is None else threshold, dilation)
+        if detector_side is not None and (isinstance(detector_side, bool) or not isinstance(detector_side, int)
+                                          or detector_side < 0 or 0 < detector_side < MIN_DETECTOR_SIDE):
+            raise InvalidArgument("detector_side", f"detector_side must be at least {MIN_DETECTOR_SIDE} pixels, "
+                                  f"or 0 for the image's own size; got {detector_side!r}")
+        self.detector_side = detector_side or None
         self.device = _resolve_device(device)
         self.execution = execution
         net, stored = self._load(checkpoint, config, key_map)
@@ -173,10 +189,15 @@ class Deblurrer:
         batch, _, height, width = prepared.shape
         user_mask = self._mask_tensor(mask, batch, height, width)
         tiles = self.tiling.tiles(batch, height, width)
+        scale = detector_factor(height, width, self.detector_side) if user_mask is None else 1
         if tiles is not None:
-            return self._run_tiled(img, prepared, tiles, user_mask, return_info)
+            return self._run_tiled(img, prepared, tiles, user_mask, return_info, scale)
         rgb = prepared.rgb.to(self.device)
         start = time.perf_counter()
+        scaled = None
+        if scale > 1:   # the mask at the detector's scale, then given to the backend like a user's
+            scaled = self._scaled_mask(lambda top, bottom: rgb[..., top:bottom, :], prepared.shape, scale)
+            user_mask = full_resolution(scaled[0], (height, width))
         result = self.executor.run(rgb, user_mask, threshold=self.threshold, dilation=self.dilation,
                                    execution=self.execution)
         if self.device.type == "cuda":
@@ -190,21 +211,40 @@ class Deblurrer:
         if not return_info:
             return restored
         predicted = user_mask is None
-        dense = self.executor.count_flops(batch, height, width, 0, "dense", predicted)
+        detector = self._mask_pass_flops(batch, *scaled[1]) if scaled is not None else 0
+        dense = self.executor.count_flops(batch, height, width, 0, "dense", predicted) + detector
         info = RunInfo(
             mask=self._user_mask_view(changed, img),
             active_fraction=result.active_pixels / result.mask.numel(),
             flops_dense=dense,
-            flops_executed=self.executor.count_flops(batch, height, width, result.active_pixels,
-                                                     result.execution, predicted, result.sparse_tiles,
-                                                     result.tile_pixels, result.stem_cells),
-            seconds=seconds, execution=result.execution, backend=self.backend, flops_untiled=dense)
+            flops_executed=detector + self.executor.count_flops(batch, height, width, result.active_pixels,
+                                                                result.execution, predicted, result.sparse_tiles,
+                                                                result.tile_pixels, result.stem_cells),
+            seconds=seconds, execution=result.execution, backend=self.backend, flops_untiled=dense,
+            detector_scale=scale)
         return restored, info
 
-    def _run_tiled(self, img, prepared, tiles, user_mask, return_info: bool):
-        """:meth:`run` for images cut into ``tiles`` (:func:`m2ae_infer.tiling.run_tiled`)."""
+    def _scaled_mask(self, region, shape, scale: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The working mask predicted at ``1/scale`` of the image's size, and the size the detector saw."""
+        return scaled_mask(self.network, region, shape, scale, self.threshold, self.dilation, self.device)
+
+    def _mask_pass_flops(self, batch: int, height: int, width: int) -> int:
+        """FLOPs of the mask pass (stem where the head reads it, the head's convs) on a ``height x width`` image."""
+        if self._mask_flops is None:
+            self._mask_flops = MaskPassFlops(self.network)
+        return self._mask_flops(batch, height, width)
+
+    def _run_tiled(self, img, prepared, tiles, user_mask, return_info: bool, scale: int = 1):
+        """:meth:`run` for images cut into ``tiles`` (:func:`m2ae_infer.tiling.run_tiled`); with ``scale`` > 1 the
+        mask is predicted first, at the detector's scale, from the image read in bands."""
         if return_info and self._mask_flops is None:
             self._mask_flops = MaskPassFlops(self.network)
+        start, detector = time.perf_counter(), 0
+        if scale > 1:
+            working, seen = self._scaled_mask(prepared.band, prepared.shape, scale)
+            user_mask = full_resolution(working, prepared.shape[-2:])
+            detector = self._mask_flops(prepared.shape[0], *seen) if return_info else 0
+        mask_seconds = time.perf_counter() - start
         run = run_tiled(prepared, tiles, self.executor, self.network, self.device, user_mask,
                         threshold=self.threshold, dilation=self.dilation, execution=self.execution,
                         count_flops=return_info, flop_counter=self._mask_flops)
@@ -214,10 +254,11 @@ class Deblurrer:
         changed = full_resolution(run.mask, prepared.shape[-2:]).cpu()
         batch, _, height, width = prepared.shape
         # Counted on meta tensors: no untiled run happens.
-        untiled = self.executor.count_flops(batch, height, width, 0, "dense", user_mask is None)
+        untiled = self.executor.count_flops(batch, height, width, 0, "dense", user_mask is None) + detector
         info = RunInfo(mask=self._user_mask_view(changed, img), active_fraction=run.active_pixels / run.mask.numel(),
-                       flops_dense=run.flops_dense, flops_executed=run.flops_executed, seconds=run.seconds,
-                       execution=run.execution, backend=self.backend, tiles=run.tiles, flops_untiled=untiled)
+                       flops_dense=run.flops_dense + detector, flops_executed=run.flops_executed + detector,
+                       seconds=run.seconds + mask_seconds, execution=run.execution, backend=self.backend,
+                       tiles=run.tiles, flops_untiled=untiled, detector_scale=scale)
         return restored, info
 
     def _mask_tensor(self, mask, batch: int, height: int, width: int) -> torch.Tensor | None:

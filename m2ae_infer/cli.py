@@ -19,7 +19,7 @@ from .formats import writable_suffixes
 from .jobs import (SHOWN, check_tiling, collect_inputs, describe, file_id, mask_path, plan_outputs,
                    prepare_folders, run_setup)
 from .messages import one_line, shown
-from .shipped import EXAMPLE_PHOTO
+from .shipped import DETECTOR_SIDE, EXAMPLE_PHOTO
 
 PROG = "m2ae-deblur"
 EXAMPLE_OUTPUT = "m2ae_out"      # -o default with --example
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "images above 2.5 MP in 1024-pixel tiles")
     p.add_argument("--tile-overlap", type=int, metavar="N",
                    help="context pixels around each tile (default and minimum: the network's receptive field)")
+    p.add_argument("--detector-side", type=int, default=DETECTOR_SIDE, metavar="N",
+                   help="the blur detector sees larger photos averaged down to at most N pixels on the long side "
+                        f"(default {DETECTOR_SIDE}, its training scale); 0: at full size")
     p.add_argument("--save-mask", action="store_true", help="also write NAME_mask.png beside each output")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-file lines and no progress bar")
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         # The API's argument errors name its parameters; cli_message words them as the flags.
         deblurrer = Deblurrer(args.checkpoint, device=args.device, execution=args.execution,
                               threshold=args.threshold, dilation=args.dilation, tile=args.tile,
-                              tile_overlap=args.tile_overlap)
+                              tile_overlap=args.tile_overlap, detector_side=args.detector_side)
         check_tiling(deblurrer, args)
         prepare_folders(outputs.values())
         return outputs, deblurrer

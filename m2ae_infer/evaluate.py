@@ -38,6 +38,7 @@ from .atomic import atomic_write
 from .cliutil import (OneLineArgumentParser, check_device, cli_main, device_arg, path_arg, progress_stream, say,
                       writable_folder)
 from .messages import one_line
+from .shipped import DETECTOR_SIDE
 
 PSNR_CAP = 100.0
 MAX_CROP = 1536   # the largest photo is 1411 px; a larger crop would be mostly mirror padding
@@ -143,16 +144,17 @@ def classical_restore(sample, iterations: int = 30) -> tuple[np.ndarray, str]:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def _runners(model, device="auto", threshold=None, dilation=0) -> dict:
+def _runners(model, device="auto", threshold=None, dilation=0, detector_side=DETECTOR_SIDE) -> dict:
     """``{"dense": Deblurrer, "sparse": Deblurrer}`` for a network, a :class:`Deblurrer` (its network, device,
-    threshold and dilation) or such a dict already."""
+    threshold, dilation and detector side) or such a dict already."""
     from .api import Deblurrer
     if isinstance(model, dict):
         return model
     if isinstance(model, Deblurrer):
+        detector_side = model.detector_side
         device, threshold, dilation, model = model.device, model.threshold, model.dilation, model.network
-    return {e: Deblurrer(model, device=device, execution=e, threshold=threshold, dilation=dilation)
-            for e in ("dense", "sparse")}
+    return {e: Deblurrer(model, device=device, execution=e, threshold=threshold, dilation=dilation,
+                         detector_side=detector_side) for e in ("dense", "sparse")}
 
 
 def evaluate(model, samples: Iterable, *, rows: Sequence[str] = ROWS, device: str = "auto", threshold: float = 0.5,
@@ -283,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="blur probability threshold (default: the checkpoint's recommended one, else 0.5)")
     p.add_argument("--dilation", type=int, default=0, help="grow the mask by N working pixels (default 0)")
+    p.add_argument("--detector-side", type=int, default=DETECTOR_SIDE, metavar="N",
+                   help=f"the detector sees larger images averaged down to at most N pixels on the long side "
+                        f"(default {DETECTOR_SIDE}, as Deblurrer); 0: at their own size")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
     p.add_argument("--device", default="auto", type=device_arg,
                    help="auto | cpu | cuda | cuda:N (default auto, as Deblurrer)")
@@ -472,7 +477,7 @@ def _load_runners(args) -> tuple[dict, Path, dict]:
         if not ckpt.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} not found; pass --checkpoint PATH")
         net, meta = load_checkpoint(ckpt), read_checkpoint(ckpt).meta
-        return _runners(net, args.device, args.threshold, args.dilation), ckpt, meta
+        return _runners(net, args.device, args.threshold, args.dilation, args.detector_side), ckpt, meta
     except (CheckpointError, ValueError, OSError) as exc:
         raise _Refused(exc) from None
 

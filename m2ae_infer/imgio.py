@@ -224,6 +224,10 @@ class PreparedImage:
             rgb /= self._scale
         return rgb
 
+    def band(self, top: int, bottom: int) -> torch.Tensor:
+        """:meth:`region` of the rows ``top:bottom``, every column."""
+        return self.region(top, bottom, 0, self.shape[-1])
+
     def new_output(self) -> torch.Tensor:
         """A copy of the original pixels ``[B, C, H, W]`` (input dtype and device) for :meth:`paste` to fill."""
         return self._original.clone()

@@ -26,7 +26,8 @@ def cli_run(args) -> int:
         _check_pool(args.workers, args.threads_per_worker, args.gpus_per_worker, 0, 0)
         outputs = plan_outputs(files, args.output, args.example, args.save_mask)
         options = _options(args.checkpoint, args.device, args.execution, args.threshold, args.dilation, args.full,
-                           args.tile, args.tile_overlap, args.save_mask, args.force, args.gpus_per_worker)
+                           args.tile, args.tile_overlap, args.save_mask, args.force, args.gpus_per_worker,
+                           detector_side=args.detector_side)
         if importlib.util.find_spec("ray") is None:
             raise ValueError(f"--ray needs Ray, which is not installed: {RAY_EXTRA}")
         _load_on_driver(options, check=lambda deblurrer: check_tiling(deblurrer, args))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from ..atomic import TEMP_PREFIX
 from ..jobs import collect_inputs, file_id, mask_path, plan_outputs, prepare_folders
 from ..messages import one_line, shown
+from ..shipped import DETECTOR_SIDE
 from .pool import _Pool
 from .records import BatchSummary, InputResult, _Item
 from .worker import _deblurrer, _identity
@@ -29,7 +30,8 @@ def deblur_files(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
                  workers: int | None = None, threads_per_worker: int = 1, gpus_per_worker: float = 0.0,
                  checkpoint: str | os.PathLike | None = None, device: str = "auto", execution: str = "auto",
                  threshold: float | None = None, dilation: int = 0, full: bool = False, tile: int | str | None = "auto",
-                 tile_overlap: int | None = None, save_mask: bool = False, force: bool = False, retries: int = 1,
+                 tile_overlap: int | None = None, detector_side: int | None = DETECTOR_SIDE, save_mask: bool = False,
+                 force: bool = False, retries: int = 1,
                  max_restarts: int = 3, on_result: Callable[[InputResult], None] | None = None,
                  _faults: Sequence[dict] = ()) -> BatchSummary:
     """Deblur image files and folders on a Ray cluster, as ``m2ae-deblur IN... -o OUT --ray ADDRESS`` does.
@@ -43,7 +45,8 @@ def deblur_files(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         workers: deblurring actors; default: as many as the cluster's CPUs (or GPUs) hold, at most one per input.
         threads_per_worker: torch threads (and Ray CPUs) per actor. gpus_per_worker: GPUs per actor (fractions
             share one); above 0 the actors run on CUDA.
-        checkpoint, device, execution, threshold, dilation, tile, tile_overlap: as :class:`~m2ae_infer.Deblurrer`;
+        checkpoint, device, execution, threshold, dilation, tile, tile_overlap, detector_side: as
+            :class:`~m2ae_infer.Deblurrer`;
             ``full``: restore every pixel; ``save_mask``: also write ``NAME_mask.png``.
         force: overwrite existing outputs (never an input); without it existing complete outputs are skipped.
         retries: times an input is run again after its worker process died; max_restarts: restarts per actor.
@@ -56,7 +59,7 @@ def deblur_files(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
     files, problems = collect_inputs([os.fspath(i) for i in inputs])
     outputs = plan_outputs(files, os.fspath(output), example=False, masks=save_mask)
     options = _options(checkpoint, device, execution, threshold, dilation, full, tile, tile_overlap, save_mask,
-                       force, gpus_per_worker)
+                       force, gpus_per_worker, detector_side=detector_side)
     _check_pool(workers, threads_per_worker, gpus_per_worker, retries, max_restarts)
     _load_on_driver(options)
     prepare_folders(outputs.values())
@@ -67,7 +70,7 @@ def deblur_files(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
 
 
 def _options(checkpoint, device, execution, threshold, dilation, full, tile, tile_overlap, save_mask, force,
-             gpus_per_worker) -> dict:
+             gpus_per_worker, detector_side: int | None = DETECTOR_SIDE) -> dict:
     """The actors' settings, checked: a CUDA device needs GPUs given to the actors, and GPUs a CUDA device."""
     if device != "auto" and not str(device).startswith(("cpu", "cuda")):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -80,7 +83,7 @@ def _options(checkpoint, device, execution, threshold, dilation, full, tile, til
     device = "cuda" if gpus_per_worker else "cpu"
     return dict(checkpoint=None if checkpoint is None else os.path.abspath(os.fspath(checkpoint)), device=device,
                 execution=execution, threshold=threshold, dilation=dilation, full=full, tile=tile,
-                tile_overlap=tile_overlap, save_mask=save_mask, force=force)
+                tile_overlap=tile_overlap, detector_side=detector_side, save_mask=save_mask, force=force)
 
 
 def _check_pool(workers, threads, gpus, retries, max_restarts) -> None:

@@ -29,7 +29,7 @@ def _deblurrer(options: dict, device: str):
     from ..api import Deblurrer
     return Deblurrer(options["checkpoint"], device=device, execution=options["execution"],
                      threshold=options["threshold"], dilation=options["dilation"], tile=options["tile"],
-                     tile_overlap=options["tile_overlap"])
+                     tile_overlap=options["tile_overlap"], detector_side=options["detector_side"])
 
 
 def _identity(path) -> tuple[int, ...] | None:
