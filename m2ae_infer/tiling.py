@@ -21,6 +21,9 @@ Why a tiled run equals the untiled one (within float rounding):
 
 The mask pass always runs the torch deploy network (stem and mask head, cheap); the body pass goes through the
 executor's public ``run(image, mask)``, so every backend (torch, Triton, ONNX Runtime, TensorRT) tiles the same way.
+:class:`~m2ae_infer.Deblurrer` runs the per-tile mask pass only with ``detector_side=0``: by default a tiled image
+(2.5 MP, so more than 1024 pixels long) gets its mask at the detector's scale first
+(:mod:`m2ae_infer.detector_scale`) and reaches :func:`run_tiled` as a given mask.
 
 Memory: the float image is never built whole; tiles are read from the input in its own dtype
 (:meth:`PreparedImage.region`) and written into one output buffer of that dtype (:meth:`PreparedImage.paste`).
