@@ -74,29 +74,6 @@ def stem_tile_buffer(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return zero_ring_(buffer, h, w)      # after the cells: their outputs past the grid must be zero too
 
 
-def dense_stem_buffer(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grid: tuple[int, int],
-                      tile: int = TILE, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tile buffer ``[B, Hp+2, Wp+2, C]`` with the stem features everywhere, as the convolution's own output.
-
-    The stem convolution runs with one more working pixel of padding on every side (and on the bottom and right
-    up to whole tiles), so it writes the buffer's whole ``(Hp+2) x (Wp+2)`` grid; in channels-last memory that is
-    the buffer itself, and only its ring and padding are then zeroed (:func:`~kernels.tiles.zero_ring_`). Its
-    interior is the stem at the same input windows as ``to_tile_buffer(stem_features)``, which copies a 29 MB map
-    (720p) into a new buffer; the ring costs ``(Hp+2)(Wp+2) / hw`` of the stem's FLOPs (1.009 at 720p).
-    Arguments as :func:`stem_tile_buffer`.
-    """
-    h, w = grid
-    nty, ntx = tile_grid(h, w, tile)
-    extra = (SHUFFLE * (ntx * tile - w), SHUFFLE * (nty * tile - h))
-    image = F.pad(padded, (0, extra[0], 0, extra[1])) if any(extra) else padded
-    out = F.conv2d(image.contiguous(memory_format=torch.channels_last), weight, bias, stride=SHUFFLE,
-                   padding=STEM_RADIUS + SHUFFLE)                                    # [B, C, Hp+2, Wp+2]
-    buffer = out.permute(0, 2, 3, 1)
-    if dtype is not None and dtype != buffer.dtype or not buffer.is_contiguous():
-        buffer = buffer.to(dtype or buffer.dtype, memory_format=torch.contiguous_format)
-    return zero_ring_(buffer, h, w)
-
-
 def cell_windows(padded: torch.Tensor, cells: torch.Tensor, tile: int = TILE) -> torch.Tensor:
     """``[N, 3, 2T+4, 2T+4]``: the input window the stem reads for each cell of ``cells`` (zero outside the image).
 
