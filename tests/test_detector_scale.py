@@ -141,3 +141,13 @@ def test_cli_detector_side_error_names_the_flag(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "m2ae-deblur: error: --detector-side must be at least 64 pixels, or 0 for the image's own size; got 8"]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("side,expected", [(None, None), (0, None), (200, 200)])
+def test_eval_runners_carry_the_detector_side(side, expected):
+    from m2ae_infer.evaluate import _runners
+    runners = _runners(random_net("tiny_v2"), "cpu", 0.5, 0, side)
+    assert {r.detector_side for r in runners.values()} == {expected}
+    # a Deblurrer handed in keeps its own
+    again = _runners(runners["dense"])
+    assert {r.detector_side for r in again.values()} == {expected}
