@@ -11,7 +11,7 @@ import torch
 
 from .backends import EXECUTIONS, backend_entry, check_compile_dense, check_precision, make_backend
 from .checkpoint import load_checkpoint
-from .checks import check_mask_settings
+from .checks import check_detector_side, check_mask_settings
 from .detector_scale import DETECTOR_SIDE, detector_factor, scaled_mask
 from .errors import InvalidArgument
 from .flops import MaskPassFlops
@@ -24,7 +24,6 @@ from .shipped import DEFAULT_CHECKPOINT
 from .tiling import Tiling, receptive_field, run_tiled
 
 DEFAULT_THRESHOLD = 0.5   # blur-probability threshold for checkpoints whose meta recommends none
-MIN_DETECTOR_SIDE = 64    # smaller and the v2 detector's 1/8 trunk sees a handful of cells
 
 
 @dataclass(frozen=True)
@@ -127,11 +126,7 @@ class Deblurrer:
         if execution not in EXECUTIONS:
             raise InvalidArgument("execution", f"execution must be one of {EXECUTIONS}, got {execution!r}")
         check_mask_settings(0.5 if threshold is None else threshold, dilation)
-        if detector_side is not None and (isinstance(detector_side, bool) or not isinstance(detector_side, int)
-                                          or detector_side < 0 or 0 < detector_side < MIN_DETECTOR_SIDE):
-            raise InvalidArgument("detector_side", f"detector_side must be at least {MIN_DETECTOR_SIDE} pixels, "
-                                  f"or 0 for the image's own size; got {detector_side!r}")
-        self.detector_side = detector_side or None
+        self.detector_side = check_detector_side(detector_side)
         self.device = _resolve_device(device)
         self.execution = execution
         net, stored = self._load(checkpoint, config, key_map)
@@ -194,10 +189,9 @@ class Deblurrer:
             return self._run_tiled(img, prepared, tiles, user_mask, return_info, scale)
         rgb = prepared.rgb.to(self.device)
         start = time.perf_counter()
-        scaled = None
+        seen = None
         if scale > 1:   # the mask at the detector's scale, then given to the backend like a user's
-            scaled = self._scaled_mask(lambda top, bottom: rgb[..., top:bottom, :], prepared.shape, scale)
-            user_mask = full_resolution(scaled[0], (height, width))
+            user_mask, seen = self._scaled_mask(lambda top, bottom: rgb[..., top:bottom, :], prepared.shape, scale)
         result = self.executor.run(rgb, user_mask, threshold=self.threshold, dilation=self.dilation,
                                    execution=self.execution)
         if self.device.type == "cuda":
@@ -211,7 +205,7 @@ class Deblurrer:
         if not return_info:
             return restored
         predicted = user_mask is None
-        detector = self._mask_pass_flops(batch, *scaled[1]) if scaled is not None else 0
+        detector = self._mask_counter()(batch, *seen) if seen is not None else 0
         dense = self.executor.count_flops(batch, height, width, 0, "dense", predicted) + detector
         info = RunInfo(
             mask=self._user_mask_view(changed, img),
@@ -225,29 +219,29 @@ class Deblurrer:
         return restored, info
 
     def _scaled_mask(self, region, shape, scale: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The working mask predicted at ``1/scale`` of the image's size, and the size the detector saw."""
-        return scaled_mask(self.network, region, shape, scale, self.threshold, self.dilation, self.device)
+        """The mask predicted at ``1/scale`` of the image's size, at full size ``[B, 1, H, W]`` (what the backends
+        take as a given mask), and the size the detector saw."""
+        working, seen = scaled_mask(self.network, region, shape, scale, self.threshold, self.dilation, self.device)
+        return full_resolution(working, shape[-2:]), seen
 
-    def _mask_pass_flops(self, batch: int, height: int, width: int) -> int:
-        """FLOPs of the mask pass (stem where the head reads it, the head's convs) on a ``height x width`` image."""
+    def _mask_counter(self) -> MaskPassFlops:
+        """The mask pass's FLOP counter (per crop shape, cached), made on first use."""
         if self._mask_flops is None:
             self._mask_flops = MaskPassFlops(self.network)
-        return self._mask_flops(batch, height, width)
+        return self._mask_flops
 
     def _run_tiled(self, img, prepared, tiles, user_mask, return_info: bool, scale: int = 1):
         """:meth:`run` for images cut into ``tiles`` (:func:`m2ae_infer.tiling.run_tiled`); with ``scale`` > 1 the
         mask is predicted first, at the detector's scale, from the image read in bands."""
-        if return_info and self._mask_flops is None:
-            self._mask_flops = MaskPassFlops(self.network)
+        counter = self._mask_counter() if return_info else None
         start, detector = time.perf_counter(), 0
         if scale > 1:
-            working, seen = self._scaled_mask(prepared.band, prepared.shape, scale)
-            user_mask = full_resolution(working, prepared.shape[-2:])
-            detector = self._mask_flops(prepared.shape[0], *seen) if return_info else 0
+            user_mask, seen = self._scaled_mask(prepared.band, prepared.shape, scale)
+            detector = counter(prepared.shape[0], *seen) if counter is not None else 0
         mask_seconds = time.perf_counter() - start
         run = run_tiled(prepared, tiles, self.executor, self.network, self.device, user_mask,
                         threshold=self.threshold, dilation=self.dilation, execution=self.execution,
-                        count_flops=return_info, flop_counter=self._mask_flops)
+                        count_flops=return_info, flop_counter=counter)
         restored = prepared.finish(run.output)
         if not return_info:
             return restored

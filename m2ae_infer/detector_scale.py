@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .model.mask import binarize, pad_to_even
 from .model.network import SHUFFLE, M2AENet
 from .shipped import DETECTOR_SIDE    # the longest side the detector sees (the training corpus's)
+
 BAND_BLOCKS = 64        # k x k blocks per band of rows averaged at once (bounded memory for huge images)
 
 

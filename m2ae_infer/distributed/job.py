@@ -70,7 +70,7 @@ def deblur_files(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
 
 
 def _options(checkpoint, device, execution, threshold, dilation, full, tile, tile_overlap, save_mask, force,
-             gpus_per_worker, detector_side: int | None = DETECTOR_SIDE) -> dict:
+             gpus_per_worker, *, detector_side: int | None) -> dict:
     """The actors' settings, checked: a CUDA device needs GPUs given to the actors, and GPUs a CUDA device."""
     if device != "auto" and not str(device).startswith(("cpu", "cuda")):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
