@@ -28,6 +28,44 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 CHUNK_ROWS = 1024
 
 
+# The sparse kernels' GEMMs (im2col, mixers, tail) run on CPU through oneDNN's matmul
+# (``torch.ops.mkldnn._linear_pointwise``, what inductor emits for a CPU linear) rather than ``addmm`` (MKL): on the
+# kernels' shapes ([1024-4096 rows] x [16-288] x [12-64]) it was 35-40 % faster per GEMM at 2 threads, and whole
+# sparse 720p calls took 0.92-0.95 of their addmm time at 5-50 % (AMD EPYC with AVX-512, 2026-12-08,
+# docs/performance.md "oneDNN's matmul"). Same results as addmm to within fp32 rounding. False: addmm everywhere.
+ONEDNN_LINEAR = True
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)     # oneDNN has no float64 matmul: addmm runs that
+_ONEDNN_LINEAR_OP = torch.ops.mkldnn._linear_pointwise.default if torch.backends.mkldnn.is_available() else None
+
+
+def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x @ weight + bias`` (``x`` ``[N, K]``, ``weight`` ``[K, M]``, ``bias`` ``[M]``): oneDNN's matmul on CPU
+    in fp32 and bf16, else ``addmm``. ``weight`` is best the transposed view of a contiguous ``[M, K]`` (:meth:`SparseStage.from_convs`
+    packs it so): oneDNN reads that without a copy."""
+    if ONEDNN_LINEAR and _ONEDNN_LINEAR_OP is not None and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+        return _ONEDNN_LINEAR_OP(x, weight.t(), bias, "none", [], "")
+    return torch.addmm(bias, x, weight)
+
+
+def _register_onednn_linear_flops() -> None:
+    """``FlopCounterMode`` knows ``addmm`` but not oneDNN's matmul: count it as the addmm it replaces
+    (``2 N K M``, the bias not counted), so the FLOPs a caller counts around a sparse call stay those it runs."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    packet = torch.ops.mkldnn._linear_pointwise
+    if _ONEDNN_LINEAR_OP is None or packet in flop_registry or packet.default in flop_registry:
+        return
+
+    @register_flop_formula(packet)
+    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+
+_register_onednn_linear_flops()
+
+
 def activation(x: torch.Tensor, name: str) -> torch.Tensor:
     """Apply the activation called ``name`` (relu | gelu | silu)."""
     try:
@@ -59,10 +97,12 @@ class SparseStage:
     @classmethod
     def from_convs(cls, spatial: nn.Conv2d, act: str, mixers: list[nn.Conv2d]) -> "SparseStage":
         """Pack a 3x3 conv and a list of 1x1 convs (all with bias) into GEMM matrices."""
+        # Each matrix is the transposed view of a contiguous [out, in] one: what oneDNN's matmul (affine) reads
+        # without a copy; addmm takes either layout.
         w = spatial.weight.detach()
         c_out = w.shape[0]
-        spatial_weight = w.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
-        packed = tuple((m.weight.detach().flatten(1).t().contiguous(), m.bias.detach().clone()) for m in mixers)
+        spatial_weight = w.permute(0, 2, 3, 1).reshape(c_out, -1).contiguous().t()
+        packed = tuple((m.weight.detach().flatten(1).contiguous().t(), m.bias.detach().clone()) for m in mixers)
         return cls(spatial_weight, spatial.bias.detach().clone(), act, packed)
 
     def to(self, *args, **kwargs) -> "SparseStage":
@@ -95,7 +135,7 @@ def pointwise_chain(h: torch.Tensor, mixers, gate_last: bool = False) -> torch.T
         if i:
             first, second = h.chunk(2, dim=1)
             h = first * second
-        h = torch.addmm(b, h, w)
+        h = affine(h, w, b)
     if gate_last:
         first, second = h.chunk(2, dim=1)
         h = first * second
@@ -119,7 +159,7 @@ def sparse_stage_update(buffer: torch.Tensor, rows: torch.Tensor, offsets: torch
     for start in range(0, n, CHUNK_ROWS):
         chunk = rows[start:start + CHUNK_ROWS]
         gathered = buffer.index_select(0, (chunk[:, None] + offsets).reshape(-1)).reshape(-1, 9 * channels)
-        h = activation(torch.addmm(stage.spatial_bias, gathered, stage.spatial_weight), stage.act)
+        h = activation(affine(gathered, stage.spatial_weight, stage.spatial_bias), stage.act)
         out[start:start + CHUNK_ROWS] = pointwise_chain(h, stage.mixers)
     return out
 
@@ -176,6 +216,6 @@ def sparse_tail_(output: torch.Tensor, image: torch.Tensor, buffer: torch.Tensor
     ``targets`` from :func:`shuffle_targets` for that memory layout. Pixels not targeted keep whatever ``output``
     holds (the input, bit-exact).
     """
-    delta = torch.addmm(bias, buffer.index_select(0, rows), weight)
+    delta = affine(buffer.index_select(0, rows), weight, bias)
     flat_targets = targets.reshape(-1)
     flat_memory(output)[flat_targets] = flat_memory(image)[flat_targets] + delta.reshape(-1)

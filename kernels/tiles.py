@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .reference import SparseStage, activation, neighbour_offsets, padded_rows, pointwise_chain, sparse_stage_update
+from .reference import SparseStage, activation, affine, neighbour_offsets, padded_rows, pointwise_chain, sparse_stage_update
 
 # Rows of the per-pixel maps (x + b, activation, mixers, gate) run at once after a stage's convolution, in whole
 # tiles: their intermediates ([rows, 2C] floats) then stay in the cache instead of passing through memory per op.
@@ -213,7 +213,7 @@ def tile_stage_(patches: torch.Tensor, inactive: torch.Tensor, fixed: torch.Tens
     for first in range(0, n, per):
         part = pointwise_chain(activation(h[first * area:(first + per) * area], stage.act), stage.mixers[:-1],
                                gate_last=len(stage.mixers) > 1)
-        update = torch.addmm(bias, part, weight)
+        update = affine(part, weight, bias)
         patches[first:first + per, 1:-1, 1:-1] += update.view(-1, tile, tile, c)
     patches.view(-1, c).index_copy_(0, inactive, fixed)
 

@@ -19,5 +19,6 @@ def pack_stages(net) -> list[SparseStage]:
 
 
 def pack_tail(net) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tail 1x1 conv as a GEMM: weight ``[C, 3 * SHUFFLE**2]`` (transposed, contiguous) and bias."""
-    return net.tail.weight.detach().flatten(1).t().contiguous(), net.tail.bias.detach().clone()
+    """The tail 1x1 conv as a GEMM: weight ``[C, 3 * SHUFFLE**2]`` (the transposed view of the contiguous conv
+    weight, as :func:`~m2ae_infer.kernels.reference.affine` reads it) and bias."""
+    return net.tail.weight.detach().flatten(1).contiguous().t(), net.tail.bias.detach().clone()
