@@ -22,10 +22,13 @@ from torch import nn
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
-# Rows gathered per GEMM call: the im2col scratch is CHUNK_ROWS * 9C floats, 1.2 MB at C=32, so it stays in
-# the L2 cache. Measured (720p, 30 % scattered, default net, 1 thread, interleaved, median of 7): 328 ms per
-# call at 1024 rows against 461 ms at 16384 (19 MB of scratch) and 362-495 ms at 256-2048.
-CHUNK_ROWS = 1024
+# Rows gathered per GEMM call: the im2col scratch is CHUNK_ROWS * 9C floats (4.7 MB at C=32). With addmm, 1024 rows
+# (1.2 MB, in L2) were best (720p, 30 % scattered, 1 thread, an earlier CPU of the project: 328 ms per call against
+# 461 ms at 16384).
+# With oneDNN's matmul (affine), 4096 (AMD EPYC with AVX-512, 720p, interleaved, median of 9, 2 threads): 24.8-24.9
+# against 26.1-26.9 ms at 1024 on 5 % scattered, 47.0-47.8 against 49.5-49.8 on 20 % blobs, 15.4-15.7 against
+# 16.7-16.9 on 5 % blobs; 8192 and 16384 no better; at 1 thread 0.97-1.00 of 1024 (docs/performance.md).
+CHUNK_ROWS = 4096
 
 
 # The sparse kernels' GEMMs (im2col, mixers, tail) run on CPU through oneDNN's matmul

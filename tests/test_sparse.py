@@ -9,6 +9,7 @@ from m2ae_infer.benchmarks.masks import working_density_mask
 from m2ae_infer.executor import SPARSE_KERNELS, TorchExecutor
 from m2ae_infer.kernels.reference import (SparseStage, active_pixels, neighbour_offsets, padded_rows,
                                           shuffle_targets, sparse_stage_, sparse_tail_, to_padded_buffer)
+from m2ae_infer.kernels import reference
 from m2ae_infer.model.mask import full_resolution
 from helpers import MASK_KINDS, make_mask, random_net
 
@@ -54,6 +55,19 @@ def test_sparse_equals_training_network(mask_kind):
     assert err <= 1e-5 * (expected.max() - expected.min()).item()
 
 
+@pytest.mark.parametrize("mask_kind", ["random0.3", "blobs"])
+def test_sparse_equals_dense_across_gemm_chunks(executor, mask_kind, monkeypatch):
+    """fp32 (oneDNN's matmul on CPU) with the per-pixel rows in many chunks and the tiles in many pieces."""
+    from m2ae_infer.kernels import tiles
+    monkeypatch.setattr(reference, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(tiles, "POINTWISE_ROWS", 70)
+    image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(4))
+    mask = make_mask(mask_kind, 40, 56, seed=6)
+    sparse = executor.run(image, mask, execution="sparse")
+    dense = executor.run(image, mask, execution="dense")
+    assert (sparse.output - dense.output).abs().max().item() <= 1e-5
+
+
 def test_predicted_mask_sparse_equals_dense(executor):
     image = torch.rand(1, 3, 30, 44)
     sparse = executor.run(image, execution="sparse", threshold=0.5, dilation=1)
@@ -64,8 +78,12 @@ def test_predicted_mask_sparse_equals_dense(executor):
 
 @pytest.mark.parametrize("channels,mid,ffn", [(16, 16, 16), (12, 20, 8), (5, 7, 3)])
 @pytest.mark.parametrize("mask_kind", ["one_pixel", "borders", "random0.3", "full"])
-def test_sparse_stage_matches_conv2d(channels, mid, ffn, mask_kind):
-    """The torch spec of one stage against F.conv2d computed everywhere, in float64."""
+@pytest.mark.parametrize("chunk", [None, 7], ids=["one-chunk", "chunks-of-7"])
+def test_sparse_stage_matches_conv2d(channels, mid, ffn, mask_kind, chunk, monkeypatch):
+    """The torch spec of one stage against F.conv2d computed everywhere, in float64; also with the active rows
+    gathered in several chunks (``CHUNK_ROWS``), as large masks are."""
+    if chunk is not None:
+        monkeypatch.setattr(reference, "CHUNK_ROWS", chunk)
     gen = torch.Generator().manual_seed(channels)
     spatial = torch.nn.Conv2d(channels, mid, 3, padding=1).double()
     mix_in, mix_out = torch.nn.Conv2d(mid, 2 * ffn, 1).double(), torch.nn.Conv2d(ffn, channels, 1).double()
