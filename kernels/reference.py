@@ -34,7 +34,7 @@ CHUNK_ROWS = 4096
 # The sparse kernels' GEMMs (im2col, mixers, tail) run on CPU through oneDNN's matmul
 # (``torch.ops.mkldnn._linear_pointwise``, what inductor emits for a CPU linear) rather than ``addmm`` (MKL): on the
 # kernels' shapes ([1024-4096 rows] x [16-288] x [12-64]) it was 35-40 % faster per GEMM at 2 threads, and whole
-# sparse 720p calls took 0.92-0.95 of their addmm time at 5-50 % (AMD EPYC with AVX-512, 2026-12-08,
+# sparse 720p calls took 0.90-0.95 of their addmm time at 5-50 % (AMD EPYC with AVX-512, 2026-12-08,
 # docs/performance.md "oneDNN's matmul"). Same results as addmm to within fp32 rounding. False: addmm everywhere.
 ONEDNN_LINEAR = True
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)     # oneDNN has no float64 matmul: addmm runs that
@@ -43,30 +43,17 @@ _ONEDNN_LINEAR_OP = torch.ops.mkldnn._linear_pointwise.default if torch.backends
 
 def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``x @ weight + bias`` (``x`` ``[N, K]``, ``weight`` ``[K, M]``, ``bias`` ``[M]``): oneDNN's matmul on CPU
-    in fp32 and bf16, else ``addmm``. ``weight`` is best the transposed view of a contiguous ``[M, K]`` (:meth:`SparseStage.from_convs`
-    packs it so): oneDNN reads that without a copy."""
-    if ONEDNN_LINEAR and _ONEDNN_LINEAR_OP is not None and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+    in fp32 and bf16, else ``addmm``. ``weight`` is best the transposed view of a contiguous ``[M, K]``
+    (:meth:`SparseStage.from_convs` packs it so): oneDNN reads that without a copy.
+
+    Under a ``TorchDispatchMode`` (``FlopCounterMode`` and the like) it is ``addmm`` too: such modes know ``addmm``
+    (``FlopCounterMode`` has no formula for oneDNN's op and would count none of its FLOPs), and the result is the
+    same to within rounding. ``torch.profiler`` is no such mode: it sees the oneDNN op.
+    """
+    if (ONEDNN_LINEAR and _ONEDNN_LINEAR_OP is not None and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
+            and not torch._C._len_torch_dispatch_stack()):
         return _ONEDNN_LINEAR_OP(x, weight.t(), bias, "none", [], "")
     return torch.addmm(bias, x, weight)
-
-
-def _register_onednn_linear_flops() -> None:
-    """``FlopCounterMode`` knows ``addmm`` but not oneDNN's matmul: count it as the addmm it replaces
-    (``2 N K M``, the bias not counted), so the FLOPs a caller counts around a sparse call stay those it runs."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-    packet = torch.ops.mkldnn._linear_pointwise
-    if _ONEDNN_LINEAR_OP is None or packet in flop_registry or packet.default in flop_registry:
-        return
-
-    @register_flop_formula(packet)
-    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        rows = 1
-        for size in x_shape[:-1]:
-            rows *= size
-        return 2 * rows * x_shape[-1] * w_shape[0]
-
-
-_register_onednn_linear_flops()
 
 
 def activation(x: torch.Tensor, name: str) -> torch.Tensor:

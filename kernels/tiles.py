@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .reference import SparseStage, activation, affine, neighbour_offsets, padded_rows, pointwise_chain, sparse_stage_update
+from .reference import (SparseStage, activation, affine, neighbour_offsets, padded_rows, pointwise_chain,
+                        sparse_stage_update)
 
 # Rows of the per-pixel maps (x + b, activation, mixers, gate) run at once after a stage's convolution, in whole
 # tiles: their intermediates ([rows, 2C] floats) then stay in the cache instead of passing through memory per op.

@@ -75,23 +75,24 @@ class KernelCosts:
         return (self.pixel * plan.pixels[0].numel() + self.tile * plan.tiles * TILE * TILE) / max(total, 1)
 
 
-# torch.compile's dense body against eager, 720p, 2 threads, same CPU as below (2026-12-04): fp32 0.78-0.84 (the
-# bench's compile row against eager; the dense body alone, interleaved, median of 9: 0.788), bf16 0.726 (86.6 against
-# 119.3 ms, the same measurement; compiled output equal to eager's).
-COMPILED_FP32 = 0.84
+# torch.compile's dense body against eager, 720p, 2 threads: fp32 0.79 (the bench's compile row against eager in three
+# m2ae-bench runs of 2026-12-08 on the AMD EPYC with AVX-512-BF16: 0.787, 0.787, 0.757; 0.788 on 2026-12-04, the
+# dense body alone, interleaved, median of 9), bf16 0.73 (2026-12-04: 86.6 against 119.3 ms; compiled output equal
+# to eager's).
+COMPILED_FP32 = 0.79
 COMPILED_BF16 = 0.73
 
 # Per precision: medians over blob and scattered masks of 5-80 % at 720p, shipped checkpoint, 2 threads
-# (docs/performance.md "The torch sparse body"). fp32: on the project's 2-core Intel Xeon without bf16
-# (2026-12-06), after the tiles stay gathered across the stages (tile kernel 1.16 per pixel of tile area; the
-# per-pixel kernel 1.90). bf16: on the 2-core AMD EPYC with AVX-512-BF16 of 2026-12-04, with the tile kernel of
-# before (it gathered every patch each stage), the mean of two runs (3.89 / 1.51 and 2.81 / 1.67); not re-measured
-# since, no CPU with bf16 was at hand. They depend on the CPU: on that EPYC, fp32 measured 2.38 / 1.59 with the
-# tile kernel of before, and 2.9 / 1.38 on the AVX-512 EPYC without bf16 of 2026-12-03, whose dense convolutions
-# were ~2x slower. bf16 makes the dense body's convolutions ~3x faster but the kernels' gathers and copies only
-# ~2x (half the bytes), so the per-pixel kernel costs more in units of its dense body.
-KERNEL_COSTS = {"fp32": KernelCosts(pixel=1.90, tile=1.16, compiled_dense=COMPILED_FP32),
-                "bf16": KernelCosts(pixel=3.35, tile=1.59, compiled_dense=COMPILED_BF16)}
+# (`python -m m2ae_infer.benchmarks.tile_sparse --densities 0.05,0.2,0.35,0.5,0.8`, docs/performance.md "oneDNN's
+# matmul"), measured on the 2-core AMD EPYC with AVX-512-BF16 on 2026-12-08, after the kernels' GEMMs moved to oneDNN's
+# matmul and the per-pixel kernel to 4096-row chunks: fp32 1.84 per active pixel (per-pixel kernel) and 1.62 per pixel
+# of tile area (tile kernel); bf16 2.21 and 1.62. The per-pixel kernel used to cost far more (fp32 1.90-2.9 and bf16
+# 3.35 on the CPUs of 2026-12-03 to 12-06, with addmm and 1024-row chunks), so the tile kernel now takes only tiles
+# at least 0.88 (bf16 0.73) full; on blob masks the two kernels cost about the same per active pixel there (whole
+# calls within 2 % of each other at min_fill 0.61-2.0). The constants depend on the CPU: its convolutions against
+# its memory traffic (tile cost 1.16 on the project's Intel Xeon of 2026-12-06, 1.38 on an AVX-512 EPYC without bf16).
+KERNEL_COSTS = {"fp32": KernelCosts(pixel=1.84, tile=1.62, compiled_dense=COMPILED_FP32),
+                "bf16": KernelCosts(pixel=2.21, tile=1.62, compiled_dense=COMPILED_BF16)}
 SPARSE_KERNELS = ("auto", "pixels", "tiles")
 
 
