@@ -209,12 +209,13 @@ class TrainStream(Dataset):
     """Stream index n -> sample: pool entry ``perm_epoch[n % pool]`` under dihedral transform ``t(n)``."""
 
     def __init__(self, crop: int, pool: int, seed: int, defocus: float = 0.0, exclude_photos: str = "",
-                 data: str = "", video: str = "", video_share: float = 0.0):
+                 data: str = "", video: str = "", video_share: float = 0.0, ghost_share: float = 0.0):
         if data:     # a photo corpus (m2ae-data fetch): the v2 scenes on its training split
             from .data.scenes import SceneDataset
             photos, cutouts = corpus_arrays(data, "train")
             self.base = SceneDataset(photos, cutouts, size=pool, seed=seed, crop=crop,
-                                     videos=video_windows(video, seed) if video else (), video_share=video_share)
+                                     videos=video_windows(video, seed) if video else (), video_share=video_share,
+                                     ghost_share=ghost_share)
         else:
             from .data.synth import SyntheticBlurDataset, photo_names, training_photos
             photos = training_photos(photo_names(exclude_photos))
@@ -269,7 +270,7 @@ def make_loader(settings: RunSettings, start: int, stop: int, workers: int = 0) 
     """Batches of steps ``start .. stop - 1`` (step s = stream indices ``s*B .. s*B + B - 1``)."""
     b = settings.batch
     stream = TrainStream(settings.crop, settings.pool, settings.seed, settings.defocus, settings.exclude_photos,
-                         settings.data, settings.video, settings.video_share)
+                         settings.data, settings.video, settings.video_share, settings.ghost_share)
     return DataLoader(stream, batch_size=b, sampler=range(start * b, stop * b), num_workers=workers)
 
 
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "its frames before video.TRAIN_FRAMES (400) join the --data scenes as real motion and real static "
                    "video; the later frames stay for dev scoring (needs --video-share)")
     p.add_argument("--video-share", type=float, help="share of the samples cut from --video's windows (default 0)")
+    p.add_argument("--ghost-share", type=float, help="share of the --data scenes' local samples whose movers are "
+                   "averaged over 3-11 frame positions, as a video's frames averaged show them, instead of a smooth "
+                   "smear (default 0)")
     p.add_argument("--init", metavar="CKPT", help="start from these weights (fine-tuning): training form, or with "
                                                    "--train mask any form; the optimizer and schedule start fresh")
     p.add_argument("--time-limit", type=float, default=55.0, metavar="MIN",
@@ -522,7 +526,8 @@ def _data_meta(settings: RunSettings) -> dict:
     if settings.data:
         from .data import corpus
         data.update(generator="m2ae_infer.data.scenes", corpus=settings.data,
-                    photos=[str(p) for p in corpus.photos(settings.data, "train")], defocus="built in")
+                    photos=[str(p) for p in corpus.photos(settings.data, "train")], defocus="built in",
+                    ghost_share=settings.ghost_share)
     if settings.video:
         from .data.video import TRAIN_FRAMES
         data.update(video=settings.video, video_share=settings.video_share,

@@ -73,6 +73,7 @@ class RunSettings:
     data: str = ""                   # a photo corpus folder (m2ae-data fetch DIR); "": the scikit-image photos
     video: str = ""                  # a static-camera video whose first frames (video.TRAIN_FRAMES) also train
     video_share: float = 0.0         # share of the samples cut from --video's windows (needs --data)
+    ghost_share: float = 0.0         # share of the --data scenes' local samples with frame-averaged movers
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -100,6 +101,9 @@ class RunSettings:
         require((self.video_share > 0) == bool(self.video), "--video and --video-share > 0 go together: the "
                 "share of samples cut from the video's training windows")
         require(not self.video or bool(self.data), "--video needs --data: its windows are mixed into the corpus scenes")
+        require(0.0 <= self.ghost_share <= 1.0, f"--ghost-share must lie in [0, 1], got {self.ghost_share}")
+        require(not self.ghost_share or bool(self.data), "--ghost-share needs --data: the corpus scenes "
+                "(m2ae_infer.data.scenes) make the frame-averaged movers")
         require(not self.video or Path(self.video).is_file(), f"--video {self.video}: no such file")
         require(0 <= self.seed < 2**32, f"--seed must lie in 0..{2**32 - 1} (torch and numpy seeds), got {self.seed}")
         for name, (low, strict) in _BOUNDS.items():

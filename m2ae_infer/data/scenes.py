@@ -12,6 +12,10 @@ bokeh and clouds on real photos. Here:
   walls), defocus with Gaussian *and* disk (bokeh) kernels over regions or the whole crop, and
   camera/encoding artefacts -- sensor noise, JPEG at low quality, down- then up-scaling (video frames) --
   applied to *every* kind, identically to blurry and sharp, so they never correlate with the label.
+* **Frame-averaged movers** (``ghost_share`` of the local samples, off by default): the movers are averaged over
+  3-11 positions instead of a smooth sub-frame sweep, 1.5-10 px apart, as a video's consecutive frames averaged
+  show them (the real-motion sets of ``m2ae-eval`` are made so): separate copies where an object moves fast. The
+  smooth generator never shows that, so a detector learned it from the one training video only.
 * **The label is visible motion blur**: the generator's union of moving alpha, kept only where the sub-frame
   average differs visibly from the sharp frame (grown a little): a region moving over identical content
   leaves no blur to see and is not labelled.
@@ -33,15 +37,19 @@ MOVERS = {"own": 0.45, "cutout": 0.35, "foreign": 0.2}
 VISIBLE = 2.0 / 255.0      # |blurry - sharp| above this (any channel) is visible blur
 VISIBLE_GROW = 3           # ... grown by this many pixels (the label covers the smear's faint tails)
 MIN_LABEL = 24             # a local sample whose visible blur is smaller than this many pixels is redrawn
+GHOST_FRAMES = (3, 5, 7, 9, 11)    # frame-averaged movers: positions averaged ...
+GHOST_STEP = (1.5, 10.0)           # ... and the pixels between two of them (log-uniform)
 
 
 def scene_sample(photos: Sequence[np.ndarray], rng: np.random.Generator, crop: int = 256, *,
                  cutouts: Sequence[np.ndarray] = (), kind: str | None = None,
-                 points: int = TRAJ_POINTS, degrade: bool = True) -> Sample:
+                 points: int = TRAJ_POINTS, degrade: bool = True, ghost_share: float = 0.0) -> Sample:
     """One training sample from a random photo of ``photos`` (float ``[H, W, 3]`` in ``[0, 1]``).
 
     ``cutouts``: RGBA float ``[h, w, 4]`` objects with exact alpha (may be empty: other movers are used).
     ``kind``: ``local`` / ``sharp`` / ``global``, drawn with :data:`KIND_WEIGHTS` when None.
+    ``ghost_share``: the share of local samples whose movers are frame-averaged (module docstring); at 0 the
+    stream of draws is the one before the option existed.
     """
     nd = _ndimage()
     if kind is None:
@@ -63,19 +71,21 @@ def scene_sample(photos: Sequence[np.ndarray], rng: np.random.Generator, crop: i
         sample = Sample(blurry, bg.copy(), np.ones((crop, crop), bool), traj, kind, traj[None],
                         np.zeros((crop, crop), np.int8))
     else:
-        sample = _local(bg, photos, cutouts, rng, nd, points)
+        frames = int(rng.choice(GHOST_FRAMES)) if ghost_share and rng.random() < ghost_share else None
+        sample = _local(bg, photos, cutouts, rng, nd, points, frames)
     return _degrade(sample, rng) if degrade else sample
 
 
-def _local(bg, photos, cutouts, rng, nd, points) -> Sample:
+def _local(bg, photos, cutouts, rng, nd, points, frames: int | None = None) -> Sample:
     crop = bg.shape[0]
     bg_lin = bg ** np.float32(GAMMA)
     for _ in range(4):       # redraw when the motion left (almost) nothing visible
         layers, coeffs = [], []
         for _ in range(int(rng.integers(1, 3))):
             layers.append(_mover(bg_lin, photos, cutouts, rng, nd))
-            coeffs.append(_trajectory_coeffs(rng, points))
-        blurry_lin, sharp_lin, regions = _render_local(bg_lin, layers, coeffs)
+            length = None if frames is None else (frames - 1) * float(np.exp(rng.uniform(*np.log(GHOST_STEP))))
+            coeffs.append(_trajectory_coeffs(rng, points, length))
+        blurry_lin, sharp_lin, regions = _render_local(bg_lin, layers, coeffs, frames)
         blurry, sharp = _to_display(blurry_lin), _to_display(sharp_lin)
         moved = regions >= 0
         visible = np.abs(blurry - sharp).max(axis=2) > VISIBLE
@@ -226,9 +236,13 @@ class SceneDataset:
     so it does not depend on worker order. ``photos`` / ``cutouts``: float arrays (see :func:`scene_sample`)."""
 
     def __init__(self, photos: Sequence[np.ndarray], cutouts: Sequence[np.ndarray] = (), size: int = 10_000,
-                 seed: int = 0, crop: int = 256, videos: Sequence[Sample] = (), video_share: float = 0.0):
+                 seed: int = 0, crop: int = 256, videos: Sequence[Sample] = (), video_share: float = 0.0,
+                 ghost_share: float = 0.0):
         if not len(photos) or size < 1 or seed < 0 or crop < 16:
             raise ValueError("need at least one photo, size >= 1, seed >= 0 and crop >= 16")
+        if not 0.0 <= ghost_share <= 1.0:
+            raise ValueError(f"ghost_share must lie in [0, 1], got {ghost_share}")
+        self.ghost_share = ghost_share
         if not 0.0 <= video_share <= 1.0 or (video_share > 0 and not len(videos)):
             raise ValueError("video_share must lie in [0, 1], and above 0 needs video windows")
         self.photos, self.cutouts, self.size, self.seed, self.crop = list(photos), list(cutouts), size, seed, crop
@@ -249,7 +263,8 @@ class SceneDataset:
                 clip = self.videos[int(pick.integers(len(self.videos)))]
                 sample = window_crop(clip, self.crop, pick)
                 return _degrade(sample, pick) if pick.random() < 0.3 else sample
-        return scene_sample(self.photos, np.random.default_rng([self.seed, index]), self.crop, cutouts=self.cutouts)
+        return scene_sample(self.photos, np.random.default_rng([self.seed, index]), self.crop, cutouts=self.cutouts,
+                            ghost_share=self.ghost_share)
 
     def __getitem__(self, index: int):
         from .synth import to_tensors

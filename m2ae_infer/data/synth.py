@@ -133,11 +133,14 @@ def motion_params(trajectory: np.ndarray) -> np.ndarray:
     return coef.reshape(-1).astype(np.float32)
 
 
-def _trajectory_coeffs(rng: np.random.Generator, points: int) -> tuple[np.ndarray, np.ndarray]:
-    """``u, v`` of ``d(t) = u t + v t^2`` whose K-point polyline is 3-40 px long; half are straight."""
+def _trajectory_coeffs(rng: np.random.Generator, points: int,
+                       length: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``u, v`` of ``d(t) = u t + v t^2`` whose K-point polyline is 3-40 px long (``length``, when given); half
+    are straight."""
     # Log-uniform: as many 3-10 px blurs as 10-40 px ones (uniform lengths put 80 % of samples above 10 px,
     # beyond what a network with a ~30 px receptive field can undo, and training stalled on them).
-    length = float(np.exp(rng.uniform(np.log(MIN_LENGTH), np.log(MAX_LENGTH))))
+    if length is None:
+        length = float(np.exp(rng.uniform(np.log(MIN_LENGTH), np.log(MAX_LENGTH))))
     theta = rng.uniform(0.0, 2.0 * np.pi)
     bend = rng.uniform(-0.5, 0.5) if rng.random() < 0.5 else 0.0   # sagitta / chord
     u = 0.5 * np.array([np.cos(theta), np.sin(theta)])
@@ -255,9 +258,12 @@ def _shift(padded: np.ndarray, pad: int, dx: float, dy: float, h: int, w: int) -
     return top * (1 - wy) + bot * wy
 
 
-def _render_local(bg: np.ndarray, layers: list[np.ndarray], coeffs: list):
+def _render_local(bg: np.ndarray, layers: list[np.ndarray], coeffs: list, frames: int | None = None):
+    """``(blurry, sharp, regions)``: the layers moving over ``bg``, averaged over sub-frames (about 2 per pixel of
+    travel: a smooth smear), or over ``frames`` positions only (odd: a video's consecutive frames averaged, whose
+    movers leave separate copies where they move fast), the middle one the sharp frame."""
     h, w = bg.shape[:2]
-    n_sub = max(_subframes(u, v) for u, v in coeffs)
+    n_sub = frames if frames is not None else max(_subframes(u, v) for u, v in coeffs)
     paths = [_trajectory(u, v, n_sub) for u, v in coeffs]
     pad = int(np.ceil(max(np.abs(p).max() for p in paths))) + 2
     padded = [np.pad(layer, ((pad, pad), (pad, pad), (0, 0))) for layer in layers]
