@@ -121,6 +121,30 @@ def test_missing_and_broken_videos(tmp_path):
     assert "junk.avi" in str(exc.value) and "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("duration", [None, 100], ids=["no-delay", "100ms"])
+def test_animated_gif_frames_all_read(tmp_path, duration):
+    """A GIF clip, with frame delays and without (FFmpeg's GIF demuxer returns one frame for the latter): every
+    frame comes back, pixel for pixel what was written (four colours: the palette is exact). A broken GIF is a
+    one-line ValueError naming it."""
+    from PIL import Image
+    palette = np.array([[0, 0, 0], [230, 200, 30], [40, 90, 160], [255, 255, 255]], np.uint8)
+    idx = np.random.default_rng(3).integers(0, 3, (6, 24, 32))
+    for t in range(6):
+        idx[t, 8:12, 3 * t:3 * t + 4] = 3                                          # a moving white bar
+    frames = palette[idx]
+    path = tmp_path / "clip.gif"
+    extra = {} if duration is None else {"duration": duration}
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], **extra)
+    assert V.frame_count(path) == 6
+    assert np.array_equal(V.read_frames(path), frames)
+    broken = tmp_path / "broken.gif"
+    broken.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError) as exc:
+        V.read_frames(broken)
+    assert "broken.gif" in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_clip_set_keeps_every_window_inside_the_frame_range(tmp_path):
     """--frames / m2ae-train --video: windows of a range use only its frames (the dev clip never overlaps
     the training windows), and equal motion_clip on those frames."""

@@ -67,10 +67,13 @@ def _ndimage():
 def _decode(path: str | os.PathLike[str]):
     """Yield every frame of the first video stream as uint8 ``[H, W, 3]`` RGB. Missing file:
     ``FileNotFoundError``; a file that is not a decodable video: ``ValueError`` (one line)."""
-    av = require_av()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video {path} not found")
+    if path.suffix.lower() == ".gif":
+        yield from _decode_gif(path)
+        return
+    av = require_av()
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as exc:
@@ -84,6 +87,18 @@ def _decode(path: str | os.PathLike[str]):
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as exc:
             raise ValueError(f"{path}: decoding failed ({exc})") from None
+
+
+def _decode_gif(path: Path):
+    """An animated GIF's frames by Pillow: FFmpeg's GIF demuxer returns one frame for a GIF whose frames have no
+    delay (measured: a 5-frame GIF saved by Pillow without ``duration``), Pillow every one."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            for frame in ImageSequence.Iterator(im):
+                yield np.asarray(frame.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable GIF ({exc})") from None
 
 
 def frame_count(path: str | os.PathLike[str]) -> int:
