@@ -15,12 +15,15 @@ area (tile kernel), in units of the dense body's time per working pixel -- what 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 from ..atomic import write_json
+from ..errors import M2AEError
 from ..executor import TorchExecutor
 from ..kernels.tiles import TILE, plan_tiles
 from ..model.mask import working_mask
@@ -82,13 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--checkpoint", default=None, help="default: the shipped checkpoint")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--write-costs", metavar="FILE", default=None,
+                        help="write this run's median constants for --precision into FILE (JSON; other precisions "
+                             "already there are kept); with M2AE_KERNEL_COSTS=FILE every torch executor uses them")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     height, width = parse_resolution(args.resolution)
-    net = reparameterize_model(load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT))
-    rows = measure(net, height, width, [float(d) for d in args.densities.split(",")], args.kinds.split(","),
-                   args.repeats, args.precision)
+    try:
+        net = reparameterize_model(load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT))
+        rows = measure(net, height, width, [float(d) for d in args.densities.split(",")], args.kinds.split(","),
+                       args.repeats, args.precision)
+    except M2AEError as exc:         # a bad checkpoint, or a bad M2AE_KERNEL_COSTS file: one line
+        print(f"tile_sparse: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{height}x{width}, {args.precision}, {torch.get_num_threads()} threads, median of {args.repeats}, "
           "interleaved; ratios to the dense call")
     print("mask       active  tiles   dense_ms  floor  pixels  tiles   mixed   auto (runs)          "
@@ -100,12 +110,38 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['pixel_cost']:6.2f}    {r['tile_cost']:6.2f}")
     usable = [r for r in rows if r["active_fraction"] >= 0.05]
     if usable:
-        print(f"median pixel_cost {statistics.median(r['pixel_cost'] for r in usable):.2f}, "
-              f"median tile_cost {statistics.median(r['tile_cost'] for r in usable):.2f} "
-              f"(executor.KERNEL_COSTS[{args.precision!r}])")
+        pixel = statistics.median(r["pixel_cost"] for r in usable)
+        tile = statistics.median(r["tile_cost"] for r in usable)
+        print(f"median pixel_cost {pixel:.2f}, median tile_cost {tile:.2f} (executor.KERNEL_COSTS[{args.precision!r}])")
+        if args.write_costs:
+            try:
+                write_costs(args.write_costs, args.precision, pixel, tile)
+            except ValueError as exc:
+                print(f"tile_sparse: error: {exc}", file=sys.stderr)
+                return 2
+            print(f"wrote {args.write_costs}; M2AE_KERNEL_COSTS={args.write_costs} makes the torch executors use it")
+    elif args.write_costs:
+        print("tile_sparse: error: no mask of at least 5 % active, so no constants to write; add --densities",
+              file=sys.stderr)
+        return 2
     if args.out:
         write_json(args.out, rows)
     return 0
+
+
+def write_costs(path: str, precision: str, pixel: float, tile: float) -> None:
+    """Merge ``{precision: {pixel, tile}}`` into the JSON file ``path`` (``executor.kernel_costs`` reads it). A file
+    there that is not such a table is left alone: ``ValueError``."""
+    table = {}
+    if Path(path).exists():
+        try:
+            table = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--write-costs {path}: exists and is not a cost table ({exc}); give another file") from None
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            raise ValueError(f"--write-costs {path}: exists and is not a cost table; give another file")
+    table[precision] = {**table.get(precision, {}), "pixel": round(pixel, 3), "tile": round(tile, 3)}
+    write_json(path, table)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every :class:`M2AEError` message is one line that names the problem and what to 
 standard base too (an unreadable image is still a ``ValueError``), so ``except ValueError`` keeps working:
 
 * :class:`InvalidArgument` - a bad argument to the API (``threshold``, ``tile_overlap``, ...)
+* :class:`CostsFileError` - an unreadable ``M2AE_KERNEL_COSTS`` file (``ValueError``)
 * ``ImageError`` (:mod:`m2ae_infer.imgio`), ``CheckpointError`` (:mod:`m2ae_infer.checkpoint_source`),
   ``CorpusError`` (:mod:`m2ae_infer.data.corpus`) - inputs that cannot be used (``ValueError``)
 * ``ExportError`` (:mod:`m2ae_infer.export.onnx`) - an export that failed its checks (``RuntimeError``)
@@ -28,3 +29,8 @@ class InvalidArgument(M2AEError, ValueError):
     def for_flag(self, flag: str) -> str:
         """The message with ``parameter=value`` / ``parameter`` spelled as the CLI flag (``--tile-overlap 5``)."""
         return str(self).replace(f"{self.parameter}=", f"{flag} ").replace(self.parameter, flag)
+
+
+class CostsFileError(M2AEError, ValueError):
+    """The file ``M2AE_KERNEL_COSTS`` names (this machine's sparse-kernel cost constants) is unreadable or wrong."""
+

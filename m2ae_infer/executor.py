@@ -24,14 +24,17 @@ Both paths share the dense stages (pad, stem, mask prediction) and differ in how
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .allocator import keep_freed_memory
 from .backends import ExecutionResult, choose_execution
-from .errors import InvalidArgument
+from .errors import CostsFileError, InvalidArgument
 from .flops import AffineFlops, count_isolated
 from .kernels.cells import read_cells, stem_tile_buffer
 from .kernels.reference import active_pixels, padded_rows, shuffle_targets, sparse_tail_
@@ -94,6 +97,35 @@ COMPILED_BF16 = 0.73
 KERNEL_COSTS = {"fp32": KernelCosts(pixel=1.84, tile=1.62, compiled_dense=COMPILED_FP32),
                 "bf16": KernelCosts(pixel=2.21, tile=1.62, compiled_dense=COMPILED_BF16)}
 SPARSE_KERNELS = ("auto", "pixels", "tiles")
+# A JSON file of this machine's constants, ``{"fp32": {"pixel": P, "tile": T, "compiled_dense": C}, "bf16": ...}``
+# (any subset), as ``python -m m2ae_infer.benchmarks.tile_sparse --write-costs FILE`` writes it: every TorchExecutor
+# made while this variable names it takes its constants from there, the rest from KERNEL_COSTS.
+COSTS_ENV = "M2AE_KERNEL_COSTS"
+
+
+def kernel_costs(precision: str) -> KernelCosts:
+    """The cost constants for ``precision``: :data:`KERNEL_COSTS`, overridden by the file :data:`COSTS_ENV` names.
+    A file that cannot be read or holds a bad value is a :class:`~m2ae_infer.errors.CostsFileError` (one line)."""
+    default = KERNEL_COSTS[precision]
+    path = os.environ.get(COSTS_ENV, "").strip()
+    if not path:
+        return default
+    fix = f"write it with: python -m m2ae_infer.benchmarks.tile_sparse --write-costs {path}, or unset {COSTS_ENV}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CostsFileError(f"{COSTS_ENV}={path}: cannot read it ({exc}); {fix}") from None
+    entry = data.get(precision, {}) if isinstance(data, dict) else None
+    if not isinstance(entry, dict):
+        raise CostsFileError(f"{COSTS_ENV}={path}: not a {{precision: {{pixel, tile}}}} table; {fix}")
+    values = {}
+    for name in ("pixel", "tile", "compiled_dense"):
+        value = entry.get(name, getattr(default, name))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3:
+            raise CostsFileError(f"{COSTS_ENV}={path}: {precision}.{name} must be a positive number, "
+                                             f"got {value!r}; {fix}")
+        values[name] = float(value)
+    return KernelCosts(**values)
 
 
 def _crop(out: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -127,7 +159,8 @@ class TorchExecutor:
     Args:
         net: the network in deploy form (``reparameterize_model`` first).
         dense_above: active fraction above which ``execution="auto"`` always runs dense (None: :data:`DENSE_ABOVE`).
-        sparse_kernel: ``"auto"`` (both, split by the cost model of its precision: :data:`KERNEL_COSTS`),
+        sparse_kernel: ``"auto"`` (both, split by the cost model of its precision: :func:`kernel_costs`, which
+            this machine's file (:data:`COSTS_ENV`) may set),
             ``"pixels"`` or ``"tiles"``: how the sparse execution updates the active pixels (all exact; module
             docstring).
         compile_dense: run the dense body through ``torch.compile`` (inductor, static shapes), opt-in: the first
@@ -165,7 +198,7 @@ class TorchExecutor:
         if all(p.device.type == "cpu" for p in net.parameters()):
             keep_freed_memory()     # dense calls re-fault hundreds of MB per call otherwise (see allocator.py)
         self.dense_above, self.sparse_kernel, self.precision = dense_above, sparse_kernel, precision
-        self.costs = KERNEL_COSTS[precision]
+        self.costs = kernel_costs(precision)
         self.compile_dense = bool(compile_dense)
         self._compiled = None                               # the compiled dense body, made on first use
         self.compile_seconds: dict[tuple, float] = {}       # (padded shape) -> first call: compilation + one run

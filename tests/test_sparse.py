@@ -233,3 +233,56 @@ def test_affine_matches_linear(dtype, tol, rows, k, m, packed, monkeypatch):
         counted = reference.affine(x.to(dtype), weight, b.to(dtype))
     assert counter.get_total_flops() == 2 * rows * k * m
     assert (counted.double() - expected).abs().max().item() <= tol * max(1.0, expected.abs().max().item())
+
+
+def test_kernel_costs_come_from_the_machines_file(tmp_path, monkeypatch):
+    """``M2AE_KERNEL_COSTS`` names a JSON table of this machine's constants (what ``tile_sparse --write-costs``
+    writes): the executor's cost model and its tile split follow it; unset, the defaults; a bad file is one line."""
+    from m2ae_infer.benchmarks.tile_sparse import write_costs
+    from m2ae_infer.errors import CostsFileError
+    from m2ae_infer.executor import COSTS_ENV, KERNEL_COSTS, kernel_costs
+    monkeypatch.delenv(COSTS_ENV, raising=False)
+    assert kernel_costs("fp32") == KERNEL_COSTS["fp32"]
+    path = tmp_path / "costs.json"
+    write_costs(str(path), "fp32", 2.5, 1.25)
+    write_costs(str(path), "bf16", 3.0, 1.5)          # merged: fp32 kept
+    monkeypatch.setenv(COSTS_ENV, str(path))
+    costs = kernel_costs("fp32")
+    assert (costs.pixel, costs.tile, costs.compiled_dense) == (2.5, 1.25, KERNEL_COSTS["fp32"].compiled_dense)
+    assert (kernel_costs("bf16").pixel, kernel_costs("bf16").tile) == (3.0, 1.5)
+    executor = TorchExecutor(reparameterize_model(random_net("tiny_v2", seed=3)))
+    assert executor.costs == costs and executor.costs.min_fill("auto") == 0.5
+    for text, needle in [("{not json", "cannot read"), ('{"fp32": {"pixel": -1}}', "fp32.pixel must be a positive"),
+                         ('{"fp32": {"tile": "fast"}}', "fp32.tile must be a positive"), ("[1, 2]", "not a")]:
+        path.write_text(text)
+        with pytest.raises(CostsFileError) as exc:
+            kernel_costs("fp32")
+        assert needle in str(exc.value) and COSTS_ENV in str(exc.value) and "\n" not in str(exc.value)
+    mine = tmp_path / "notes.json"
+    mine.write_text("[1, 2, 3]")                       # not a cost table: never overwritten
+    with pytest.raises(ValueError, match="not a cost table"):
+        write_costs(str(mine), "fp32", 2.0, 1.0)
+    assert mine.read_text() == "[1, 2, 3]"
+
+
+def test_tile_sparse_cli_writes_a_cost_file_the_executor_reads(tmp_path, monkeypatch):
+    """``python -m m2ae_infer.benchmarks.tile_sparse --write-costs FILE`` end to end (a tiny grid): the file holds
+    this run's medians and ``kernel_costs`` returns them; a file there that is not a cost table is refused, kept."""
+    import subprocess
+    import sys
+    from m2ae_infer.executor import COSTS_ENV, kernel_costs
+    path = tmp_path / "costs.json"
+    cmd = [sys.executable, "-m", "m2ae_infer.benchmarks.tile_sparse", "--resolution", "48x64", "--densities",
+           "0.2,0.5", "--repeats", "1", "--threads", "1", "--write-costs", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+    written = json.loads(path.read_text())["fp32"]
+    monkeypatch.setenv(COSTS_ENV, str(path))
+    assert (kernel_costs("fp32").pixel, kernel_costs("fp32").tile) == (written["pixel"], written["tile"])
+    path.write_text("[1]")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)    # the variable names it: one line
+    assert proc.returncode == 2 and COSTS_ENV in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.delenv(COSTS_ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not a cost table" in proc.stderr and path.read_text() == "[1]"
