@@ -123,7 +123,7 @@ def kernel_costs(precision: str) -> KernelCosts:
         value = entry.get(name, getattr(default, name))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3:
             raise CostsFileError(f"{COSTS_ENV}={path}: {precision}.{name} must be a positive number, "
-                                             f"got {value!r}; {fix}")
+                                 f"got {value!r}; {fix}")
         values[name] = float(value)
     return KernelCosts(**values)
 

@@ -29,12 +29,10 @@ def test_frame_averaged_render_is_the_mean_of_the_shifted_copies(frames, step):
     assert (regions >= 0).sum() > 64          # the swept area, more than the square itself
 
 
-def test_ghost_share_zero_keeps_the_stream_and_one_averages_every_local_sample():
+def test_ghost_share_zero_renders_smooth_smears_and_one_averages_every_local_sample(monkeypatch):
+    """At 0 every local sample is the smooth sub-frame sweep (``frames=None``); at 1 every one is frame-averaged,
+    over one of :data:`scenes.GHOST_FRAMES` positions."""
     photos = _photos()
-    for i in range(6):
-        old = scenes.scene_sample(photos, np.random.default_rng([3, i]), 64)
-        same = scenes.scene_sample(photos, np.random.default_rng([3, i]), 64, ghost_share=0.0)
-        assert np.array_equal(old.blurry, same.blurry) and np.array_equal(old.mask, same.mask)
     calls = []
     render = synth._render_local
 
@@ -42,14 +40,14 @@ def test_ghost_share_zero_keeps_the_stream_and_one_averages_every_local_sample()
         calls.append(frames)
         return render(bg, layers, coeffs, frames)
 
-    scenes._render_local = spy
-    try:
+    monkeypatch.setattr(scenes, "_render_local", spy)
+    for share in (0.0, 1.0):
+        calls.clear()
         for i in range(4):
-            s = scenes.scene_sample(photos, np.random.default_rng([4, i]), 64, kind="local", ghost_share=1.0)
+            s = scenes.scene_sample(photos, np.random.default_rng([4, i]), 64, kind="local", ghost_share=share)
             assert s.kind == "local" and s.mask.any()
-    finally:
-        scenes._render_local = render
-    assert calls and all(f in scenes.GHOST_FRAMES for f in calls)
+        assert calls
+        assert all(f is None for f in calls) if share == 0 else all(f in scenes.GHOST_FRAMES for f in calls)
 
 
 def test_scene_dataset_passes_the_share_and_checks_it():
